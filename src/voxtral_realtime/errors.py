@@ -1,0 +1,22 @@
+"""User-facing errors.
+
+Every problem a user can cause (a bad path, an unreadable file, a checkpoint that does not match its
+params.json, no network) is raised as a :class:`VoxtralError` subclass with a one-line message.  The CLI
+prints that line and exits non-zero; anything else is a bug and keeps its traceback.
+"""
+
+
+class VoxtralError(Exception):
+    """Base class of the errors a user can fix; ``str(err)`` is a complete one-line explanation."""
+
+
+class AudioError(VoxtralError):
+    """An audio input could not be read or decoded."""
+
+
+class CheckpointError(VoxtralError):
+    """A model folder, file or Hub repo is missing, incomplete, corrupt or inconsistent."""
+
+
+class DownloadError(VoxtralError):
+    """A model could not be fetched from the Hugging Face Hub (network, auth, offline mode)."""
