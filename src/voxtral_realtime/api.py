@@ -1,0 +1,131 @@
+"""The user-facing API: :func:`load` a checkpoint, then :meth:`Model.transcribe` a file or :meth:`Model.stream`.
+
+    >>> import voxtral_realtime
+    >>> model = voxtral_realtime.load()                    # the Hub model, on the GPU when there is one
+    >>> model.transcribe("speech.wav").text
+    >>> session = model.stream(delay_ms=480)               # live: feed samples as they arrive
+    >>> for chunk in microphone(): print(session.feed(chunk), end="")
+    >>> print(session.finish())
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .audio import load_audio
+from .config import ModelConfig
+from .loading import DEFAULT_MODEL, inspect_checkpoint, load_weights, resolve_model_dir
+from .model import VoxtralRealtime
+from .streaming import StreamingSession
+from .tokenizer import Tokenizer
+from .transcription import Transcription
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "f16": torch.float16, "float16": torch.float16,
+          "fp16": torch.float16, "f32": torch.float32, "float32": torch.float32, "fp32": torch.float32}
+
+#: Seconds of audio handed to the session at a time by :meth:`Model.transcribe` (progress granularity).
+TRANSCRIBE_PIECE_SECONDS = 10.0
+
+AudioInput = str | os.PathLike[str] | np.ndarray | torch.Tensor
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA (the checkpoint's own precision), f16 on Apple GPUs, f32 on the CPU (exact, and fast there)."""
+    return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device.type, torch.float32)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use bf16, f16 or f32") from None
+
+
+class Model:
+    """A loaded Voxtral Realtime model: network weights, tokenizer and config on one device."""
+
+    def __init__(self, network: VoxtralRealtime, tokenizer: Tokenizer, source: str) -> None:
+        self.network = network
+        self.tokenizer = tokenizer
+        self.source = source
+        self._ffn_scales: dict[int, torch.Tensor] = {}
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.network.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.network.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.network.dtype
+
+    @property
+    def default_delay_ms(self) -> int:
+        return self.config.audio.transcription_delay_ms
+
+    def ffn_scales(self, delay_tokens: int) -> torch.Tensor:
+        """The decoder's delay conditioning for ``delay_tokens`` steps, computed once per value."""
+        if delay_tokens not in self._ffn_scales:
+            self._ffn_scales[delay_tokens] = self.network.decoder.ffn_scales(delay_tokens)
+        return self._ffn_scales[delay_tokens]
+
+    def stream(self, *, delay_ms: int | None = None) -> StreamingSession:
+        """A live session: ``feed()`` 16 kHz float32 mono samples as they come, then ``finish()``."""
+        return StreamingSession(self, delay_ms=delay_ms)
+
+    def transcribe(self, audio: AudioInput, *, delay_ms: int | None = None,
+                   progress: Callable[[float, float], None] | None = None) -> Transcription:
+        """Transcribe a whole file (any format ffmpeg reads) or float32 16 kHz mono samples.
+
+        ``delay_ms``: the model's look-ahead (80..1200 in 80 ms steps, or 2400); None uses the checkpoint's
+        default (480).  ``progress(seconds_done, seconds_total)`` is called as the audio is consumed.
+        """
+        samples = load_audio(audio)
+        session = self.stream(delay_ms=delay_ms)
+        total = len(samples) / self.config.audio.sample_rate
+        piece = int(TRANSCRIBE_PIECE_SECONDS * self.config.audio.sample_rate)
+        for start in range(0, len(samples), piece):
+            session.feed(samples[start:start + piece])
+            if progress:
+                progress(min(start + piece, len(samples)) / self.config.audio.sample_rate, total)
+        session.finish()
+        return session.transcription
+
+
+def load(model: str | os.PathLike[str] = DEFAULT_MODEL, *, device: str | torch.device | None = None,
+         dtype: str | torch.dtype | None = None, cache_dir: str | None = None,
+         progress: Callable[[int, int], None] | None = None) -> Model:
+    """Load a checkpoint from a folder (Mistral or transformers layout) or a Hugging Face Hub repo id.
+
+    ``device``: "cuda", "cpu", "mps"... (default: the best available); ``dtype``: bf16, f16, f32 or a torch
+    dtype (default: bf16 on CUDA, f16 on MPS, f32 on CPU).  ``progress(done, total)`` counts loaded tensors.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    dtype = resolve_dtype(dtype, device)
+    folder = resolve_model_dir(model, cache_dir=cache_dir)
+    checkpoint = inspect_checkpoint(folder)
+    tokenizer = Tokenizer(checkpoint.tokenizer_path)
+    with torch.device("meta"):
+        network = VoxtralRealtime(checkpoint.config)
+    load_weights(network, checkpoint, device=device, dtype=dtype, progress=progress)
+    return Model(network, tokenizer, source=str(Path(folder)))

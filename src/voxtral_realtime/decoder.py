@@ -1,0 +1,92 @@
+"""Stage 5: audio embeddings + previous tokens -> next-token logits.
+
+A Mistral-style pre-norm GQA decoder.  Two things are particular to Voxtral Realtime (REFERENCE 5):
+
+* the input at every position is ``embedding(token) + audio_embedding`` (a sum, from BOS on);
+* the FFN input of every layer is scaled by ``1 + ada(t_cond)``, where ``t_cond`` is a sinusoidal embedding of
+  the delay in steps.  It depends on nothing but the delay, so :meth:`TextDecoder.ffn_scales` computes it once
+  per delay value and each step only multiplies.
+
+The LM head is the token embedding (tied).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DecoderConfig
+from .layers import Attention, FeedForward, KVCache, RMSNorm, Rotary
+
+
+class AdaNorm(nn.Module):
+    """The per-layer delay-conditioning MLP: dim -> ada_dim -> dim, exact GELU, no biases."""
+
+    def __init__(self, dim: int, ada_dim: int) -> None:
+        super().__init__()
+        self.w_in = nn.Linear(dim, ada_dim, bias=False)
+        self.w_out = nn.Linear(ada_dim, dim, bias=False)
+
+    def forward(self, t_cond: torch.Tensor) -> torch.Tensor:
+        return self.w_out(F.gelu(self.w_in(t_cond)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, qkv_bias=False,
+                                   out_bias=False)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ada_norm = AdaNorm(cfg.dim, cfg.ada_dim)
+        self.feed_forward = FeedForward(cfg.dim, cfg.hidden_dim, out_bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
+                positions: torch.Tensor, ffn_scale: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, positions)
+        return x + self.feed_forward(self.ffn_norm(x) * ffn_scale)
+
+
+def time_embedding(delay_tokens: int, dim: int, dtype: torch.dtype, device: torch.device,
+                   theta: float = 10_000.0) -> torch.Tensor:
+    """[cos(t w_0..w_{d/2-1}), sin(...)] with t = delay in steps, computed in ``dtype`` as the reference does."""
+    inv_freq = torch.exp(-math.log(theta) * torch.arange(dim // 2, device=device).float() / (dim // 2))
+    emb = torch.tensor([float(delay_tokens)], device=device, dtype=dtype) * inv_freq.to(dtype)
+    return torch.cat((emb.cos(), emb.sin()))
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+
+    def new_caches(self, batch: int, *, max_chunk: int, device: torch.device, dtype: torch.dtype) -> list[KVCache]:
+        return [
+            KVCache.empty(batch, self.cfg.n_kv_heads, self.cfg.head_dim, window=self.cfg.sliding_window,
+                          max_chunk=max_chunk, device=device, dtype=dtype)
+            for _ in self.layers
+        ]
+
+    @torch.no_grad()
+    def ffn_scales(self, delay_tokens: int) -> torch.Tensor:
+        """``1 + ada(t_cond)`` for every layer: [n_layers, dim]."""
+        weight = self.tok_embeddings.weight
+        t_cond = time_embedding(delay_tokens, self.cfg.dim, weight.dtype, weight.device)
+        return torch.stack([1 + layer.ada_norm(t_cond) for layer in self.layers])
+
+    def forward(self, tokens: torch.Tensor, audio: torch.Tensor, positions: torch.Tensor, caches: list[KVCache],
+                ffn_scales: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T], audio embeddings [B, T, dim], absolute positions [B, T] -> logits of the last position
+        [B, vocab] in float32."""
+        x = self.tok_embeddings(tokens) + audio
+        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        for layer, cache, scale in zip(self.layers, caches, ffn_scales):
+            x = layer(x, cos, sin, cache, positions, scale)
+        return F.linear(self.norm(x[:, -1]), self.tok_embeddings.weight).float()

@@ -1,0 +1,394 @@
+"""Finding and loading checkpoints: a local folder, a Hugging Face Hub repo, Mistral or transformers layout.
+
+* Mistral format: ``consolidated.safetensors`` + ``params.json`` + ``tekken.json`` (what Mistral publishes).
+* transformers format: ``config.json`` + ``model*.safetensors`` (+ ``tekken.json`` for the tokenizer).
+
+The network is built on the meta device and every weight is read from the memory-mapped file straight to its
+target device and dtype, one tensor at a time, so loading never holds a second copy of the model.  Mistral q/k
+rows use interleaved RoPE pairs and are permuted once here to the half-split order the network uses; q/k/v and
+gate/up are concatenated into the fused matrices.  Every problem is reported as a one-line CheckpointError.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ModelConfig
+from .errors import CheckpointError, DownloadError
+from .model import VoxtralRealtime
+
+DEFAULT_MODEL = "mistralai/Voxtral-Mini-4B-Realtime-2602"
+MISTRAL_FILES = ("consolidated.safetensors", "params.json", "tekken.json")
+HF_FILES = ("config.json", "model*.safetensors", "model.safetensors.index.json", "preprocessor_config.json",
+            "tekken.json")
+MISTRAL_PREFIX = "mm_streams_embeddings.embedding_module."
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+ProgressCallback = Callable[[int, int], None]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Where the files are
+
+
+def resolve_model_dir(model: str | os.PathLike[str], *, cache_dir: str | None = None) -> Path:
+    """A local checkpoint folder, or the local snapshot of a Hub repo id (downloaded if needed)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path}: is a file; pass the folder holding params.json or config.json")
+    text = str(model)
+    if not _REPO_ID.match(text) or text.startswith((".", "/", "~")):
+        raise CheckpointError(f"{text}: no such folder, and not a Hugging Face repo id (owner/name)")
+    return download(text, cache_dir=cache_dir)
+
+
+def download(repo_id: str = DEFAULT_MODEL, *, cache_dir: str | None = None) -> Path:
+    """Fetch a checkpoint from the Hub into the local cache (resumable, progress bars on stderr).
+
+    Only the Mistral-format files are fetched when the repo has them (the transformers copy of the same weights
+    would double the download); otherwise the transformers files.  ``HF_HUB_OFFLINE=1`` uses the cache only.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub import errors as hub_errors
+
+    last: Path | None = None
+    for patterns, marker in ((list(MISTRAL_FILES), "params.json"), (list(HF_FILES), "config.json")):
+        try:
+            last = Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir))
+        except hub_errors.RepositoryNotFoundError:
+            raise DownloadError(f"{repo_id}: no such model on the Hugging Face Hub (or it is private: "
+                                "log in with `hf auth login`)") from None
+        except hub_errors.GatedRepoError:
+            raise DownloadError(f"{repo_id}: the model is gated; accept its terms on huggingface.co and log in "
+                                "with `hf auth login`") from None
+        except hub_errors.LocalEntryNotFoundError:
+            offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+            why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else \
+                "the Hugging Face Hub cannot be reached and it is not in the local cache"
+            raise DownloadError(f"{repo_id}: cannot download the model: {why}; "
+                                "connect to the network or pass a local folder with --model") from None
+        except (hub_errors.HfHubHTTPError, OSError) as exc:
+            raise DownloadError(f"{repo_id}: download failed: {_first_line(exc)}") from None
+        if (last / marker).is_file():
+            return last
+    raise DownloadError(f"{repo_id}: the repo has neither params.json nor config.json; not a Voxtral checkpoint")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading tensors
+
+
+class TensorFiles:
+    """Read-only view of the tensors of one or more safetensors files, memory-mapped, by name."""
+
+    def __init__(self, files: list[Path], device: torch.device) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        self._stack = ExitStack()
+        self._where: dict[str, Any] = {}
+        # safetensors loads straight to CUDA; other devices go through the CPU mapping.
+        open_device = str(device) if device.type == "cuda" else "cpu"
+        for file in files:
+            try:
+                handle = self._stack.enter_context(safe_open(str(file), framework="pt", device=open_device))
+            except (SafetensorError, OSError) as exc:
+                self.close()
+                raise CheckpointError(f"{file}: not a readable safetensors file ({_first_line(exc)}); "
+                                      "the download may be incomplete") from None
+            self._check_complete(file)
+            for key in handle.keys():
+                self._where[key] = (handle, file)
+
+    @staticmethod
+    def _check_complete(file: Path) -> None:
+        # A truncated file keeps a valid header: compare the data it promises with what is on disk.
+        with open(file, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+        promised = 8 + header_len + max(
+            (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        size = file.stat().st_size
+        if promised > size:
+            raise CheckpointError(f"{file}: truncated ({size} bytes of {promised}); delete it and download again")
+
+    def keys(self) -> set[str]:
+        return set(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        handle, _ = self._where[key]
+        return tuple(handle.get_slice(key).get_shape())
+
+    def get(self, key: str) -> torch.Tensor:
+        handle, file = self._where[key]
+        try:
+            return handle.get_tensor(key)
+        except Exception as exc:  # safetensors raises its own error type for unreadable data
+            raise CheckpointError(f"{file}: cannot read tensor {key} ({_first_line(exc)})") from None
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoint layouts: where each network weight comes from
+
+
+@dataclass(frozen=True)
+class Part:
+    """One source tensor of a network weight; ``rope_heads`` > 0 means "permute its rows from interleaved RoPE"."""
+
+    key: str | None  # None: rows of zeros (the encoder's missing k bias)
+    rows: int = 0  # for key None
+    rope_heads: int = 0
+
+
+def _encoder_layer_parts(cfg: ModelConfig, src: Callable[[str], str], names: dict[str, str],
+                         rope: bool) -> dict[str, list[Part]]:
+    e = cfg.encoder
+    heads = e.n_heads if rope else 0
+    return {
+        "attention_norm.weight": [Part(src(names["attention_norm"]))],
+        "attention.wqkv.weight": [Part(src(names["wq"] + ".weight"), rope_heads=heads),
+                                  Part(src(names["wk"] + ".weight"), rope_heads=heads),
+                                  Part(src(names["wv"] + ".weight"))],
+        "attention.wqkv.bias": [Part(src(names["wq"] + ".bias"), rope_heads=heads),
+                                Part(None, rows=e.n_heads * e.head_dim),
+                                Part(src(names["wv"] + ".bias"))],
+        "attention.wo.weight": [Part(src(names["wo"] + ".weight"))],
+        "attention.wo.bias": [Part(src(names["wo"] + ".bias"))],
+        "ffn_norm.weight": [Part(src(names["ffn_norm"]))],
+        "feed_forward.w13.weight": [Part(src(names["w1"])), Part(src(names["w3"]))],
+        "feed_forward.w2.weight": [Part(src(names["w2"] + ".weight"))],
+        "feed_forward.w2.bias": [Part(src(names["w2"] + ".bias"))],
+    }
+
+
+def _decoder_layer_parts(cfg: ModelConfig, src: Callable[[str], str], names: dict[str, str],
+                         rope: bool) -> dict[str, list[Part]]:
+    d = cfg.decoder
+    return {
+        "attention_norm.weight": [Part(src(names["attention_norm"]))],
+        "attention.wqkv.weight": [Part(src(names["wq"]), rope_heads=d.n_heads if rope else 0),
+                                  Part(src(names["wk"]), rope_heads=d.n_kv_heads if rope else 0),
+                                  Part(src(names["wv"]))],
+        "attention.wo.weight": [Part(src(names["wo"]))],
+        "ffn_norm.weight": [Part(src(names["ffn_norm"]))],
+        "ada_norm.w_in.weight": [Part(src(names["ada_in"]))],
+        "ada_norm.w_out.weight": [Part(src(names["ada_out"]))],
+        "feed_forward.w13.weight": [Part(src(names["w1"])), Part(src(names["w3"]))],
+        "feed_forward.w2.weight": [Part(src(names["w2"]))],
+    }
+
+
+def mistral_layout(cfg: ModelConfig, keys: set[str]) -> dict[str, list[Part]]:
+    """Network weight name -> source tensors, for Mistral names (also the names inside Voxtral GGUF files)."""
+    enc = MISTRAL_PREFIX + "whisper_encoder."
+    embed = MISTRAL_PREFIX + "tok_embeddings.weight"
+    if embed not in keys and "tok_embeddings.weight" in keys:
+        embed = "tok_embeddings.weight"
+    layout = {
+        "encoder.conv_stem.conv1.weight": [Part(enc + "conv_layers.0.conv.weight")],
+        "encoder.conv_stem.conv1.bias": [Part(enc + "conv_layers.0.conv.bias")],
+        "encoder.conv_stem.conv2.weight": [Part(enc + "conv_layers.1.conv.weight")],
+        "encoder.conv_stem.conv2.bias": [Part(enc + "conv_layers.1.conv.bias")],
+        "encoder.norm.weight": [Part(enc + "transformer.norm.weight")],
+        "adapter.w_in.weight": [Part(MISTRAL_PREFIX + "audio_language_projection.0.weight")],
+        "adapter.w_out.weight": [Part(MISTRAL_PREFIX + "audio_language_projection.2.weight")],
+        "decoder.tok_embeddings.weight": [Part(embed)],
+        "decoder.norm.weight": [Part("norm.weight")],
+    }
+    enc_names = {"attention_norm": "attention_norm.weight", "ffn_norm": "ffn_norm.weight", "wq": "attention.wq",
+                 "wk": "attention.wk", "wv": "attention.wv", "wo": "attention.wo",
+                 "w1": "feed_forward.w1.weight", "w2": "feed_forward.w2", "w3": "feed_forward.w3.weight"}
+    for i in range(cfg.encoder.n_layers):
+        parts = _encoder_layer_parts(cfg, lambda n, i=i: f"{enc}transformer.layers.{i}.{n}", enc_names, rope=True)
+        layout.update({f"encoder.layers.{i}.{k}": v for k, v in parts.items()})
+    dec_names = {"attention_norm": "attention_norm.weight", "ffn_norm": "ffn_norm.weight",
+                 "wq": "attention.wq.weight", "wk": "attention.wk.weight", "wv": "attention.wv.weight",
+                 "wo": "attention.wo.weight", "ada_in": "ada_rms_norm_t_cond.0.weight",
+                 "ada_out": "ada_rms_norm_t_cond.2.weight", "w1": "feed_forward.w1.weight",
+                 "w2": "feed_forward.w2.weight", "w3": "feed_forward.w3.weight"}
+    for i in range(cfg.decoder.n_layers):
+        parts = _decoder_layer_parts(cfg, lambda n, i=i: f"layers.{i}.{n}", dec_names, rope=True)
+        layout.update({f"decoder.layers.{i}.{k}": v for k, v in parts.items()})
+    return layout
+
+
+def hf_layout(cfg: ModelConfig, keys: set[str]) -> dict[str, list[Part]]:
+    """Network weight name -> source tensors, for transformers' on-disk names (already half-split RoPE)."""
+    # save_pretrained writes "audio_tower.*" / "language_model.model.*"; accept the runtime names too.
+    text = "language_model.model." if any(k.startswith("language_model.model.") for k in keys) else \
+        "model.language_model."
+    root = "model." if any(k.startswith("model.audio_tower.") for k in keys) else ""
+    audio, proj = root + "audio_tower.", root + "multi_modal_projector."
+    layout = {
+        "encoder.conv_stem.conv1.weight": [Part(audio + "embedder.conv1.weight")],
+        "encoder.conv_stem.conv1.bias": [Part(audio + "embedder.conv1.bias")],
+        "encoder.conv_stem.conv2.weight": [Part(audio + "embedder.conv2.weight")],
+        "encoder.conv_stem.conv2.bias": [Part(audio + "embedder.conv2.bias")],
+        "encoder.norm.weight": [Part(audio + "norm.weight")],
+        "adapter.w_in.weight": [Part(proj + "linear_1.weight")],
+        "adapter.w_out.weight": [Part(proj + "linear_2.weight")],
+        "decoder.tok_embeddings.weight": [Part(text + "embed_tokens.weight")],
+        "decoder.norm.weight": [Part(text + "norm.weight")],
+    }
+    enc_names = {"attention_norm": "self_attn_layer_norm.weight", "ffn_norm": "final_layer_norm.weight",
+                 "wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
+                 "wo": "self_attn.o_proj", "w1": "mlp.gate_proj.weight", "w2": "mlp.down_proj",
+                 "w3": "mlp.up_proj.weight"}
+    for i in range(cfg.encoder.n_layers):
+        parts = _encoder_layer_parts(cfg, lambda n, i=i: f"{audio}layers.{i}.{n}", enc_names, rope=False)
+        layout.update({f"encoder.layers.{i}.{k}": v for k, v in parts.items()})
+    dec_names = {"attention_norm": "input_layernorm.weight", "ffn_norm": "post_attention_layernorm.weight",
+                 "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight",
+                 "wo": "self_attn.o_proj.weight", "ada_in": "ada_rms_norm.linear1.weight",
+                 "ada_out": "ada_rms_norm.linear2.weight", "w1": "mlp.gate_proj.weight",
+                 "w2": "mlp.down_proj.weight", "w3": "mlp.up_proj.weight"}
+    for i in range(cfg.decoder.n_layers):
+        parts = _decoder_layer_parts(cfg, lambda n, i=i: f"{text}layers.{i}.{n}", dec_names, rope=False)
+        layout.update({f"decoder.layers.{i}.{k}": v for k, v in parts.items()})
+    return layout
+
+
+def interleaved_to_half_split(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder each head's rows from RoPE pairs (2i, 2i+1) to halves (i, i + hd/2): [evens, then odds]."""
+    rows = weight.shape[0]
+    head_dim = rows // n_heads
+    rest = weight.shape[1:]
+    return weight.reshape(n_heads, head_dim // 2, 2, *rest).transpose(1, 2).reshape(rows, *rest)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Putting it together
+
+
+@dataclass
+class Checkpoint:
+    """A located checkpoint: its config, its tokenizer file and how to read its weights."""
+
+    folder: Path
+    config: ModelConfig
+    tokenizer_path: Path
+    weight_files: list[Path]
+    layout: Callable[[ModelConfig, set[str]], dict[str, list[Part]]]
+    format: str
+
+
+def inspect_checkpoint(folder: Path) -> Checkpoint:
+    """Recognize the layout of ``folder`` and read its config; raise CheckpointError naming what is missing."""
+    tekken = folder / "tekken.json"
+    if (folder / "params.json").is_file() or (folder / "consolidated.safetensors").is_file():
+        for name in MISTRAL_FILES:
+            if not (folder / name).is_file():
+                raise CheckpointError(f"{folder}: Mistral-format checkpoint is missing {name}")
+        tokenizer_audio = _read_tekken_audio(tekken)
+        config = ModelConfig.from_params_json(_read_json(folder / "params.json"), tokenizer_audio)
+        return Checkpoint(folder, config, tekken, [folder / "consolidated.safetensors"], mistral_layout, "mistral")
+    if (folder / "config.json").is_file():
+        files = sorted(p for p in folder.glob("model*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{folder}: config.json found but no model*.safetensors weights")
+        if not tekken.is_file():
+            raise CheckpointError(f"{folder}: transformers checkpoint without tekken.json (the tokenizer)")
+        pre = folder / "preprocessor_config.json"
+        config = ModelConfig.from_hf_config(_read_json(folder / "config.json"), _read_tekken_audio(tekken),
+                                            _read_json(pre) if pre.is_file() else None)
+        return Checkpoint(folder, config, tekken, files, hf_layout, "transformers")
+    raise CheckpointError(f"{folder}: not a Voxtral checkpoint (expected consolidated.safetensors + params.json + "
+                          "tekken.json, or config.json + model*.safetensors)")
+
+
+def load_weights(network: VoxtralRealtime, checkpoint: Checkpoint, *, device: torch.device, dtype: torch.dtype,
+                 progress: ProgressCallback | None = None) -> None:
+    """Fill a meta-device network with the checkpoint's weights on ``device`` in ``dtype``."""
+    files = TensorFiles(checkpoint.weight_files, device)
+    try:
+        keys = files.keys()
+        layout = checkpoint.layout(checkpoint.config, keys)
+        expected = {name: tuple(p.shape) for name, p in network.named_parameters()}
+        missing = sorted({p.key for parts in layout.values() for p in parts if p.key and p.key not in keys})
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise CheckpointError(f"{checkpoint.folder}: checkpoint lacks tensor(s) {', '.join(missing[:3])}{more}; "
+                                  f"it does not match its {_config_name(checkpoint)}")
+        state: dict[str, torch.Tensor] = {}
+        for done, (name, parts) in enumerate(_ordered(layout, expected)):
+            state[name] = _assemble(files, name, parts, expected[name], checkpoint, device, dtype)
+            if progress:
+                progress(done + 1, len(layout))
+        network.load_state_dict(state, strict=True, assign=True)
+    finally:
+        files.close()
+    network.rebuild_buffers()
+    network.eval()
+
+
+def _ordered(layout: dict[str, list[Part]], expected: dict[str, tuple[int, ...]]) -> Iterator[tuple[str, list[Part]]]:
+    if set(layout) != set(expected):  # a bug in the layout tables, not a user error
+        raise AssertionError(f"layout/network mismatch: {sorted(set(layout) ^ set(expected))[:5]}")
+    return iter(layout.items())
+
+
+def _assemble(files: TensorFiles, name: str, parts: list[Part], shape: tuple[int, ...], checkpoint: Checkpoint,
+              device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    tail = shape[1:]
+    rows_left = shape[0]
+    pieces = []
+    for part in parts:
+        if part.key is None:
+            pieces.append(torch.zeros(part.rows, *tail, device=device, dtype=dtype))
+            rows_left -= part.rows
+            continue
+        got = files.shape(part.key)
+        if len(parts) == 1 and got != shape or len(parts) > 1 and (got[1:] != tail or got[0] > rows_left):
+            want = list(shape) if len(parts) == 1 else f"[*, {', '.join(map(str, tail))}]"
+            raise CheckpointError(f"{checkpoint.folder}: tensor {part.key} has shape {list(got)}, expected {want} "
+                                  f"from its {_config_name(checkpoint)}")
+        tensor = files.get(part.key).to(device=device, dtype=dtype)
+        if part.rope_heads:
+            tensor = interleaved_to_half_split(tensor, part.rope_heads)
+        rows_left -= got[0]
+        pieces.append(tensor)
+    out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    if tuple(out.shape) != shape:
+        raise CheckpointError(f"{checkpoint.folder}: tensors for {name} add up to {list(out.shape)}, expected "
+                              f"{list(shape)} from its {_config_name(checkpoint)}")
+    return out.contiguous()
+
+
+def _read_tekken_audio(path: Path) -> dict[str, Any]:
+    audio = _read_json(path).get("audio")
+    if not isinstance(audio, dict):
+        raise CheckpointError(f"{path}: tokenizer has no 'audio' section; not a Voxtral Realtime tokenizer")
+    return audio
+
+
+def _config_name(checkpoint: Checkpoint) -> str:
+    return "params.json" if checkpoint.format == "mistral" else "config.json"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({_first_line(exc)})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
