@@ -8,17 +8,19 @@ files and arrays share one resampler.  Every problem a user can cause is raised 
 
 from __future__ import annotations
 
-import errno
 import io
 import os
 import sys
-from typing import IO, Any, Union
+from typing import IO, TYPE_CHECKING, Any, Union
 
 import av
 import av.error
 import numpy as np
 
 from voxtral_realtime.errors import AudioError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["SAMPLE_RATE", "AudioSource", "audio_duration", "load_audio"]
 
@@ -28,8 +30,8 @@ SAMPLE_RATE = 16000
 MAX_CHANNELS = 8
 """Widest channel count accepted for arrays; also how the channel axis of a 2-D array is recognised."""
 
-AudioSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, IO[bytes], np.ndarray, Any]
-"""Anything :func:`load_audio` accepts (``Any`` stands for a ``torch.Tensor`` without importing torch)."""
+AudioSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, IO[bytes], np.ndarray, "torch.Tensor"]
+"""Anything :func:`load_audio` accepts."""
 
 # Exceptions that mean "this input is bad", not "this module is buggy".  PyAV raises FFmpegError subclasses
 # (some of them also ValueError/OSError), Python file objects raise OSError, and odd file-likes may raise
@@ -275,9 +277,11 @@ def _to_float(x: np.ndarray, label: str) -> np.ndarray:
     if x.dtype == np.uint8:
         return (x.astype(np.float32) - 128.0) * np.float32(1.0 / 128.0)
     if x.dtype.kind == "f":
-        if not np.isfinite(x).all():  # before the cast, which would also turn huge float64 into inf
+        with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, rejected just below
+            y = x.astype(np.float32, copy=False)
+        if not np.isfinite(y).all():
             raise AudioError(f"cannot load audio {label}: the array contains NaN or infinite samples")
-        return x.astype(np.float32, copy=False)
+        return y
     raise AudioError(
         f"cannot load audio {label}: unsupported dtype {x.dtype} (use float, int8, uint8, int16 or int32)"
     )
@@ -316,7 +320,7 @@ def _resample(x: np.ndarray, rate: int, label: str) -> np.ndarray:
         out.extend(_frames_to_arrays(resampler.resample(None)))
     except _INPUT_ERRORS as err:
         raise AudioError(f"cannot load audio {label}: cannot resample from {rate} Hz ({_describe(err)})") from None
-    if not out:
+    if not out:  # FFmpeg's resampler emits nothing for inputs shorter than its filter (~1 ms)
         raise AudioError(f"cannot load audio {label}: too few samples to resample from {rate} Hz")
     return np.concatenate(out)
 
@@ -328,8 +332,6 @@ def _describe(err: BaseException) -> str:
     """One line of detail from an exception, without FFmpeg's errno prefix or the repeated file name."""
     if isinstance(err, (av.error.FFmpegError, OSError)) and err.strerror:
         text = str(err.strerror)
-    elif isinstance(err, OSError) and err.errno in errno.errorcode:
-        text = os.strerror(err.errno)
     else:
         text = str(err) or type(err).__name__
     return " ".join(text.split())

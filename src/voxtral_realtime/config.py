@@ -86,6 +86,9 @@ class AudioConfig:
         n = delay_ms / step
         if abs(n - round(n)) > 1e-9:
             raise ValueError(f"delay {delay_ms} ms is not a multiple of the model's {step:g} ms step")
+        if step == 80 and delay_ms not in SUPPORTED_DELAYS_MS:
+            raise ValueError(f"delay {delay_ms} ms is not one the model was trained for (80..1200 in steps of 80, "
+                             "or 2400)")
         return int(round(n))
 
     def n_right_pad_tokens(self, delay_tokens: int) -> int:

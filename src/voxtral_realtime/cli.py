@@ -1,0 +1,218 @@
+"""The ``voxtral`` command line: a thin layer over :mod:`voxtral_realtime.api`.
+
+Transcripts go to stdout, progress bars and messages to stderr.  A user mistake prints one ``error:`` line and
+exits non-zero; in a run over several files a bad file is reported and the others are still transcribed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .config import SUPPORTED_DELAYS_MS
+from .errors import VoxtralError
+from .loading import DEFAULT_MODEL
+
+EPILOG_TRANSCRIBE = """\
+examples:
+  voxtral transcribe talk.mp3                          # the Hub model, text on stdout
+  voxtral transcribe a.wav b.flac --output-format json  # JSON list with text and tokens
+  voxtral transcribe talk.m4a --model ./voxtral --delay-ms 960 --output-dir out/
+
+The model is a Hugging Face repo id (downloaded once into the local cache) or a folder with
+consolidated.safetensors + params.json + tekken.json (or a transformers config.json + model*.safetensors).
+Set VOXTRAL_MODEL to change the default model.  Audio: anything ffmpeg decodes (wav, flac, ogg, mp3, m4a,
+webm...), any sample rate and channel count.
+"""
+
+DELAY_HELP = ("how far the model may look ahead before deciding a word, in ms: 80..1200 in steps of 80, or 2400; "
+              "longer is more accurate, shorter is more immediate (default: the model's own, 480)")
+
+
+def _delay_ms(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of milliseconds") from None
+    if value not in SUPPORTED_DELAYS_MS:
+        raise argparse.ArgumentTypeError(f"{value} ms is not a delay the model supports (80..1200 in steps of 80, "
+                                         "or 2400)")
+    return value
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=os.environ.get("VOXTRAL_MODEL", DEFAULT_MODEL), metavar="REPO_OR_DIR",
+                        help="Hub repo id or local checkpoint folder (default: %(default)s)")
+    parser.add_argument("--device", help="cuda, cuda:1, cpu, mps (default: the GPU if there is one, else cpu)")
+    parser.add_argument("--dtype", choices=["bf16", "f16", "f32"],
+                        help="weight precision (default: bf16 on CUDA, f16 on mps, f32 on cpu)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="voxtral", description="Streaming speech recognition with Mistral's Voxtral Mini 4B Realtime.")
+    parser.add_argument("--version", action="version", version=f"voxtral-realtime {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    tr = sub.add_parser("transcribe", help="transcribe audio files",
+                        description="Transcribe audio files with the whole-file (offline) protocol.",
+                        epilog=EPILOG_TRANSCRIBE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    tr.add_argument("files", nargs="+", metavar="FILE", help="audio or video files")
+    _add_model_options(tr)
+    tr.add_argument("--delay-ms", type=_delay_ms, help=DELAY_HELP)
+    tr.add_argument("--output-format", choices=["txt", "json"], default="txt",
+                    help="txt: the transcript; json: text, tokens, delay and duration (default: txt)")
+    tr.add_argument("--output-dir", type=Path,
+                    help="write FILE's transcript to OUTPUT_DIR/<name>.<format> instead of stdout")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bars (default when stderr is not a tty)")
+    tr.set_defaults(func=cmd_transcribe)
+
+    dl = sub.add_parser("download", help="download a model from the Hugging Face Hub into the local cache",
+                        description="Download (or resume downloading) a checkpoint into the Hugging Face cache and "
+                                    "print its local folder.")
+    dl.add_argument("repo", nargs="?", default=DEFAULT_MODEL, help="repo id (default: %(default)s)")
+    dl.add_argument("--cache-dir", help="cache folder (default: the Hugging Face cache, $HF_HOME)")
+    dl.set_defaults(func=cmd_download)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Reporter:
+    """Progress bars on stderr (only when it is a terminal, unless asked) and one-line messages."""
+
+    def __init__(self, enabled: bool) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=True, highlight=False)
+        self.enabled = enabled and self.console.is_terminal
+
+    def error(self, message: str) -> None:
+        self.console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+
+    def info(self, message: str) -> None:
+        self.console.print(message, soft_wrap=True)
+
+    @contextmanager
+    def bar(self, description: str, total: float, unit: str = "") -> Iterator[Any]:
+        """Yields ``update(done, total)``; a no-op when progress is off."""
+        if not self.enabled:
+            yield lambda done, total: None
+            return
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        columns = [TextColumn("{task.description}"), BarColumn(),
+                   TextColumn("{task.completed:.0f}/{task.total:.0f}" + unit), TimeElapsedColumn(),
+                   TimeRemainingColumn()]
+        with Progress(*columns, console=self.console, transient=True) as progress:
+            task = progress.add_task(description, total=total)
+            yield lambda done, total: progress.update(task, completed=done, total=total)
+
+
+def _load_model(args: argparse.Namespace, reporter: Reporter) -> Any:
+    from .api import load
+
+    with reporter.bar("loading model", total=1, unit=" tensors") as update:
+        return load(args.model, device=args.device, dtype=args.dtype, progress=update)
+
+
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    reporter = Reporter(enabled=not args.no_progress)
+    files = [Path(f) for f in args.files]
+    readable = []
+    failed = 0
+    for f in files:  # fail fast on paths that cannot work, before loading gigabytes of weights
+        if not f.exists():
+            reporter.error(f"{f}: no such file")
+            failed += 1
+        elif f.is_dir():
+            reporter.error(f"{f}: is a directory")
+            failed += 1
+        else:
+            readable.append(f)
+    if not readable:
+        return 1
+    if args.output_dir:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+    model = _load_model(args, reporter)
+    results = []
+    for f in readable:
+        try:
+            with reporter.bar(f.name, total=1, unit=" s") as update:
+                result = model.transcribe(f, delay_ms=args.delay_ms, progress=update)
+        except VoxtralError as err:
+            reporter.error(str(err))
+            failed += 1
+            continue
+        record = {"file": str(f), **result.to_dict()}
+        if args.output_dir:
+            out = args.output_dir / f"{f.stem}.{args.output_format}"
+            out.write_text(_format(record, args.output_format) + "\n", encoding="utf-8")
+            reporter.info(f"wrote {out}")
+        else:
+            results.append(record)
+            if args.output_format == "txt":
+                header = f"==> {f} <==\n" if len(files) > 1 else ""
+                print(header + record["text"].strip(), flush=True)
+    if results and args.output_format == "json":
+        print(json.dumps(results[0] if len(files) == 1 else results, ensure_ascii=False, indent=2))
+    return 1 if failed else 0
+
+
+def _format(record: dict[str, Any], fmt: str) -> str:
+    return json.dumps(record, ensure_ascii=False, indent=2) if fmt == "json" else record["text"].strip()
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from .loading import download
+
+    print(download(args.repo, cache_dir=args.cache_dir))
+    return 0
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    try:
+        return args.func(args)
+    except VoxtralError as err:
+        Reporter(enabled=False).error(str(err))
+        return 1
+    except ValueError as err:  # API argument errors (e.g. a delay the model does not support)
+        Reporter(enabled=False).error(str(err))
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return _dispatch(build_parser().parse_args(argv))
+
+
+def rust_compat_main(argv: Sequence[str] | None = None) -> int:
+    """``voxtral-transcribe --audio FILE --model DIR``: the command line of the Rust project, on this package."""
+    parser = argparse.ArgumentParser(
+        prog="voxtral-transcribe",
+        description="Transcribe audio files (command-line compatible with voxtral-mini-realtime-rs). "
+                    "See `voxtral transcribe --help` for the full command.")
+    parser.add_argument("--audio", action="append", required=True, metavar="FILE",
+                        help="audio file (repeat for several)")
+    _add_model_options(parser)
+    parser.add_argument("--delay-ms", type=_delay_ms, help=DELAY_HELP)
+    parser.add_argument("--output-format", choices=["txt", "json"], default="txt")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    args.files, args.output_dir, args.func = args.audio, None, cmd_transcribe
+    return _dispatch(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
