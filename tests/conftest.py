@@ -12,10 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 WINDOWS = {"long": (750, 8192), "short": (12, 10)}
+#: Test models keep 1000 special ids and 3096 text ids: every id decodes, and the LM head stays small.
+TEST_VOCAB = 4096
+
+# The tiny models are all per-op overhead: on the 2-core CI machines a second thread made them 6x slower.
+torch.set_num_threads(1)
 
 
 @dataclass
@@ -37,7 +43,8 @@ def _build(name: str, root: Path, tekken: Path) -> TinyCheckpoint:
     from tiny_checkpoint import make_hf_model, write_hf_folder, write_mistral_folder
 
     encoder_window, decoder_window = WINDOWS[name]
-    model = make_hf_model(encoder_window=encoder_window, decoder_window=decoder_window, seed=1234)
+    model = make_hf_model(encoder_window=encoder_window, decoder_window=decoder_window, seed=1234,
+                          vocab_size=TEST_VOCAB)
     return TinyCheckpoint(
         name=name,
         hf_model=model,

@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -59,6 +60,11 @@ def mistral_dir(
 def mistral_tokenizer(tekken_path: Path) -> MistralTokenizer:
     # Loading the 150k-entry vocab takes seconds: load once.  from_file goes through Tekkenizer.from_file.
     return MistralTokenizer.from_file(tekken_path)
+
+
+def _sub_configs(model: VoxtralRealtimeForConditionalGeneration) -> tuple[Any, Any]:
+    """(audio_config, text_config); transformers types them loosely (``dict | PreTrainedConfig | None``)."""
+    return model.config.audio_config, model.config.text_config
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -138,11 +144,11 @@ def _mistral_to_hf(tensors: dict[str, torch.Tensor], params: dict) -> dict[str, 
 
 
 def test_model_layout_and_randomization(model: VoxtralRealtimeForConditionalGeneration) -> None:
-    cfg = model.config
+    audio_cfg, text_cfg = _sub_configs(model)
     assert not model.training
-    assert cfg.audio_config.head_dim == cfg.text_config.head_dim == 16
-    assert cfg.audio_config.rope_parameters["rope_theta"] == cfg.text_config.rope_parameters["rope_theta"] == 1e6
-    assert (cfg.audio_config.sliding_window, cfg.text_config.sliding_window) == (ENCODER_WINDOW, DECODER_WINDOW)
+    assert audio_cfg.head_dim == text_cfg.head_dim == 16
+    assert audio_cfg.rope_parameters["rope_theta"] == text_cfg.rope_parameters["rope_theta"] == 1e6
+    assert (audio_cfg.sliding_window, text_cfg.sliding_window) == (ENCODER_WINDOW, DECODER_WINDOW)
     assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
 
     layer = model.model.audio_tower.layers[0]
@@ -265,12 +271,12 @@ def test_mistral_qk_rows_are_interleaved_rope(
         hf_attn = model.model.audio_tower.layers[0].self_attn
         rotary = model.model.audio_tower.rotary_emb
         prefix = MISTRAL_PREFIX + "whisper_encoder.transformer.layers.0.attention."
-        config = model.config.audio_config
+        config = _sub_configs(model)[0]
     else:
         hf_attn = model.model.language_model.layers[0].self_attn
         rotary = model.model.language_model.rotary_emb
         prefix = "layers.0.attention."
-        config = model.config.text_config
+        config = _sub_configs(model)[1]
     n_heads, n_kv, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     theta = config.rope_parameters["rope_theta"]
 
@@ -318,9 +324,9 @@ def test_hf_folder_reloads(model: VoxtralRealtimeForConditionalGeneration, tekke
 
     reloaded = VoxtralRealtimeForConditionalGeneration.from_pretrained(folder)
     assert reloaded.lm_head.weight is reloaded.model.language_model.embed_tokens.weight
-    assert reloaded.config.audio_config.sliding_window == ENCODER_WINDOW
-    assert reloaded.config.text_config.sliding_window == DECODER_WINDOW
-    assert reloaded.config.audio_config.rope_parameters["rope_theta"] == 1e6
+    audio_cfg, text_cfg = _sub_configs(reloaded)
+    assert (audio_cfg.sliding_window, text_cfg.sliding_window) == (ENCODER_WINDOW, DECODER_WINDOW)
+    assert audio_cfg.rope_parameters["rope_theta"] == 1e6
     expected, got = model.state_dict(), reloaded.state_dict()
     assert got.keys() == expected.keys()
     for key in expected:
@@ -350,7 +356,9 @@ def test_tekken_loads_in_mistral_common(mistral_tokenizer: MistralTokenizer) -> 
     assert (ids.audio, ids.begin_audio, ids.streaming_pad, ids.audio_to_text) == (24, 25, 32, 34)
 
     one_second = Audio(np.zeros(16000, dtype=np.float32), 16000, "wav").to_base64("wav")
-    request = TranscriptionRequest(audio=one_second, streaming=StreamingMode.OFFLINE, language=None)
+    request = TranscriptionRequest(
+        audio=one_second, streaming=StreamingMode.OFFLINE, language=None, target_streaming_delay_ms=None
+    )
     encoded = tokenizer.encode_transcription(request)
     assert encoded.tokens == [1] + [32] * 38
     # 32 left-pad tokens, the audio aligned up to 1280 samples, 17 right-pad tokens.

@@ -12,6 +12,10 @@ Plain functions, no pytest fixtures, so tests, benchmarks and scripts can all us
 * :func:`write_hf_folder` writes the transformers layout: ``config.json``, ``model.safetensors``,
   ``generation_config.json``, ``preprocessor_config.json`` and ``tekken.json``.
 
+The pieces are public too: :func:`make_hf_config`, :func:`mistral_state_dict` (Mistral names and layout, in
+memory), :func:`mistral_params` / :func:`params_json_text` (for the full-size config the latter reproduces the
+real params.json byte for byte, sha256 2ace010e...).
+
 Typical use::
 
     tekken = cached_tekken_json()
@@ -201,7 +205,8 @@ _ROPE: Final[dict[str, Any]] = {"rope_type": "default", "rope_theta": 1e6}
 
 
 def make_hf_config(
-    *, encoder_window: int = 750, decoder_window: int = 8192, audio_layers: int = 2, text_layers: int = 2
+    *, encoder_window: int = 750, decoder_window: int = 8192, audio_layers: int = 2, text_layers: int = 2,
+    vocab_size: int = 131072,
 ) -> VoxtralRealtimeConfig:
     """The tiny ``VoxtralRealtimeConfig`` of REFERENCE.md §9.2 (real windows by default).
 
@@ -224,7 +229,9 @@ def make_hf_config(
             "rope_parameters": dict(_ROPE),
         },
         text_config={
-            "vocab_size": 131072,  # must match the tekken.json
+            # 131072 matches tekken.json; a smaller vocab (>= 1000 specials + some text) is still a valid model
+            # whose ids all decode, and keeps the LM head from dominating CPU test time.
+            "vocab_size": vocab_size,
             "hidden_size": 64,
             "intermediate_size": 192,
             "num_hidden_layers": text_layers,
@@ -254,6 +261,7 @@ def make_hf_model(
     seed: int = 1234,
     audio_layers: int = 2,
     text_layers: int = 2,
+    vocab_size: int = 131072,
     dtype: torch.dtype = torch.float32,
 ) -> VoxtralRealtimeForConditionalGeneration:
     """The tiny random model of REFERENCE.md §9.2, in eval mode, every parameter re-randomised from ``seed``.
@@ -267,7 +275,7 @@ def make_hf_model(
     * norm gains ~ 1 + N(0, 0.3²);
     * the (tied) token embedding ~ N(0, 1).
 
-    The same arguments always give bit-identical weights.
+    With one torch build, the same arguments always give bit-identical weights.
     """
     from transformers import VoxtralRealtimeForConditionalGeneration
     from transformers.initialization import no_init_weights
@@ -277,6 +285,7 @@ def make_hf_model(
         decoder_window=decoder_window,
         audio_layers=audio_layers,
         text_layers=text_layers,
+        vocab_size=vocab_size,
     )
     # HF's own init (about 1 s of CPU, mostly the 131072-row embedding) is overwritten below anyway.  Skipping
     # it also skips the tying, hence tie_weights(); the buffers (RoPE and time-embedding inv_freq) are computed
@@ -286,7 +295,7 @@ def make_hf_model(
     model.tie_weights()
     _check_layout(model)
     _randomize_(model, seed)
-    return model.to(dtype).eval()
+    return model.to(dtype=dtype).eval()  # type: ignore[call-arg]  # transformers wraps .to; mypy misreads it
 
 
 def _check_layout(model: VoxtralRealtimeForConditionalGeneration) -> None:
@@ -317,7 +326,7 @@ def _randomize_(model: nn.Module, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     done: set[int] = set()
 
-    def draw(param: nn.Parameter | None, std: float, mean: float = 0.0) -> None:
+    def draw(param: torch.Tensor | None, std: float, mean: float = 0.0) -> None:
         # Tied parameters (lm_head = embed_tokens) are drawn once, by the first module that owns them.
         if param is None or id(param) in done:
             return
@@ -398,6 +407,12 @@ _GLOBAL_KEYS: Final = (
 _ADA_DIM: Final = 32
 
 
+def _sub_configs(config: VoxtralRealtimeConfig) -> tuple[Any, Any]:
+    """(audio_config, text_config).  transformers types them as ``dict | PreTrainedConfig | None``; once the
+    config is built they are always config objects."""
+    return config.audio_config, config.text_config
+
+
 def _to_interleaved(tensor: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Undo HF's RoPE row permutation: HF row c*(hd/2)+i of each head goes back to Mistral row 2i+c.
 
@@ -411,7 +426,7 @@ def _to_interleaved(tensor: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def _key_map(config: VoxtralRealtimeConfig) -> Iterator[tuple[str, str, int | None]]:
     """(HF key, Mistral key, heads to un-permute or None) for every tensor the Mistral file holds."""
-    audio, text = config.audio_config, config.text_config
+    audio, text = _sub_configs(config)
     for hf_key, mistral_key in _GLOBAL_KEYS:
         yield hf_key, mistral_key, None
     for i in range(audio.num_hidden_layers):
@@ -439,7 +454,8 @@ def mistral_state_dict(
 
     The token embedding is stored once, under the ``mm_streams_embeddings`` prefix; there is no
     ``output.weight``.  Raises if any HF tensor would be left out, so a transformers layout change cannot
-    silently produce an incomplete checkpoint.
+    silently produce an incomplete checkpoint.  Tensors that need no permutation or cast share memory with the
+    model (copying them costs noticeable time on slow machines): do not modify them in place.
     """
     source = model.state_dict()
     if source["lm_head.weight"].data_ptr() != source["model.language_model.embed_tokens.weight"].data_ptr():
@@ -450,7 +466,7 @@ def mistral_state_dict(
         tensor = source[hf_key].detach()
         if heads is not None:
             tensor = _to_interleaved(tensor, heads)
-        out[mistral_key] = tensor.to(device="cpu", dtype=dtype).contiguous().clone()
+        out[mistral_key] = tensor.to(device="cpu", dtype=dtype).contiguous()
         used.add(hf_key)
     if unused := sorted(set(source) - used):
         raise RuntimeError(f"HF tensors with no Mistral name: {unused}")
@@ -465,7 +481,7 @@ def mistral_params(config: VoxtralRealtimeConfig) -> dict[str, Any]:
 
     For the full-size config, ``params_json_text`` of this reproduces the real file byte for byte.
     """
-    audio, text = config.audio_config, config.text_config
+    audio, text = _sub_configs(config)
     return {
         "dim": text.hidden_size,
         "n_layers": text.num_hidden_layers,

@@ -149,7 +149,7 @@ class Part:
     """One source tensor of a network weight; ``rope_heads`` > 0 means "permute its rows from interleaved RoPE"."""
 
     key: str | None  # None: rows of zeros (the encoder's missing k bias)
-    rows: int = 0  # for key None
+    rows: int = 0  # rows this part fills in a fused weight (0: the whole weight)
     rope_heads: int = 0
 
 
@@ -157,18 +157,19 @@ def _encoder_layer_parts(cfg: ModelConfig, src: Callable[[str], str], names: dic
                          rope: bool) -> dict[str, list[Part]]:
     e = cfg.encoder
     heads = e.n_heads if rope else 0
+    qkv = e.n_heads * e.head_dim
     return {
         "attention_norm.weight": [Part(src(names["attention_norm"]))],
-        "attention.wqkv.weight": [Part(src(names["wq"] + ".weight"), rope_heads=heads),
-                                  Part(src(names["wk"] + ".weight"), rope_heads=heads),
-                                  Part(src(names["wv"] + ".weight"))],
-        "attention.wqkv.bias": [Part(src(names["wq"] + ".bias"), rope_heads=heads),
-                                Part(None, rows=e.n_heads * e.head_dim),
-                                Part(src(names["wv"] + ".bias"))],
+        "attention.wqkv.weight": [Part(src(names["wq"] + ".weight"), qkv, heads),
+                                  Part(src(names["wk"] + ".weight"), qkv, heads),
+                                  Part(src(names["wv"] + ".weight"), qkv)],
+        "attention.wqkv.bias": [Part(src(names["wq"] + ".bias"), qkv, heads),
+                                Part(None, qkv),
+                                Part(src(names["wv"] + ".bias"), qkv)],
         "attention.wo.weight": [Part(src(names["wo"] + ".weight"))],
         "attention.wo.bias": [Part(src(names["wo"] + ".bias"))],
         "ffn_norm.weight": [Part(src(names["ffn_norm"]))],
-        "feed_forward.w13.weight": [Part(src(names["w1"])), Part(src(names["w3"]))],
+        "feed_forward.w13.weight": [Part(src(names["w1"]), e.hidden_dim), Part(src(names["w3"]), e.hidden_dim)],
         "feed_forward.w2.weight": [Part(src(names["w2"] + ".weight"))],
         "feed_forward.w2.bias": [Part(src(names["w2"] + ".bias"))],
     }
@@ -177,16 +178,17 @@ def _encoder_layer_parts(cfg: ModelConfig, src: Callable[[str], str], names: dic
 def _decoder_layer_parts(cfg: ModelConfig, src: Callable[[str], str], names: dict[str, str],
                          rope: bool) -> dict[str, list[Part]]:
     d = cfg.decoder
+    q, kv = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
     return {
         "attention_norm.weight": [Part(src(names["attention_norm"]))],
-        "attention.wqkv.weight": [Part(src(names["wq"]), rope_heads=d.n_heads if rope else 0),
-                                  Part(src(names["wk"]), rope_heads=d.n_kv_heads if rope else 0),
-                                  Part(src(names["wv"]))],
+        "attention.wqkv.weight": [Part(src(names["wq"]), q, d.n_heads if rope else 0),
+                                  Part(src(names["wk"]), kv, d.n_kv_heads if rope else 0),
+                                  Part(src(names["wv"]), kv)],
         "attention.wo.weight": [Part(src(names["wo"]))],
         "ffn_norm.weight": [Part(src(names["ffn_norm"]))],
         "ada_norm.w_in.weight": [Part(src(names["ada_in"]))],
         "ada_norm.w_out.weight": [Part(src(names["ada_out"]))],
-        "feed_forward.w13.weight": [Part(src(names["w1"])), Part(src(names["w3"]))],
+        "feed_forward.w13.weight": [Part(src(names["w1"]), d.hidden_dim), Part(src(names["w3"]), d.hidden_dim)],
         "feed_forward.w2.weight": [Part(src(names["w2"]))],
     }
 
@@ -269,6 +271,13 @@ def interleaved_to_half_split(weight: torch.Tensor, n_heads: int) -> torch.Tenso
     return weight.reshape(n_heads, head_dim // 2, 2, *rest).transpose(1, 2).reshape(rows, *rest)
 
 
+def half_split_to_interleaved(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    rows = weight.shape[0]
+    head_dim = rows // n_heads
+    rest = weight.shape[1:]
+    return weight.reshape(n_heads, 2, head_dim // 2, *rest).transpose(1, 2).reshape(rows, *rest)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Putting it together
 
@@ -342,29 +351,31 @@ def _ordered(layout: dict[str, list[Part]], expected: dict[str, tuple[int, ...]]
 
 def _assemble(files: TensorFiles, name: str, parts: list[Part], shape: tuple[int, ...], checkpoint: Checkpoint,
               device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    tail = shape[1:]
-    rows_left = shape[0]
     pieces = []
     for part in parts:
+        want = (part.rows or shape[0], *shape[1:])
         if part.key is None:
-            pieces.append(torch.zeros(part.rows, *tail, device=device, dtype=dtype))
-            rows_left -= part.rows
+            pieces.append(torch.zeros(want, device=device, dtype=dtype))
             continue
         got = files.shape(part.key)
-        if len(parts) == 1 and got != shape or len(parts) > 1 and (got[1:] != tail or got[0] > rows_left):
-            want = list(shape) if len(parts) == 1 else f"[*, {', '.join(map(str, tail))}]"
-            raise CheckpointError(f"{checkpoint.folder}: tensor {part.key} has shape {list(got)}, expected {want} "
-                                  f"from its {_config_name(checkpoint)}")
+        if got != want:
+            raise CheckpointError(f"{checkpoint.folder}: tensor {part.key} has shape {list(got)}, expected "
+                                  f"{list(want)} from its {_config_name(checkpoint)}")
         tensor = files.get(part.key).to(device=device, dtype=dtype)
-        if part.rope_heads:
-            tensor = interleaved_to_half_split(tensor, part.rope_heads)
-        rows_left -= got[0]
-        pieces.append(tensor)
-    out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-    if tuple(out.shape) != shape:
-        raise CheckpointError(f"{checkpoint.folder}: tensors for {name} add up to {list(out.shape)}, expected "
-                              f"{list(shape)} from its {_config_name(checkpoint)}")
-    return out.contiguous()
+        pieces.append(interleaved_to_half_split(tensor, part.rope_heads) if part.rope_heads else tensor)
+    return (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).contiguous()
+
+
+def mistral_state_dict(network: VoxtralRealtime) -> dict[str, torch.Tensor]:
+    """The network's weights under Mistral names and row order (the inverse of loading a Mistral folder)."""
+    params = dict(network.named_parameters())
+    out: dict[str, torch.Tensor] = {}
+    for name, parts in mistral_layout(network.config, set()).items():
+        pieces = params[name].detach().split([p.rows or params[name].shape[0] for p in parts])
+        for part, piece in zip(parts, pieces):
+            if part.key is not None:
+                out[part.key] = half_split_to_interleaved(piece, part.rope_heads) if part.rope_heads else piece
+    return {k: v.contiguous() for k, v in out.items()}
 
 
 def _read_tekken_audio(path: Path) -> dict[str, Any]:

@@ -52,11 +52,10 @@ class VoxtralRealtime(nn.Module):
         The loader builds the network on the meta device to avoid allocating weights twice; the buffers are then
         made here, on the device the weights were loaded to.
         """
-        device = self.device
-        with torch.device(device):
-            self.mel = LogMelSpectrogram(self.config.audio)
-            self.encoder.rotary = Rotary(self.config.encoder.head_dim, self.config.encoder.rope_theta)
-            self.decoder.rotary = Rotary(self.config.decoder.head_dim, self.config.decoder.rope_theta)
+        device, cfg = self.device, self.config
+        self.mel = LogMelSpectrogram(cfg.audio).to(device)
+        self.encoder.rotary = Rotary(cfg.encoder.head_dim, cfg.encoder.rope_theta).to(device)
+        self.decoder.rotary = Rotary(cfg.decoder.head_dim, cfg.decoder.rope_theta).to(device)
 
     def new_state(self, batch: int = 1, *, encoder_chunk: int, decoder_chunk: int) -> StreamState:
         """Empty state for ``batch`` streams; the chunk sizes bound the frames/tokens per transformer call."""
