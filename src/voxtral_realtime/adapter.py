@@ -34,5 +34,5 @@ class AudioAdapter(nn.Module):
         frames = torch.cat([state.pending, frames], dim=1)
         n_groups = frames.shape[1] // self.factor
         state.pending = frames[:, n_groups * self.factor:]
-        grouped = frames[:, : n_groups * self.factor].reshape(frames.shape[0], n_groups, -1)
+        grouped = frames[:, : n_groups * self.factor].reshape(frames.shape[0], n_groups, self.factor * self.encoder_dim)
         return self.w_out(F.gelu(self.w_in(grouped)))

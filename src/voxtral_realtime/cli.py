@@ -144,6 +144,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     if args.output_dir:
         args.output_dir.mkdir(parents=True, exist_ok=True)
     model = _load_model(args, reporter)
+    stems = [f.stem for f in readable]
     results = []
     for f in readable:
         try:
@@ -155,7 +156,9 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
             continue
         record = {"file": str(f), **result.to_dict()}
         if args.output_dir:
-            out = args.output_dir / f"{f.stem}.{args.output_format}"
+            # talk.wav and talk.mp3 in one run must not overwrite each other's transcript
+            base = f.name if stems.count(f.stem) > 1 else f.stem
+            out = args.output_dir / f"{base}.{args.output_format}"
             out.write_text(_format(record, args.output_format) + "\n", encoding="utf-8")
             reporter.info(f"wrote {out}")
         else:

@@ -295,15 +295,23 @@ class Checkpoint:
 
 
 def inspect_checkpoint(folder: Path) -> Checkpoint:
-    """Recognize the layout of ``folder`` and read its config; raise CheckpointError naming what is missing."""
+    """Recognize the layout of ``folder``, read its config and check its weight files' headers against it (so a
+    bad download fails here, before the tokenizer is read); raise CheckpointError naming what is wrong."""
     tekken = folder / "tekken.json"
     if (folder / "params.json").is_file() or (folder / "consolidated.safetensors").is_file():
         for name in MISTRAL_FILES:
             if not (folder / name).is_file():
                 raise CheckpointError(f"{folder}: Mistral-format checkpoint is missing {name}")
         tokenizer_audio = _read_tekken_audio(tekken)
-        config = ModelConfig.from_params_json(_read_json(folder / "params.json"), tokenizer_audio)
-        return Checkpoint(folder, config, tekken, [folder / "consolidated.safetensors"], mistral_layout, "mistral")
+        params = _read_json(folder / "params.json")
+        try:
+            config = ModelConfig.from_params_json(params, tokenizer_audio)
+        except CheckpointError as err:  # its messages name the file but not the folder
+            raise CheckpointError(f"{folder}: {err}") from None
+        checkpoint = Checkpoint(folder, config, tekken, [folder / "consolidated.safetensors"], mistral_layout,
+                                "mistral")
+        check_weights(checkpoint)
+        return checkpoint
     if (folder / "config.json").is_file():
         files = sorted(p for p in folder.glob("model*.safetensors"))
         if not files:
@@ -311,11 +319,60 @@ def inspect_checkpoint(folder: Path) -> Checkpoint:
         if not tekken.is_file():
             raise CheckpointError(f"{folder}: transformers checkpoint without tekken.json (the tokenizer)")
         pre = folder / "preprocessor_config.json"
-        config = ModelConfig.from_hf_config(_read_json(folder / "config.json"), _read_tekken_audio(tekken),
-                                            _read_json(pre) if pre.is_file() else None)
-        return Checkpoint(folder, config, tekken, files, hf_layout, "transformers")
+        hf_config, tokenizer_audio = _read_json(folder / "config.json"), _read_tekken_audio(tekken)
+        preprocessor = _read_json(pre) if pre.is_file() else None
+        try:
+            config = ModelConfig.from_hf_config(hf_config, tokenizer_audio, preprocessor)
+        except CheckpointError as err:
+            raise CheckpointError(f"{folder}: {err}") from None
+        checkpoint = Checkpoint(folder, config, tekken, files, hf_layout, "transformers")
+        check_weights(checkpoint)
+        return checkpoint
     raise CheckpointError(f"{folder}: not a Voxtral checkpoint (expected consolidated.safetensors + params.json + "
                           "tekken.json, or config.json + model*.safetensors)")
+
+
+def check_weights(checkpoint: Checkpoint) -> None:
+    """Read only the weight files' headers: every tensor the config needs is there, complete, with its shape."""
+    with torch.device("meta"):
+        network = VoxtralRealtime(checkpoint.config)
+    files = TensorFiles(checkpoint.weight_files, torch.device("cpu"))
+    try:
+        _checked_layout(files, checkpoint, {name: tuple(p.shape) for name, p in network.named_parameters()})
+    finally:
+        files.close()
+
+
+def _checked_layout(files: TensorFiles, checkpoint: Checkpoint,
+                    expected: dict[str, tuple[int, ...]]) -> dict[str, list[Part]]:
+    keys = files.keys()
+    layout = checkpoint.layout(checkpoint.config, keys)
+    used = {p.key for parts in layout.values() for p in parts if p.key}
+    missing = sorted(used - keys)
+    if missing:
+        raise CheckpointError(f"{checkpoint.folder}: checkpoint lacks tensor(s) {_some(missing)}; "
+                              f"it does not match its {_config_name(checkpoint)}")
+    # Tensors of layers past the config's n_layers would otherwise be ignored, giving a silently wrong model.
+    extra = sorted(k for k in keys - used if _LAYER.sub(r"\1layers.0.", k, count=1) in used)
+    if extra:
+        raise CheckpointError(f"{checkpoint.folder}: checkpoint has more layers than its {_config_name(checkpoint)} "
+                              f"says (it also has {_some(extra)})")
+    for name, parts in _ordered(layout, expected):
+        shape = expected[name]
+        for part in parts:
+            want = (part.rows or shape[0], *shape[1:])
+            if part.key is not None and (got := files.shape(part.key)) != want:
+                raise CheckpointError(f"{checkpoint.folder}: tensor {part.key} has shape {list(got)}, expected "
+                                      f"{list(want)} from its {_config_name(checkpoint)}")
+    return layout
+
+
+_LAYER = re.compile(r"(^|\.)layers\.\d+\.")
+
+
+def _some(names: list[str]) -> str:
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return ", ".join(names[:3]) + more
 
 
 def load_weights(network: VoxtralRealtime, checkpoint: Checkpoint, *, device: torch.device, dtype: torch.dtype,
@@ -323,16 +380,10 @@ def load_weights(network: VoxtralRealtime, checkpoint: Checkpoint, *, device: to
     """Fill a meta-device network with the checkpoint's weights on ``device`` in ``dtype``."""
     files = TensorFiles(checkpoint.weight_files, device)
     try:
-        keys = files.keys()
-        layout = checkpoint.layout(checkpoint.config, keys)
         expected = {name: tuple(p.shape) for name, p in network.named_parameters()}
-        missing = sorted({p.key for parts in layout.values() for p in parts if p.key and p.key not in keys})
-        if missing:
-            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            raise CheckpointError(f"{checkpoint.folder}: checkpoint lacks tensor(s) {', '.join(missing[:3])}{more}; "
-                                  f"it does not match its {_config_name(checkpoint)}")
+        layout = _checked_layout(files, checkpoint, expected)
         state: dict[str, torch.Tensor] = {}
-        for done, (name, parts) in enumerate(_ordered(layout, expected)):
+        for done, (name, parts) in enumerate(layout.items()):
             state[name] = _assemble(files, name, parts, expected[name], checkpoint, device, dtype)
             if progress:
                 progress(done + 1, len(layout))
@@ -357,10 +408,6 @@ def _assemble(files: TensorFiles, name: str, parts: list[Part], shape: tuple[int
         if part.key is None:
             pieces.append(torch.zeros(want, device=device, dtype=dtype))
             continue
-        got = files.shape(part.key)
-        if got != want:
-            raise CheckpointError(f"{checkpoint.folder}: tensor {part.key} has shape {list(got)}, expected "
-                                  f"{list(want)} from its {_config_name(checkpoint)}")
         tensor = files.get(part.key).to(device=device, dtype=dtype)
         pieces.append(interleaved_to_half_split(tensor, part.rope_heads) if part.rope_heads else tensor)
     return (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).contiguous()

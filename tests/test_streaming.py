@@ -1,0 +1,51 @@
+"""A stream fed in pieces of any size gives exactly the whole-file transcription (the full property test over
+random chunkings lives with the streaming issue; these are the basic guarantees the offline path relies on)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from signals import speechlike
+
+
+def _feed(model, audio: np.ndarray, sizes, delay_ms=None):
+    session = model.stream(delay_ms=delay_ms)
+    deltas, start, i = [], 0, 0
+    while start < len(audio):
+        size = sizes[i % len(sizes)]
+        deltas.append(session.feed(audio[start:start + size]))
+        start += size
+        i += 1
+    deltas.append(session.finish())
+    return session, "".join(deltas)
+
+
+@pytest.mark.parametrize("sizes", [[1280], [160, 7, 1999], [12345], [1, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 2000]])
+def test_chunked_stream_equals_whole_file(tiny_short, sizes):
+    audio = speechlike(4.3, seed=13)  # longer than both tiny windows, not a whole number of 80 ms steps
+    offline = tiny_short.transcribe(audio)
+    session, text = _feed(tiny_short, audio, sizes)
+    assert session.transcription.tokens == offline.tokens
+    assert text == session.transcription.text == offline.text
+
+
+def test_other_delay_streams_too(tiny_short):
+    audio = speechlike(3.0, seed=14)
+    session, _ = _feed(tiny_short, audio, [999], delay_ms=240)
+    assert session.transcription.tokens == tiny_short.transcribe(audio, delay_ms=240).tokens
+
+
+def test_feed_after_finish_is_an_error_and_finish_is_idempotent(tiny_short):
+    session = tiny_short.stream()
+    session.feed(np.zeros(5000, np.float32))
+    session.finish()
+    assert session.finish() == ""
+    with pytest.raises(RuntimeError, match="after finish"):
+        session.feed(np.zeros(10, np.float32))
+
+
+def test_empty_stream_still_flushes(tiny_short):
+    session = tiny_short.stream()
+    session.finish()
+    # 32 left-pad + 17 right-pad steps, minus the 39-token prompt and the unconsumed last embedding
+    assert len(session.transcription.tokens) == 32 + 17 - 39 - 1 + 1
