@@ -49,3 +49,17 @@ def test_empty_stream_still_flushes(tiny_short):
     session.finish()
     # 32 left-pad + 17 right-pad steps, minus the 39-token prompt and the unconsumed last embedding
     assert len(session.transcription.tokens) == 32 + 17 - 39 - 1 + 1
+
+
+def test_array_at_another_rate_is_resampled(tiny_short):
+    import av
+
+    audio = speechlike(2.0, seed=15)
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=48000)
+    frame = av.AudioFrame.from_ndarray(audio[None], format="flt", layout="mono")
+    frame.sample_rate = 16000
+    at48k = np.concatenate([f.to_ndarray().reshape(-1) for f in [*resampler.resample(frame),
+                                                                 *resampler.resample(None)]])
+    result = tiny_short.transcribe(at48k, sample_rate=48000)
+    assert result.duration == pytest.approx(2.0, abs=0.01)
+    assert len(result.tokens) == len(tiny_short.transcribe(audio).tokens)

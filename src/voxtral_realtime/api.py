@@ -93,14 +93,15 @@ class Model:
         """A live session: ``feed()`` 16 kHz float32 mono samples as they come, then ``finish()``."""
         return StreamingSession(self, delay_ms=delay_ms)
 
-    def transcribe(self, audio: AudioInput, *, delay_ms: int | None = None,
+    def transcribe(self, audio: AudioInput, *, delay_ms: int | None = None, sample_rate: int | None = None,
                    progress: Callable[[float, float], None] | None = None) -> Transcription:
-        """Transcribe a whole file (any format ffmpeg reads) or float32 16 kHz mono samples.
+        """Transcribe a whole file (any format ffmpeg reads) or an array of samples.
 
         ``delay_ms``: the model's look-ahead (80..1200 in 80 ms steps, or 2400); None uses the checkpoint's
-        default (480).  ``progress(seconds_done, seconds_total)`` is called as the audio is consumed.
+        default (480).  ``sample_rate``: of an array (default 16000; other rates and (n, channels) arrays are
+        resampled and mixed down).  ``progress(seconds_done, seconds_total)`` is called as audio is consumed.
         """
-        samples = load_audio(audio)
+        samples = load_audio(audio, sample_rate=sample_rate)
         session = self.stream(delay_ms=delay_ms)
         total = len(samples) / self.config.audio.sample_rate
         piece = int(TRANSCRIBE_PIECE_SECONDS * self.config.audio.sample_rate)
