@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from signals import speechlike
 
 
@@ -63,3 +65,24 @@ def test_array_at_another_rate_is_resampled(tiny_short):
     result = tiny_short.transcribe(at48k, sample_rate=48000)
     assert result.duration == pytest.approx(2.0, abs=0.01)
     assert len(result.tokens) == len(tiny_short.transcribe(audio).tokens)
+
+
+#: Chunk-size patterns, cycled over the audio: single samples, sizes that cut 10 ms mel hops and 80 ms steps in the
+#: middle, and one larger piece per cycle so an example stays a few hundred calls.
+CHUNK_PATTERNS = st.tuples(
+    st.lists(st.one_of(st.integers(1, 3), st.integers(100, 1400)), min_size=0, max_size=6),
+    st.integers(1281, 9000),
+).map(lambda t: [*t[0], t[1]])
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sizes=CHUNK_PATTERNS, seconds=st.floats(1.2, 3.5), seed=st.integers(0, 10_000),
+       delay_ms=st.sampled_from([80, 480, 960]))
+def test_property_any_chunking_gives_the_offline_tokens(tiny_short, sizes, seconds, seed, delay_ms):
+    """Random audio, random chunking: the stream's tokens are the whole-file tokens (windows are 12 encoder
+    frames and 10 tokens, so every example runs past both)."""
+    audio = speechlike(seconds, seed=seed)
+    session, text = _feed(tiny_short, audio, sizes, delay_ms=delay_ms)
+    offline = tiny_short.transcribe(audio, delay_ms=delay_ms)
+    assert session.transcription.tokens == offline.tokens
+    assert text == offline.text
