@@ -102,7 +102,7 @@ class Model:
         resampled and mixed down).  ``progress(seconds_done, seconds_total)`` is called as audio is consumed.
         """
         samples = load_audio(audio, sample_rate=sample_rate)
-        session = self.stream(delay_ms=delay_ms)
+        session = StreamingSession(self, delay_ms=delay_ms, track_latency=False)
         total = len(samples) / self.config.audio.sample_rate
         piece = int(TRANSCRIBE_PIECE_SECONDS * self.config.audio.sample_rate)
         for start in range(0, len(samples), piece):

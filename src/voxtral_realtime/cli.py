@@ -68,8 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("files", nargs="+", metavar="FILE", help="audio or video files")
     _add_model_options(tr)
     tr.add_argument("--delay-ms", type=_delay_ms, help=DELAY_HELP)
-    tr.add_argument("--output-format", choices=["txt", "json"], default="txt",
-                    help="txt: the transcript; json: text, tokens, delay and duration (default: txt)")
+    tr.add_argument("--output-format", choices=["txt", "json", "srt", "vtt"], default="txt",
+                    help="txt: the transcript; json: text, tokens, timed words and segments; srt/vtt: subtitles "
+                         "(default: txt)")
+    tr.add_argument("--realtime", action="store_true",
+                    help="replay each file at 1x speed through a live session: text appears as it is decided, "
+                         "then each word's latency is printed on stderr")
     tr.add_argument("--output-dir", type=Path,
                     help="write FILE's transcript to OUTPUT_DIR/<name>.<format> instead of stdout")
     tr.add_argument("--no-progress", action="store_true", help="no progress bars (default when stderr is not a tty)")
@@ -126,6 +130,8 @@ def _load_model(args: argparse.Namespace, reporter: Reporter) -> Any:
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
+    from .writers import WRITERS
+
     reporter = Reporter(enabled=not args.no_progress)
     files = [Path(f) for f in args.files]
     readable = []
@@ -145,34 +151,63 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         args.output_dir.mkdir(parents=True, exist_ok=True)
     model = _load_model(args, reporter)
     stems = [f.stem for f in readable]
-    results = []
+    realtime = getattr(args, "realtime", False)
+    json_records = []
     for f in readable:
         try:
-            with reporter.bar(f.name, total=1, unit=" s") as update:
-                result = model.transcribe(f, delay_ms=args.delay_ms, progress=update)
+            if realtime:
+                result = _replay_in_real_time(model, f, args.delay_ms, reporter)
+            else:
+                with reporter.bar(f.name, total=1, unit=" s") as update:
+                    result = model.transcribe(f, delay_ms=args.delay_ms, progress=update)
         except VoxtralError as err:
             reporter.error(str(err))
             failed += 1
             continue
-        record = {"file": str(f), **result.to_dict()}
         if args.output_dir:
             # talk.wav and talk.mp3 in one run must not overwrite each other's transcript
             base = f.name if stems.count(f.stem) > 1 else f.stem
             out = args.output_dir / f"{base}.{args.output_format}"
-            out.write_text(_format(record, args.output_format) + "\n", encoding="utf-8")
+            text = WRITERS["json"](result, file=str(f)) if args.output_format == "json" else \
+                WRITERS[args.output_format](result)
+            out.write_text(text, encoding="utf-8")
             reporter.info(f"wrote {out}")
-        else:
-            results.append(record)
-            if args.output_format == "txt":
-                header = f"==> {f} <==\n" if len(files) > 1 else ""
-                print(header + record["text"].strip(), flush=True)
-    if results and args.output_format == "json":
-        print(json.dumps(results[0] if len(files) == 1 else results, ensure_ascii=False, indent=2))
+        elif args.output_format == "json":
+            json_records.append({"file": str(f), **result.to_dict()})
+        elif not realtime:
+            header = f"==> {f} <==\n" if len(files) > 1 else ""
+            print(header + WRITERS[args.output_format](result), end="", flush=True)
+    if json_records:
+        print(json.dumps(json_records[0] if len(files) == 1 else json_records, ensure_ascii=False, indent=2))
     return 1 if failed else 0
 
 
-def _format(record: dict[str, Any], fmt: str) -> str:
-    return json.dumps(record, ensure_ascii=False, indent=2) if fmt == "json" else record["text"].strip()
+def _replay_in_real_time(model: Any, path: Path, delay_ms: int | None, reporter: Reporter) -> Any:
+    """Feed a file through a live session at 1x speed, printing text as it is decided, then word latencies."""
+    import time
+
+    from .audio import load_audio
+
+    samples = load_audio(path)
+    session = model.stream(delay_ms=delay_ms)
+    step = model.config.audio.samples_per_token
+    started = time.perf_counter()
+    for start in range(0, len(samples), step):
+        wait = started + start / model.config.audio.sample_rate - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        print(session.feed(samples[start:start + step]), end="", flush=True)
+    print(session.finish(), flush=True)
+    result = session.transcription
+    for word in result.words:
+        late = f"{1000 * word.latency:7.0f} ms" if word.latency is not None else "      -"
+        reporter.info(f"{word.start:8.2f}s  {late}  {word.text}")
+    latencies = sorted(w.latency for w in result.words if w.latency is not None)
+    if latencies:
+        p50, p99 = latencies[len(latencies) // 2], latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
+        reporter.info(f"{len(latencies)} words; decided this long after their audio + the {result.delay_ms} ms "
+                      f"delay had arrived: p50 {1000 * p50:.0f} ms, p99 {1000 * p99:.0f} ms")
+    return result
 
 
 def cmd_download(args: argparse.Namespace) -> int:

@@ -8,16 +8,21 @@ Offline transcription is this same session fed the whole file, so the two agree 
 * :meth:`StreamingSession.finish` appends silence (alignment to a whole step, then delay + 11 steps) so the last
   words come out; like the reference, the final audio embedding is not consumed;
 * EOS ends the transcription.
+
+Each generated token ``k`` belongs to the 80 ms of input audio starting at ``k * 80 ms``; the session groups
+tokens into timed words and, for live use, records how long after its audio arrived each word was decided.
 """
 
 from __future__ import annotations
 
+import time
+from bisect import bisect_left
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .transcription import Transcription
+from .transcription import Transcription, WordBuilder
 
 if TYPE_CHECKING:
     from .api import Model
@@ -30,7 +35,7 @@ class StreamingSession:
     """One live transcription.  Create with :meth:`Model.stream`; call :meth:`feed` with float32 16 kHz mono
     samples as they arrive, then :meth:`finish`.  Both return the text decided by the audio they brought."""
 
-    def __init__(self, model: Model, *, delay_ms: int | None = None) -> None:
+    def __init__(self, model: Model, *, delay_ms: int | None = None, track_latency: bool = True) -> None:
         self.model = model
         network, audio, tok = model.network, model.config.audio, model.tokenizer
         self.delay_tokens = audio.delay_tokens(delay_ms)
@@ -46,6 +51,10 @@ class StreamingSession:
         self._position = 0
         self._embeddings: list[torch.Tensor] = []  # audio embeddings [1, k, dim] not yet consumed
         self._ended_by_eos = False
+        self._words = WordBuilder(audio.token_ms / 1000, tok.streaming_word_id)
+        # (real samples received after a feed() call, wall time of that call), for per-word latency
+        self._track_latency = track_latency
+        self._arrivals: list[tuple[int, float]] = []
         self._push_samples(torch.zeros(audio.n_left_pad_tokens * audio.samples_per_token))
 
     @property
@@ -56,7 +65,12 @@ class StreamingSession:
     def transcription(self) -> Transcription:
         """The transcription so far."""
         return Transcription(text=self.text, tokens=list(self.tokens), delay_ms=self.delay_ms,
-                             duration=self.samples_fed / self.model.config.audio.sample_rate)
+                             duration=self.duration, words=list(self._words.words))
+
+    @property
+    def duration(self) -> float:
+        """Seconds of audio fed so far."""
+        return self.samples_fed / self.model.config.audio.sample_rate
 
     def feed(self, pcm: np.ndarray | torch.Tensor) -> str:
         """Add float32 16 kHz mono samples (any number); run every step they allow; return the new text."""
@@ -65,6 +79,8 @@ class StreamingSession:
         samples = torch.as_tensor(np.asarray(pcm, dtype=np.float32) if not torch.is_tensor(pcm) else pcm)
         samples = samples.reshape(-1).float()
         self.samples_fed += samples.shape[0]
+        if self._track_latency:
+            self._arrivals.append((self.samples_fed, time.perf_counter()))
         if self._ended_by_eos:
             return ""
         self._push_samples(samples)
@@ -88,7 +104,9 @@ class StreamingSession:
             text = self._decode(keep_last=1)
         else:
             text = ""
-        return text + self._emit(self._text.flush())
+        text += self._emit(self._text.flush())
+        self._words.finish(self.duration)
+        return text
 
     # -- internals -------------------------------------------------------------------------------------------
 
@@ -131,10 +149,24 @@ class StreamingSession:
         logits = network.decoder(ids, audio, positions, self.state.decoder_caches, self.ffn_scales)
         self._position += len(tokens)
         token = int(logits.argmax(dim=-1).item())
+        tokenizer = self.model.tokenizer
+        step = len(self.tokens)
         self.tokens.append(token)
-        if token == self.model.tokenizer.eos_id:
+        if token == tokenizer.eos_id:
             self._ended_by_eos = True
+        piece = None if tokenizer.is_special(token) else tokenizer.token_bytes(token)
+        self._words.push(step, token, piece, self._latency(step) if piece else None)
         return self._emit(self._text.push(token))
+
+    def _latency(self, step: int) -> float | None:
+        """Seconds since the audio that let step ``step`` be decided (its 80 ms plus the delay) arrived."""
+        if not self._track_latency:
+            return None
+        needed = min((step + self.delay_tokens + 1) * self.model.config.audio.samples_per_token, self.samples_fed)
+        index = bisect_left(self._arrivals, needed, key=lambda entry: entry[0])
+        del self._arrivals[:max(0, index - 1)]  # later steps need later audio: keep the list short
+        arrived = self._arrivals[min(1, index)][1] if self._arrivals else time.perf_counter()
+        return time.perf_counter() - arrived
 
     def _emit(self, text: str) -> str:
         if text:

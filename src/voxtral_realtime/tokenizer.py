@@ -25,6 +25,10 @@ class Tokenizer:
             raise CheckpointError(f"{self.path}: tokenizer file not found") from None
         except Exception as exc:  # mistral-common raises ValueError/KeyError/JSON errors for a bad file
             raise CheckpointError(f"{self.path}: not a usable Tekken tokenizer ({_first_line(exc)})") from None
+        try:
+            self.streaming_word_id = self.tekken.get_special_token("[STREAMING_WORD]")
+        except Exception:  # older tokenizer files lack it; it then never occurs
+            self.streaming_word_id = -1
         self.bos_id = self.tekken.bos_id
         self.eos_id = self.tekken.eos_id
         self.num_special_tokens = self.tekken.num_special_tokens

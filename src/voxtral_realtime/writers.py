@@ -1,0 +1,41 @@
+"""Writing a :class:`~voxtral_realtime.transcription.Transcription` as text, JSON, SRT or WebVTT subtitles."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from .transcription import Transcription
+
+FORMATS = ("txt", "json", "srt", "vtt")
+
+
+def timestamp(seconds: float, decimal_marker: str) -> str:
+    millis = max(0, round(seconds * 1000))
+    hours, millis = divmod(millis, 3_600_000)
+    minutes, millis = divmod(millis, 60_000)
+    secs, millis = divmod(millis, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{decimal_marker}{millis:03d}"
+
+
+def to_txt(result: Transcription) -> str:
+    return result.text.strip() + "\n"
+
+
+def to_json(result: Transcription, **extra: object) -> str:
+    return json.dumps({**extra, **result.to_dict()}, ensure_ascii=False, indent=2) + "\n"
+
+
+def to_srt(result: Transcription) -> str:
+    blocks = [f"{i}\n{timestamp(s.start, ',')} --> {timestamp(max(s.end, s.start + 0.001), ',')}\n{s.text}\n"
+              for i, s in enumerate(result.segments, start=1)]
+    return "\n".join(blocks)
+
+
+def to_vtt(result: Transcription) -> str:
+    blocks = [f"{timestamp(s.start, '.')} --> {timestamp(max(s.end, s.start + 0.001), '.')}\n{s.text}\n"
+              for s in result.segments]
+    return "\n".join(["WEBVTT\n", *blocks])
+
+
+WRITERS: dict[str, Callable[[Transcription], str]] = {"txt": to_txt, "json": to_json, "srt": to_srt, "vtt": to_vtt}
