@@ -309,20 +309,43 @@ def _to_mono(x: np.ndarray, label: str) -> np.ndarray:
 
 def _resample(x: np.ndarray, rate: int, label: str) -> np.ndarray:
     # Same FFmpeg resampler as the file path, so an array and a file of the same audio match.
-    resampler = _new_resampler()
-    out: list[np.ndarray] = []
+    resampler = StreamResampler(rate)
     try:
-        for start in range(0, len(x), _CHUNK):
-            piece = np.ascontiguousarray(x[start : start + _CHUNK], dtype=np.float32)
-            frame = av.AudioFrame.from_ndarray(piece[None, :], format="flt", layout="mono")
-            frame.sample_rate = rate
-            out.extend(_frames_to_arrays(resampler.resample(frame)))
-        out.extend(_frames_to_arrays(resampler.resample(None)))
+        out = [resampler.push(x[start : start + _CHUNK]) for start in range(0, len(x), _CHUNK)]
+        out.append(resampler.flush())
     except _INPUT_ERRORS as err:
         raise AudioError(f"cannot load audio {label}: cannot resample from {rate} Hz ({_describe(err)})") from None
-    if not out:  # FFmpeg's resampler emits nothing for inputs shorter than its filter (~1 ms)
+    samples = np.concatenate(out)
+    if not len(samples):  # FFmpeg's resampler emits nothing for inputs shorter than its filter (~1 ms)
         raise AudioError(f"cannot load audio {label}: too few samples to resample from {rate} Hz")
-    return np.concatenate(out)
+    return samples
+
+
+class StreamResampler:
+    """Mono float32 samples at ``rate`` -> 16 kHz, piece by piece, keeping the filter state between pieces
+    (a live microphone: resampling each piece on its own would click at every boundary)."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self._resampler = _new_resampler() if rate != SAMPLE_RATE else None
+
+    def push(self, samples: np.ndarray) -> np.ndarray:
+        piece = np.ascontiguousarray(samples, dtype=np.float32).reshape(-1)
+        if self._resampler is None or not len(piece):
+            return piece
+        frame = av.AudioFrame.from_ndarray(piece[None, :], format="flt", layout="mono")
+        frame.sample_rate = self.rate
+        return _concat(_frames_to_arrays(self._resampler.resample(frame)))
+
+    def flush(self) -> np.ndarray:
+        """The samples still inside the filter at the end of the stream."""
+        if self._resampler is None:
+            return np.zeros(0, np.float32)
+        return _concat(_frames_to_arrays(self._resampler.resample(None)))
+
+
+def _concat(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(arrays) if arrays else np.zeros(0, np.float32)
 
 
 # ------------------------------------------------------------------------------------------------- helpers

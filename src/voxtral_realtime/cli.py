@@ -79,6 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-progress", action="store_true", help="no progress bars (default when stderr is not a tty)")
     tr.set_defaults(func=cmd_transcribe)
 
+    li = sub.add_parser("listen", help="live captions from the microphone",
+                        description="Transcribe the default input device live; Ctrl-C ends and prints the final "
+                                    "text.  Needs PortAudio (Debian/Ubuntu: apt install libportaudio2).",
+                        epilog="example:\n  voxtral listen --delay-ms 240        # faster captions, a little "
+                               "less accurate", formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_options(li)
+    li.add_argument("--delay-ms", type=_delay_ms, help=DELAY_HELP)
+    li.add_argument("--input-device", help="input device name or index (default: the system default; "
+                                           "`python -m sounddevice` lists them)")
+    li.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
+    li.set_defaults(func=cmd_listen)
+
     dl = sub.add_parser("download", help="download a model from the Hugging Face Hub into the local cache",
                         description="Download (or resume downloading) a checkpoint into the Hugging Face cache and "
                                     "print its local folder.")
@@ -208,6 +220,70 @@ def _replay_in_real_time(model: Any, path: Path, delay_ms: int | None, reporter:
         reporter.info(f"{len(latencies)} words; decided this long after their audio + the {result.delay_ms} ms "
                       f"delay had arrived: p50 {1000 * p50:.0f} ms, p99 {1000 * p99:.0f} ms")
     return result
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    import queue
+    import signal
+    import threading
+
+    from .audio import StreamResampler
+
+    reporter = Reporter(enabled=not args.no_progress)
+    sd = _import_sounddevice()
+    device = int(args.input_device) if args.input_device and args.input_device.isdigit() else args.input_device
+    try:
+        info = sd.query_devices(device, kind="input")
+    except Exception as exc:  # sounddevice raises ValueError / PortAudioError when there is no such device
+        raise VoxtralError(f"no audio input device{f' {device!r}' if device is not None else ''} "
+                           f"({_first_line(exc)}); plug in a microphone or pick one with --input-device") from None
+    rate = int(info["default_samplerate"])
+    model = _load_model(args, reporter)
+    session = model.stream(delay_ms=args.delay_ms)
+    resampler = StreamResampler(rate)
+    chunks: queue.Queue = queue.Queue()
+
+    def on_audio(indata: Any, frames: int, time_info: Any, status: Any) -> None:
+        chunks.put(indata.mean(axis=1) if indata.ndim == 2 else indata.copy())
+
+    # Ctrl-C sets a flag instead of raising, so it never lands in the middle of a model step.
+    stop = threading.Event()
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    reporter.info(f"listening on {info['name']} ({rate} Hz); Ctrl-C to stop")
+    try:
+        with sd.InputStream(samplerate=rate, channels=1, dtype="float32", device=device, callback=on_audio,
+                            blocksize=int(rate * 0.08)):
+            while not stop.is_set():
+                try:
+                    chunk = chunks.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                print(session.feed(resampler.push(chunk)), end="", flush=True)
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+    while not chunks.empty():  # audio captured before Ctrl-C is transcribed, not dropped
+        print(session.feed(resampler.push(chunks.get())), end="", flush=True)
+    session.feed(resampler.flush())
+    print(session.finish(), flush=True)
+    reporter.info(f"final text ({session.duration:.1f} s):")
+    print(session.transcription.text.strip(), flush=True)
+    return 0
+
+
+def _import_sounddevice() -> Any:
+    try:
+        import sounddevice
+    except ImportError:
+        raise VoxtralError("voxtral listen needs the sounddevice package: pip install sounddevice") from None
+    except OSError:  # the package is there but the PortAudio library is not
+        raise VoxtralError("voxtral listen needs the PortAudio library (Debian/Ubuntu: apt install "
+                           "libportaudio2; macOS: brew install portaudio)") from None
+    return sounddevice
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def cmd_download(args: argparse.Namespace) -> int:
