@@ -44,11 +44,11 @@ def teacher_forced_logits(model, features: torch.Tensor, tokens: list[int], dela
     p = len(prompt)
     with torch.no_grad():
         logits = [net.decoder(torch.tensor([prompt]), embeddings[:, :p], torch.arange(p)[None],
-                              state.decoder_caches, scales)[0]]
+                              state.decoder_cache, scales)[0]]
         for k, token in enumerate(tokens[:-1]):
             pos = p + k
             logits.append(net.decoder(torch.tensor([[token]]), embeddings[:, pos:pos + 1], torch.tensor([[pos]]),
-                                      state.decoder_caches, scales)[0])
+                                      state.decoder_cache, scales)[0])
     return logits
 
 

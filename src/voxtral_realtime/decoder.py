@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DecoderConfig
-from .layers import Attention, FeedForward, KVCache, RMSNorm, Rotary
+from .layers import Attention, AttentionContext, FeedForward, KVCache, RMSNorm, Rotary
 
 
 class AdaNorm(nn.Module):
@@ -44,9 +44,8 @@ class DecoderLayer(nn.Module):
         self.ada_norm = AdaNorm(cfg.dim, cfg.ada_dim)
         self.feed_forward = FeedForward(cfg.dim, cfg.hidden_dim, out_bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                positions: torch.Tensor, ffn_scale: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, cache, positions)
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, layer: int, ffn_scale: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), ctx, layer)
         return x + self.feed_forward(self.ffn_norm(x) * ffn_scale)
 
 
@@ -67,12 +66,9 @@ class TextDecoder(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
 
-    def new_caches(self, batch: int, *, max_chunk: int, device: torch.device, dtype: torch.dtype) -> list[KVCache]:
-        return [
-            KVCache.empty(batch, self.cfg.n_kv_heads, self.cfg.head_dim, window=self.cfg.sliding_window,
-                          max_chunk=max_chunk, device=device, dtype=dtype)
-            for _ in self.layers
-        ]
+    def new_cache(self, batch: int, *, max_chunk: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        return KVCache.empty(len(self.layers), batch, self.cfg.n_kv_heads, self.cfg.head_dim,
+                             window=self.cfg.sliding_window, max_chunk=max_chunk, device=device, dtype=dtype)
 
     @torch.no_grad()
     def ffn_scales(self, delay_tokens: int) -> torch.Tensor:
@@ -81,12 +77,12 @@ class TextDecoder(nn.Module):
         t_cond = time_embedding(delay_tokens, self.cfg.dim, weight.dtype, weight.device)
         return torch.stack([1 + layer.ada_norm(t_cond) for layer in self.layers])
 
-    def forward(self, tokens: torch.Tensor, audio: torch.Tensor, positions: torch.Tensor, caches: list[KVCache],
+    def forward(self, tokens: torch.Tensor, audio: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                 ffn_scales: torch.Tensor) -> torch.Tensor:
         """tokens [B, T], audio embeddings [B, T, dim], absolute positions [B, T] -> logits of the last position
         [B, vocab] in float32."""
         x = self.tok_embeddings(tokens) + audio
-        cos, sin = self.rotary.cos_sin(positions, x.dtype)
-        for layer, cache, scale in zip(self.layers, caches, ffn_scales):
-            x = layer(x, cos, sin, cache, positions, scale)
+        ctx = AttentionContext.prepare(self.rotary, cache, positions, x.dtype)
+        for i, (layer, scale) in enumerate(zip(self.layers, ffn_scales)):
+            x = layer(x, ctx, i, scale)
         return F.linear(self.norm(x[:, -1]), self.tok_embeddings.weight).float()

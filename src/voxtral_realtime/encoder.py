@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import EncoderConfig
-from .layers import Attention, FeedForward, KVCache, RMSNorm, Rotary
+from .layers import Attention, AttentionContext, FeedForward, KVCache, RMSNorm, Rotary
 
 
 @dataclass
@@ -31,7 +31,7 @@ class EncoderState:
     """Everything the encoder remembers about one batch of streams."""
 
     conv: ConvStemState
-    caches: list[KVCache]
+    cache: KVCache
     frames_done: int = 0  # encoder frames produced so far = absolute position of the next one
 
 
@@ -70,9 +70,8 @@ class EncoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, cfg.hidden_dim, out_bias=True)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                positions: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, cache, positions)
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, layer: int) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), ctx, layer)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -89,25 +88,22 @@ class AudioEncoder(nn.Module):
         """Fresh state for ``batch`` streams; ``max_chunk`` bounds the encoder frames passed to one transformer call."""
         return EncoderState(
             conv=self.conv_stem.new_state(batch, device, dtype),
-            caches=[
-                KVCache.empty(batch, self.cfg.n_heads, self.cfg.head_dim, window=self.cfg.sliding_window,
-                              max_chunk=max_chunk, device=device, dtype=dtype)
-                for _ in self.layers
-            ],
+            cache=KVCache.empty(len(self.layers), batch, self.cfg.n_heads, self.cfg.head_dim,
+                                window=self.cfg.sliding_window, max_chunk=max_chunk, device=device, dtype=dtype),
         )
 
     def forward(self, mel: torch.Tensor, state: EncoderState) -> torch.Tensor:
         """New mel frames [B, n_mels, T] -> the encoder frames they complete [B, T', dim]."""
         x = self.conv_stem(mel, state.conv)
-        max_chunk = state.caches[0].max_capacity - state.caches[0].window + 1
-        return torch.cat([self._transformer(piece, state) for piece in x.split(max_chunk, dim=1)], dim=1) \
-            if x.shape[1] else x
+        if not x.shape[1]:
+            return x
+        return torch.cat([self._transformer(piece, state) for piece in x.split(state.cache.max_chunk, dim=1)], dim=1)
 
     def _transformer(self, x: torch.Tensor, state: EncoderState) -> torch.Tensor:
         batch, length, _ = x.shape
         positions = torch.arange(state.frames_done, state.frames_done + length, device=x.device).expand(batch, -1)
-        cos, sin = self.rotary.cos_sin(positions, x.dtype)
-        for layer, cache in zip(self.layers, state.caches):
-            x = layer(x, cos, sin, cache, positions)
+        ctx = AttentionContext.prepare(self.rotary, state.cache, positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, ctx, i)
         state.frames_done += length
         return self.norm(x)

@@ -51,30 +51,32 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 @dataclass
 class KVCache:
-    """Keys/values of one attention layer for a batch of streams, as a ring buffer over the sliding window.
+    """Keys/values of every attention layer of one stack (encoder or decoder), for a batch of streams, as ring
+    buffers over the sliding window.
 
-    Each slot remembers the absolute position it holds (-1 when empty), so the attention mask is computed from
-    positions and the slot order never matters.  The buffer grows by doubling up to ``max_capacity`` =
-    window + largest chunk - 1, the most keys any query of a chunk can still need; from then on it wraps and
-    overwrites only keys that have left every future query's window.  Memory is bounded by the window,
-    whatever the stream length.
+    All layers advance together, so one table records the absolute position held by each slot (-1 when empty)
+    and one mask per call serves every layer; slot order never matters.  The buffers grow by doubling up to
+    ``max_capacity`` = window + largest chunk - 1, the most keys any query of a chunk can still need; from then
+    on they wrap and overwrite only keys that have left every future query's window.  Memory is bounded by the
+    window, whatever the stream length.
     """
 
-    keys: torch.Tensor  # [B, H_kv, capacity, D]
-    values: torch.Tensor  # [B, H_kv, capacity, D]
+    keys: list[torch.Tensor]  # per layer [B, H_kv, capacity, D]
+    values: list[torch.Tensor]
     positions: torch.Tensor  # [B, capacity], int64, -1 = empty
     window: int
     max_capacity: int
     written: int = 0  # slots written since the start (the ring index is written % capacity)
 
     @classmethod
-    def empty(cls, batch: int, n_kv_heads: int, head_dim: int, *, window: int, max_chunk: int,
+    def empty(cls, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, *, window: int, max_chunk: int,
               device: torch.device, dtype: torch.dtype, initial_capacity: int = 256) -> KVCache:
         max_capacity = window + max_chunk - 1
         capacity = min(max_capacity, initial_capacity)
+        shape = (batch, n_kv_heads, capacity, head_dim)
         return cls(
-            keys=torch.zeros(batch, n_kv_heads, capacity, head_dim, device=device, dtype=dtype),
-            values=torch.zeros(batch, n_kv_heads, capacity, head_dim, device=device, dtype=dtype),
+            keys=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)],
+            values=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)],
             positions=torch.full((batch, capacity), -1, device=device, dtype=torch.long),
             window=window,
             max_capacity=max_capacity,
@@ -82,34 +84,55 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        return self.keys.shape[2]
+        return self.positions.shape[1]
+
+    @property
+    def max_chunk(self) -> int:
+        return self.max_capacity - self.window + 1
+
+    def advance(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reserve slots for absolute ``positions`` [B, C]; return them and the attention mask [B, 1, C, capacity]
+        (key j visible to query q iff q - window < j <= q), valid for every layer once it has called write()."""
+        chunk = positions.shape[1]
+        if chunk > self.max_chunk:
+            raise ValueError(f"chunk of {chunk} exceeds the cache's maximum chunk of {self.max_chunk}")
+        if self.capacity < self.max_capacity and self.written + chunk > self.capacity:
+            self._grow(self.written + chunk)
+        slots = (self.written + torch.arange(chunk, device=positions.device)) % self.capacity
+        self.positions.index_copy_(1, slots, positions)
+        self.written += chunk
+        q = positions[:, None, :, None]
+        k = self.positions[:, None, None, :]
+        return slots, (k >= 0) & (k <= q) & (k > q - self.window)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """Store layer ``layer``'s k, v [B, H_kv, C, D] in the slots ``advance`` reserved."""
+        self.keys[layer].index_copy_(2, slots, k)
+        self.values[layer].index_copy_(2, slots, v)
 
     def _grow(self, needed: int) -> None:
         # Before the first wrap the entries sit in slots [0, written), so a plain copy keeps the ring consistent.
-        new_capacity = min(self.max_capacity, max(2 * self.capacity, needed))
-        extra = new_capacity - self.capacity
-        self.keys = F.pad(self.keys, (0, 0, 0, extra))
-        self.values = F.pad(self.values, (0, 0, 0, extra))
+        extra = min(self.max_capacity, max(2 * self.capacity, needed)) - self.capacity
+        self.keys = [F.pad(k, (0, 0, 0, extra)) for k in self.keys]
+        self.values = [F.pad(v, (0, 0, 0, extra)) for v in self.values]
         self.positions = F.pad(self.positions, (0, extra), value=-1)
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
-        """Store k, v [B, H_kv, C, D] for absolute ``positions`` [B, C]."""
-        chunk = k.shape[2]
-        if chunk > self.max_capacity - self.window + 1:
-            raise ValueError(f"chunk of {chunk} exceeds the cache's maximum chunk")
-        if self.capacity < self.max_capacity and self.written + chunk > self.capacity:
-            self._grow(self.written + chunk)
-        slots = (self.written + torch.arange(chunk, device=k.device)) % self.capacity
-        self.keys.index_copy_(2, slots, k)
-        self.values.index_copy_(2, slots, v)
-        self.positions.index_copy_(1, slots, positions)
-        self.written += chunk
 
-    def mask(self, query_positions: torch.Tensor) -> torch.Tensor:
-        """Boolean [B, 1, C, capacity]: causal and within the window (key j visible iff q - window < j <= q)."""
-        q = query_positions[:, None, :, None]
-        k = self.positions[:, None, None, :]
-        return (k >= 0) & (k <= q) & (k > q - self.window)
+@dataclass
+class AttentionContext:
+    """What every layer of a stack needs for one call: rotary tables, the cache, its reserved slots and mask."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    cache: KVCache
+    slots: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def prepare(cls, rotary: Rotary, cache: KVCache, positions: torch.Tensor, dtype: torch.dtype) -> AttentionContext:
+        cos, sin = rotary.cos_sin(positions, dtype)
+        slots, mask = cache.advance(positions)
+        return cls(cos, sin, cache, slots, mask)
 
 
 class Attention(nn.Module):
@@ -124,17 +147,16 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(dim, self.q_size + 2 * self.kv_size, bias=qkv_bias)
         self.wo = nn.Linear(self.q_size, dim, bias=out_bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, layer: int) -> torch.Tensor:
         batch, length, _ = x.shape
         q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        cache.update(k, v, positions)
+        q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        ctx.cache.write(layer, k, v, ctx.slots)
         out = F.scaled_dot_product_attention(
-            q, cache.keys, cache.values, attn_mask=cache.mask(positions),
+            q, ctx.cache.keys[layer], ctx.cache.values[layer], attn_mask=ctx.mask,
             enable_gqa=self.n_heads != self.n_kv_heads,
         )
         return self.wo(out.transpose(1, 2).reshape(batch, length, self.q_size))

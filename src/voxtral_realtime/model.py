@@ -26,7 +26,7 @@ class StreamState:
     mel: MelState
     encoder: EncoderState
     adapter: AdapterState
-    decoder_caches: list[KVCache]
+    decoder_cache: KVCache
 
 
 class VoxtralRealtime(nn.Module):
@@ -64,7 +64,7 @@ class VoxtralRealtime(nn.Module):
             mel=self.mel.new_state(device),
             encoder=self.encoder.new_state(batch, max_chunk=encoder_chunk, device=device, dtype=dtype),
             adapter=self.adapter.new_state(batch, device, dtype),
-            decoder_caches=self.decoder.new_caches(batch, max_chunk=decoder_chunk, device=device, dtype=dtype),
+            decoder_cache=self.decoder.new_cache(batch, max_chunk=decoder_chunk, device=device, dtype=dtype),
         )
 
     @torch.no_grad()

@@ -146,7 +146,7 @@ class StreamingSession:
         device = network.device
         ids = torch.tensor([tokens], device=device)
         positions = torch.arange(self._position, self._position + len(tokens), device=device)[None]
-        logits = network.decoder(ids, audio, positions, self.state.decoder_caches, self.ffn_scales)
+        logits = network.decoder(ids, audio, positions, self.state.decoder_cache, self.ffn_scales)
         self._position += len(tokens)
         token = int(logits.argmax(dim=-1).item())
         tokenizer = self.model.tokenizer
@@ -155,7 +155,8 @@ class StreamingSession:
         if token == tokenizer.eos_id:
             self._ended_by_eos = True
         piece = None if tokenizer.is_special(token) else tokenizer.token_bytes(token)
-        self._words.push(step, token, piece, self._latency(step) if piece else None)
+        latency = self._latency(step)
+        self._words.push(step, token, piece, latency if piece else None)
         return self._emit(self._text.push(token))
 
     def _latency(self, step: int) -> float | None:
