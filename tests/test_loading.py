@@ -30,7 +30,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from rich.errors import MarkupError
 from safetensors.torch import load_file, save_file
 from signals import speechlike
 from tiny_checkpoint import AUDIO_BLOCK, write_mistral_folder
@@ -269,9 +268,6 @@ def test_bad_model_path_is_one_line(make, says: str, checkpoints, tmp_path: Path
     assert cli_error(transcribe_argv(model, audio_file), capsys) == message
 
 
-@pytest.mark.xfail(strict=True, raises=(AssertionError, MarkupError),
-                   reason="cli.Reporter prints the message as rich markup: '[...]' in a path is dropped as a style "
-                          "tag, and '[/...]' raises MarkupError (a traceback)")
 @pytest.mark.parametrize("name", ["model[old]", "model[/v2]"])
 def test_message_with_brackets_is_printed_as_is(name: str, checkpoints, tmp_path: Path, audio_file: Path,
                                                 no_tokenizer, capsys: pytest.CaptureFixture[str]) -> None:

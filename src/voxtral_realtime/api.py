@@ -89,9 +89,13 @@ class Model:
             self._ffn_scales[delay_tokens] = self.network.decoder.ffn_scales(delay_tokens)
         return self._ffn_scales[delay_tokens]
 
-    def stream(self, *, delay_ms: int | None = None) -> StreamingSession:
-        """A live session: ``feed()`` 16 kHz float32 mono samples as they come, then ``finish()``."""
-        return StreamingSession(self, delay_ms=delay_ms)
+    def stream(self, *, delay_ms: int | None = None, continue_after_eos: bool = False) -> StreamingSession:
+        """A live session: ``feed()`` 16 kHz float32 mono samples as they come, then ``finish()``.
+
+        By default the stream ends where the model says EOS, exactly like :meth:`transcribe`; an always-on
+        stream (a microphone) passes ``continue_after_eos=True`` to go on with a fresh segment instead.
+        """
+        return StreamingSession(self, delay_ms=delay_ms, continue_after_eos=continue_after_eos)
 
     def transcribe(self, audio: AudioInput, *, delay_ms: int | None = None, sample_rate: int | None = None,
                    progress: Callable[[float, float], None] | None = None) -> Transcription:

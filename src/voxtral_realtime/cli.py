@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from .config import SUPPORTED_DELAYS_MS
 from .errors import VoxtralError
 from .loading import DEFAULT_MODEL
@@ -113,10 +115,11 @@ class Reporter:
         self.enabled = enabled and self.console.is_terminal
 
     def error(self, message: str) -> None:
-        self.console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+        # messages hold user paths: "[old]" in a folder name is text, not a rich style tag
+        self.console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
 
     def info(self, message: str) -> None:
-        self.console.print(message, soft_wrap=True)
+        self.console.print(escape(message), soft_wrap=True)
 
     @contextmanager
     def bar(self, description: str, total: float, unit: str = "") -> Iterator[Any]:
@@ -239,7 +242,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
                            f"({_first_line(exc)}); plug in a microphone or pick one with --input-device") from None
     rate = int(info["default_samplerate"])
     model = _load_model(args, reporter)
-    session = model.stream(delay_ms=args.delay_ms)
+    session = model.stream(delay_ms=args.delay_ms, continue_after_eos=True)
     resampler = StreamResampler(rate)
     chunks: queue.Queue = queue.Queue()
 
