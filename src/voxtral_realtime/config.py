@@ -152,7 +152,15 @@ class ModelConfig:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"params.json is not a Voxtral Realtime config: missing or bad field {exc}") from None
-        return cls(encoder, decoder, audio)
+        return cls(encoder, decoder, audio).checked("params.json")
+
+    def checked(self, source: str) -> ModelConfig:
+        """Reject sizes no network can have (a hand-edited or corrupt config) with a one-line error."""
+        for part in (self.encoder, self.decoder):
+            for name, value in vars(part).items():
+                if value <= 0:
+                    raise CheckpointError(f"{source}: {name} must be positive, got {value}")
+        return self
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any], tekken_audio: dict[str, Any] | None,
@@ -197,7 +205,7 @@ class ModelConfig:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"config.json is not a Voxtral Realtime config: missing or bad field {exc}") from None
-        return cls(encoder, decoder, audio)
+        return cls(encoder, decoder, audio).checked("config.json")
 
 
 def _hf_rope_theta(section: dict[str, Any]) -> float:
@@ -220,6 +228,9 @@ def _audio_config(tekken_audio: dict[str, Any] | None, **fixed: Any) -> AudioCon
         **{**fixed, **{k: int(enc[k2]) for k, k2 in (("hop_length", "hop_length"), ("window_size", "window_size"))
                        if k2 in enc}},
     )
+    for name in ("frame_rate", "hop_length", "window_size", "transcription_delay_ms"):
+        if getattr(audio, name) <= 0:
+            raise CheckpointError(f"tekken.json: audio {name} must be positive, got {getattr(audio, name)}")
     if audio.sample_rate != SAMPLE_RATE:
         raise CheckpointError(f"tekken.json: sampling_rate {audio.sample_rate} is not {SAMPLE_RATE}")
     if not math.isclose(audio.samples_per_token % audio.hop_length, 0):
