@@ -66,18 +66,24 @@ def download(repo_id: str = DEFAULT_MODEL, *, cache_dir: str | None = None) -> P
     for patterns, marker in ((list(MISTRAL_FILES), "params.json"), (list(HF_FILES), "config.json")):
         try:
             last = Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir))
+        except hub_errors.GatedRepoError:  # a subclass of RepositoryNotFoundError: catch it first
+            raise DownloadError(f"{repo_id}: the model is gated; accept its terms on huggingface.co and log in "
+                                "with `hf auth login`") from None
         except hub_errors.RepositoryNotFoundError:
             raise DownloadError(f"{repo_id}: no such model on the Hugging Face Hub (or it is private: "
                                 "log in with `hf auth login`)") from None
-        except hub_errors.GatedRepoError:
-            raise DownloadError(f"{repo_id}: the model is gated; accept its terms on huggingface.co and log in "
-                                "with `hf auth login`") from None
+        except hub_errors.IncompleteSnapshotError:
+            raise DownloadError(f"{repo_id}: the local copy is incomplete and the Hub cannot be reached; connect "
+                                "to the network to finish the download") from None
         except hub_errors.LocalEntryNotFoundError:
-            offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-            why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else \
+            from huggingface_hub import constants
+
+            # constants.HF_HUB_OFFLINE also honours TRANSFORMERS_OFFLINE
+            offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true")
+            why = "offline mode (HF_HUB_OFFLINE) is on and it is not in the local cache" if offline else \
                 "the Hugging Face Hub cannot be reached and it is not in the local cache"
             raise DownloadError(f"{repo_id}: cannot download the model: {why}; "
-                                "connect to the network or pass a local folder with --model") from None
+                                "connect to the network or use a local checkpoint folder") from None
         except (hub_errors.HfHubHTTPError, OSError) as exc:
             raise DownloadError(f"{repo_id}: download failed: {_first_line(exc)}") from None
         if (last / marker).is_file():
