@@ -18,7 +18,7 @@ from typing import Any
 from rich.markup import escape
 
 from .config import SUPPORTED_DELAYS_MS
-from .errors import VoxtralError
+from .errors import VoxtralError, first_line
 from .loading import DEFAULT_MODEL
 
 EPILOG_TRANSCRIBE = """\
@@ -239,7 +239,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
         info = sd.query_devices(device, kind="input")
     except Exception as exc:  # sounddevice raises ValueError / PortAudioError when there is no such device
         raise VoxtralError(f"no audio input device{f' {device!r}' if device is not None else ''} "
-                           f"({_first_line(exc)}); plug in a microphone or pick one with --input-device") from None
+                           f"({first_line(exc)}); plug in a microphone or pick one with --input-device") from None
     rate = int(info["default_samplerate"])
     model = _load_model(args, reporter)
     session = model.stream(delay_ms=args.delay_ms, continue_after_eos=True)
@@ -283,10 +283,6 @@ def _import_sounddevice() -> Any:
                            "libportaudio2; macOS: brew install portaudio)") from None
     return sounddevice
 
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def cmd_download(args: argparse.Namespace) -> int:

@@ -20,3 +20,9 @@ class CheckpointError(VoxtralError):
 
 class DownloadError(VoxtralError):
     """A model could not be fetched from the Hugging Face Hub (network, auth, offline mode)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an underlying library's message, to quote inside one of ours."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

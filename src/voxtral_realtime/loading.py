@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .config import ModelConfig
-from .errors import CheckpointError, DownloadError
+from .errors import CheckpointError, DownloadError, first_line
 from .model import VoxtralRealtime
 
 DEFAULT_MODEL = "mistralai/Voxtral-Mini-4B-Realtime-2602"
@@ -85,7 +85,7 @@ def download(repo_id: str = DEFAULT_MODEL, *, cache_dir: str | None = None) -> P
             raise DownloadError(f"{repo_id}: cannot download the model: {why}; "
                                 "connect to the network or use a local checkpoint folder") from None
         except (hub_errors.HfHubHTTPError, OSError) as exc:
-            raise DownloadError(f"{repo_id}: download failed: {_first_line(exc)}") from None
+            raise DownloadError(f"{repo_id}: download failed: {first_line(exc)}") from None
         if (last / marker).is_file():
             return last
     raise DownloadError(f"{repo_id}: the repo has neither params.json nor config.json; not a Voxtral checkpoint")
@@ -110,7 +110,7 @@ class TensorFiles:
                 handle = self._stack.enter_context(safe_open(str(file), framework="pt", device=open_device))
             except (SafetensorError, OSError) as exc:
                 self.close()
-                raise CheckpointError(f"{file}: not a readable safetensors file ({_first_line(exc)}); "
+                raise CheckpointError(f"{file}: not a readable safetensors file ({first_line(exc)}); "
                                       "the download may be incomplete") from None
             self._check_complete(file)
             for key in handle.keys():
@@ -140,7 +140,7 @@ class TensorFiles:
         try:
             return handle.get_tensor(key)
         except Exception as exc:  # safetensors raises its own error type for unreadable data
-            raise CheckpointError(f"{file}: cannot read tensor {key} ({_first_line(exc)})") from None
+            raise CheckpointError(f"{file}: cannot read tensor {key} ({first_line(exc)})") from None
 
     def close(self) -> None:
         self._stack.close()
@@ -447,12 +447,8 @@ def _read_json(path: Path) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({_first_line(exc)})") from None
+        raise CheckpointError(f"{path}: not valid JSON ({first_line(exc)})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return data
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

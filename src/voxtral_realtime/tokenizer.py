@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import codecs
 from pathlib import Path
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 
 
 class Tokenizer:
@@ -24,7 +24,7 @@ class Tokenizer:
         except FileNotFoundError:
             raise CheckpointError(f"{self.path}: tokenizer file not found") from None
         except Exception as exc:  # mistral-common raises ValueError/KeyError/JSON errors for a bad file
-            raise CheckpointError(f"{self.path}: not a usable Tekken tokenizer ({_first_line(exc)})") from None
+            raise CheckpointError(f"{self.path}: not a usable Tekken tokenizer ({first_line(exc)})") from None
         try:
             self.streaming_word_id = self.tekken.get_special_token("[STREAMING_WORD]")
         except Exception:  # older tokenizer files lack it; it then never occurs
@@ -63,7 +63,3 @@ class TextStream:
         """Text held back for an incomplete UTF-8 character (replacement characters if it never completes)."""
         return self._utf8.decode(b"", final=True)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
