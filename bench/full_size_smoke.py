@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import voxtral_realtime  # noqa: E402
-from voxtral_realtime.random_weights import write_random_checkpoint  # noqa: E402
+import voxtral_realtime
+from voxtral_realtime.random_weights import write_random_checkpoint
 
 
 def main() -> None:

@@ -69,7 +69,7 @@ def expected_16k(channels: int) -> np.ndarray:
     return _signal(SAMPLE_RATE, channels).astype(np.float64).mean(axis=1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _signal(rate: int, channels: int) -> np.ndarray:
     t = np.arange(round(DURATION * rate)) / rate
     return np.stack([_channel(t, ch) for ch in range(channels)], axis=1).astype(np.float32)

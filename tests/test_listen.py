@@ -8,7 +8,6 @@ import threading
 import types
 
 import numpy as np
-import pytest
 from signals import speechlike
 
 from voxtral_realtime.cli import main

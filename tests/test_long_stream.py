@@ -21,8 +21,9 @@ def _rss_mib() -> float:
 def endless_model(tmp_path_factory, tekken_path):
     """One layer each, windows of 12 encoder frames / 10 tokens, and an EOS that can never win (its tied
     embedding row is zero, so its logit is always 0): a random model would otherwise stop at some EOS."""
-    import voxtral_realtime
     from tiny_checkpoint import make_hf_model, write_mistral_folder
+
+    import voxtral_realtime
 
     model = make_hf_model(encoder_window=12, decoder_window=10, audio_layers=1, text_layers=1, vocab_size=4096,
                           seed=77)
@@ -47,7 +48,7 @@ def test_twenty_minutes_flat_memory_and_offline_tokens(endless_model):
     steps = MINUTES * 60 * 1000 // 80
     # positions: 32 left pad + the audio + 17 right pad; the 39-token prompt's last position makes the first token
     assert len(tokens) == 32 + steps + 17 - 39  # one token per step to the end: no EOS, nothing dropped
-    caches = (session.state.encoder.cache, session.state.decoder_cache)
+    caches = (session.engine.encoder_state.cache, session.engine.decoder_cache)
     assert all(c.capacity <= c.max_capacity for c in caches)
     # after the first minutes (allocator warm-up), memory does not grow with the stream
     assert max(rss[3:]) - rss[3] < 24, rss

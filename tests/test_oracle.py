@@ -34,21 +34,36 @@ def reference_generate(hf_model, ids, features, delay_tokens):
     return out.sequences[0, ids.shape[1]:].tolist(), [step[0] for step in out.logits]
 
 
+@torch.no_grad()
+def embed_features(net, features: torch.Tensor, chunk_frames: int = 256) -> torch.Tensor:
+    """Our encoder + adapter over a whole log-mel [n_mels, T] in chunks of ``chunk_frames`` encoder frames."""
+    state = net.encoder.new_state(1, max_chunk=chunk_frames, device=net.device, dtype=net.dtype)
+    out, position = [], 0
+    for start in range(0, features.shape[-1], 2 * chunk_frames):
+        mel = features[None, :, start:start + 2 * chunk_frames]
+        frames = mel.shape[-1] // 2
+        state.cache.reserve(position + frames)
+        out.append(net.embed_audio(mel, state, torch.arange(position, position + frames)[None]))
+        position += frames
+    return torch.cat(out, dim=1)
+
+
 def teacher_forced_logits(model, features: torch.Tensor, tokens: list[int], delay_tokens: int) -> list[torch.Tensor]:
     """Our network fed the reference's own features and tokens, one decoder step per position."""
     net = model.network
-    state = net.new_state(1, encoder_chunk=256, decoder_chunk=64)
-    embeddings = net.embed_audio(state, features[0])
+    embeddings = embed_features(net, features[0])
+    cache = net.decoder.new_cache(1, max_chunk=64, device=net.device, dtype=net.dtype)
     scales = net.decoder.ffn_scales(delay_tokens)
     prompt = [1] + [32] * (32 + delay_tokens)
     p = len(prompt)
     with torch.no_grad():
-        logits = [net.decoder(torch.tensor([prompt]), embeddings[:, :p], torch.arange(p)[None],
-                              state.decoder_cache, scales)[0]]
+        cache.reserve(p)
+        logits = [net.decoder(torch.tensor([prompt]), embeddings[:, :p], torch.arange(p)[None], cache, scales)[0]]
         for k, token in enumerate(tokens[:-1]):
             pos = p + k
+            cache.reserve(pos + 1)
             logits.append(net.decoder(torch.tensor([[token]]), embeddings[:, pos:pos + 1], torch.tensor([[pos]]),
-                                      state.decoder_cache, scales)[0])
+                                      cache, scales)[0])
     return logits
 
 
@@ -87,7 +102,7 @@ def test_audio_embeddings_match(checkpoints, name, tiny_short, tiny_long):
     _, features = reference_inputs(speechlike(6.0, seed=2), 6)
     with torch.no_grad():
         reference = hf.model.get_audio_features(input_features=features).pooler_output
-    ours = model.network.embed_audio(model.network.new_state(1, encoder_chunk=256, decoder_chunk=64), features[0])
+    ours = embed_features(model.network, features[0])
     assert ours.shape == reference.shape
     assert (ours - reference).abs().max().item() <= 1e-4 * reference.abs().max().item()
 

@@ -27,7 +27,6 @@ Typical use::
 from __future__ import annotations
 
 import functools
-import importlib.resources
 import json
 import shutil
 import tempfile
@@ -37,6 +36,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 import torch
 from torch import nn
+
+from voxtral_realtime.random_weights import AUDIO_BLOCK, SPECIAL_TOKENS, write_tekken_json
 
 if TYPE_CHECKING:
     from transformers import VoxtralRealtimeConfig, VoxtralRealtimeForConditionalGeneration
@@ -57,125 +58,7 @@ __all__ = [
 ]
 
 # ---------------------------------------------------------------------------------------------------------------
-# tekken.json
-
-#: Special tokens named in the synthetic tekken.json, by rank (= token id); every other rank below 1000 is a
-#: ``<SPECIAL_{i}>`` placeholder.  Ranks 0-19 are mistral-common's legacy layout (``Tekkenizer.
-#: DEPRECATED_SPECIAL_TOKENS``), which agrees with every rank known from the real file (0, 1, 2, 11); they are
-#: needed because the v7 instruct tokenizer that ``MistralTokenizer.from_file`` builds looks up [INST], [/INST],
-#: [AVAILABLE_TOOLS], [/AVAILABLE_TOOLS], [TOOL_RESULTS], [/TOOL_RESULTS], [TOOL_CALLS], [PREFIX], [SUFFIX],
-#: [SYSTEM_PROMPT], [/SYSTEM_PROMPT] and [TOOL_CONTENT] by name and fails without them.  24, 25, 32, 33, 34 are
-#: the real Voxtral Realtime ranks (REFERENCE §6.1).  [NEXT_AUDIO_TEXT] and [TRANSCRIBE] are left out: their real
-#: ranks are unknown, and mistral-common needs them only for speech synthesis and non-streaming transcription.
-SPECIAL_TOKENS: Final[dict[int, str]] = {
-    0: "<unk>",
-    1: "<s>",
-    2: "</s>",
-    3: "[INST]",
-    4: "[/INST]",
-    5: "[AVAILABLE_TOOLS]",
-    6: "[/AVAILABLE_TOOLS]",
-    7: "[TOOL_RESULTS]",
-    8: "[/TOOL_RESULTS]",
-    9: "[TOOL_CALLS]",
-    10: "[IMG]",
-    11: "<pad>",
-    12: "[IMG_BREAK]",
-    13: "[IMG_END]",
-    14: "[PREFIX]",
-    15: "[MIDDLE]",
-    16: "[SUFFIX]",
-    17: "[SYSTEM_PROMPT]",
-    18: "[/SYSTEM_PROMPT]",
-    19: "[TOOL_CONTENT]",
-    24: "[AUDIO]",
-    25: "[BEGIN_AUDIO]",
-    32: "[STREAMING_PAD]",
-    33: "[STREAMING_WORD]",
-    34: "[REPEAT_AUDIO_TEXT]",
-}
-
-NUM_SPECIAL_TOKENS: Final = 1000
-
-#: The real file's ``audio`` block (REFERENCE §8), in its key order.
-AUDIO_BLOCK: Final[dict[str, Any]] = {
-    "sampling_rate": 16000,
-    "frame_rate": 12.5,
-    "audio_encoding_config": {"num_mel_bins": 128, "hop_length": 160, "window_size": 400},
-    "transcription_delay_ms": 480,
-    "streaming_look_ahead_ms": 2.5,
-    "streaming_look_back_ms": 52.5,
-    "streaming_n_left_pad_tokens": 32,
-    "transcription_format": "streaming",
-}
-
-# The version must be v7: it is the newest that mistral-common accepts without [ARGS]/[CALL_ID] specials, and
-# the oldest that supports audio.  (The real file's version string is unknown.)
-_TEKKEN_VERSION: Final = "v7"
-
-
-@functools.cache
-def _base_tekken() -> tuple[dict[str, Any], str]:
-    """``config`` and ``vocab`` of mistral-common's bundled ``tekken_240718.json`` (150k-entry vocab,
-    131072/1000 layout), read once per process.
-
-    The vocab dominates the file, so it is kept as its ``json.dumps`` text, to be spliced into each file written
-    (the result is exactly what ``json.dumps`` of the whole content would give).  Callers must not mutate the
-    config: it is shared.
-    """
-    source = importlib.resources.files("mistral_common") / "data" / "tekken_240718.json"
-    base = json.loads(source.read_text(encoding="utf-8"))
-    return base["config"], json.dumps(base["vocab"])
-
-
-_VOCAB_PLACEHOLDER: Final = "@@VOCAB@@"
-
-
-def write_tekken_json(
-    path: Path,
-    *,
-    transcription_delay_ms: float | None = None,
-    streaming_n_left_pad_tokens: int | None = None,
-) -> Path:
-    """Write a synthetic streaming ``tekken.json`` that mistral-common loads like the real one.
-
-    Pattern, vocab and sizes come from mistral-common's bundled ``tekken_240718.json``; ``version`` is "v7"; the
-    1000 specials are listed explicitly (:data:`SPECIAL_TOKENS`, placeholders elsewhere, all control tokens);
-    the ``audio`` block is the real one (:data:`AUDIO_BLOCK`), with the two given fields overridden.  Values are
-    written as given: mistral-common itself rejects a delay that is not a positive multiple of 80 ms.
-
-    Args:
-        path: the file to write.  mistral-common only treats a file as tekken when its name contains "tekken"
-            and ends in ".json"; a folder is given the name ``tekken.json``.
-        transcription_delay_ms: overrides the real 480 ms.
-        streaming_n_left_pad_tokens: overrides the real 32.
-
-    Returns:
-        The path written.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "tekken.json"
-    base_config, vocab_json = _base_tekken()
-    audio = json.loads(json.dumps(AUDIO_BLOCK))  # deep copy: the constant must stay intact
-    if transcription_delay_ms is not None:
-        audio["transcription_delay_ms"] = transcription_delay_ms
-    if streaming_n_left_pad_tokens is not None:
-        audio["streaming_n_left_pad_tokens"] = streaming_n_left_pad_tokens
-    content = {
-        "config": {**base_config, "version": _TEKKEN_VERSION},
-        "vocab": _VOCAB_PLACEHOLDER,
-        "special_tokens": [
-            {"rank": rank, "token_str": SPECIAL_TOKENS.get(rank, f"<SPECIAL_{rank}>"), "is_control": True}
-            for rank in range(NUM_SPECIAL_TOKENS)
-        ],
-        "audio": audio,
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(content).replace(json.dumps(_VOCAB_PLACEHOLDER), vocab_json, 1)
-    path.write_text(text, encoding="utf-8")
-    return path
-
+# tekken.json (the writer lives in the package, for benchmarks with random weights)
 
 # Keeps the cached files' folders alive until the interpreter exits (TemporaryDirectory removes them then).
 _CACHE_DIRS: list[tempfile.TemporaryDirectory[str]] = []

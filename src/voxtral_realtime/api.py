@@ -19,6 +19,7 @@ import torch
 
 from .audio import load_audio
 from .config import ModelConfig
+from .engine import Engine
 from .loading import DEFAULT_MODEL, inspect_checkpoint, load_weights, resolve_model_dir
 from .model import VoxtralRealtime
 from .streaming import StreamingSession
@@ -65,7 +66,7 @@ class Model:
         self.network = network
         self.tokenizer = tokenizer
         self.source = source
-        self._ffn_scales: dict[int, torch.Tensor] = {}
+        self._private_engines: list[Engine] = []
 
     @property
     def config(self) -> ModelConfig:
@@ -83,19 +84,32 @@ class Model:
     def default_delay_ms(self) -> int:
         return self.config.audio.transcription_delay_ms
 
-    def ffn_scales(self, delay_tokens: int) -> torch.Tensor:
-        """The decoder's delay conditioning for ``delay_tokens`` steps, computed once per value."""
-        if delay_tokens not in self._ffn_scales:
-            self._ffn_scales[delay_tokens] = self.network.decoder.ffn_scales(delay_tokens)
-        return self._ffn_scales[delay_tokens]
+    def engine(self, max_streams: int, *, decoder_context: int | None = None) -> Engine:
+        """A batched engine for up to ``max_streams`` concurrent sessions (pass it to :meth:`stream`).
 
-    def stream(self, *, delay_ms: int | None = None, continue_after_eos: bool = False) -> StreamingSession:
+        ``decoder_context`` caps each stream's decoder attention (and KV memory) at that many tokens (80 ms
+        each); the default is the model's full window, 8192 tokens, about 870 MB per stream in bf16.
+        """
+        return Engine(self.network, max_streams=max_streams, decoder_context=decoder_context)
+
+    def engine_for_session(self) -> Engine:
+        """A one-stream engine with a free slot, reused across sessions so its caches and CUDA graphs are kept."""
+        for engine in self._private_engines:
+            if engine.free_slots:
+                return engine
+        engine = Engine(self.network, max_streams=1)
+        self._private_engines.append(engine)
+        return engine
+
+    def stream(self, *, delay_ms: int | None = None, continue_after_eos: bool = False,
+               engine: Engine | None = None) -> StreamingSession:
         """A live session: ``feed()`` 16 kHz float32 mono samples as they come, then ``finish()``.
 
         By default the stream ends where the model says EOS, exactly like :meth:`transcribe`; an always-on
         stream (a microphone) passes ``continue_after_eos=True`` to go on with a fresh segment instead.
+        Sessions given the same ``engine`` (:meth:`engine`) are computed together, in batches.
         """
-        return StreamingSession(self, delay_ms=delay_ms, continue_after_eos=continue_after_eos)
+        return StreamingSession(self, delay_ms=delay_ms, continue_after_eos=continue_after_eos, engine=engine)
 
     def transcribe(self, audio: AudioInput, *, delay_ms: int | None = None, sample_rate: int | None = None,
                    progress: Callable[[float, float], None] | None = None) -> Transcription:

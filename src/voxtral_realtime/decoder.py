@@ -45,6 +45,7 @@ class DecoderLayer(nn.Module):
         self.feed_forward = FeedForward(cfg.dim, cfg.hidden_dim, out_bias=False)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext, layer: int, ffn_scale: torch.Tensor) -> torch.Tensor:
+        """``ffn_scale``: [dim] (one delay for all rows) or [B, 1, dim] (each row its own delay)."""
         x = x + self.attention(self.attention_norm(x), ctx, layer)
         return x + self.feed_forward(self.ffn_norm(x) * ffn_scale)
 
@@ -66,9 +67,13 @@ class TextDecoder(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
 
-    def new_cache(self, batch: int, *, max_chunk: int, device: torch.device, dtype: torch.dtype) -> KVCache:
-        return KVCache.empty(len(self.layers), batch, self.cfg.n_kv_heads, self.cfg.head_dim,
-                             window=self.cfg.sliding_window, max_chunk=max_chunk, device=device, dtype=dtype)
+    def new_cache(self, rows: int, *, max_chunk: int, device: torch.device, dtype: torch.dtype,
+                  context: int | None = None) -> KVCache:
+        """KV cache for ``rows`` streams.  ``context`` caps the attention window below the model's (memory for
+        many streams); the default keeps the model's exact window."""
+        window = min(self.cfg.sliding_window, context or self.cfg.sliding_window)
+        return KVCache.empty(len(self.layers), rows, self.cfg.n_kv_heads, self.cfg.head_dim,
+                             window=window, max_chunk=max_chunk, device=device, dtype=dtype)
 
     @torch.no_grad()
     def ffn_scales(self, delay_tokens: int) -> torch.Tensor:
@@ -78,11 +83,13 @@ class TextDecoder(nn.Module):
         return torch.stack([1 + layer.ada_norm(t_cond) for layer in self.layers])
 
     def forward(self, tokens: torch.Tensor, audio: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                ffn_scales: torch.Tensor) -> torch.Tensor:
-        """tokens [B, T], audio embeddings [B, T, dim], absolute positions [B, T] -> logits of the last position
-        [B, vocab] in float32."""
+                ffn_scales: torch.Tensor, *, rows: slice | None = None,
+                enabled: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T], audio embeddings [B, T, dim], absolute positions [B, T] of cache rows ``rows`` (default:
+        the first B) -> logits of the last position [B, vocab] in float32.  ``ffn_scales``: [n_layers, dim] for
+        one delay, or [B, n_layers, dim], one delay per row."""
         x = self.tok_embeddings(tokens) + audio
-        ctx = AttentionContext.prepare(self.rotary, cache, positions, x.dtype)
-        for i, (layer, scale) in enumerate(zip(self.layers, ffn_scales)):
-            x = layer(x, ctx, i, scale)
+        ctx = AttentionContext.prepare(self.rotary, cache, positions, x.dtype, rows=rows, enabled=enabled)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, ctx, i, ffn_scales[..., i, None, :] if ffn_scales.dim() == 3 else ffn_scales[i])
         return F.linear(self.norm(x[:, -1]), self.tok_embeddings.weight).float()

@@ -20,19 +20,27 @@ from .layers import Attention, AttentionContext, FeedForward, KVCache, RMSNorm, 
 
 @dataclass
 class ConvStemState:
-    """Left context of the two causal convolutions, initially the zeros the offline pass pads with."""
+    """Left context of the two causal convolutions for every row, initially the zeros the offline pass pads with.
 
-    mel_tail: torch.Tensor  # [B, n_mels, 2]: the last two mel frames seen
-    conv1_tail: torch.Tensor  # [B, dim, 1 or 2]: conv1 frames from index 2j-1 on, j = next output frame
+    Mel frames always arrive in even numbers (whole 80 ms steps), so conv2 always needs exactly one conv1 frame
+    from the previous call.
+    """
+
+    mel_tail: torch.Tensor  # [rows, n_mels, 2]: the last two mel frames seen
+    conv1_tail: torch.Tensor  # [rows, dim, 1]: the last conv1 frame
 
 
 @dataclass
 class EncoderState:
-    """Everything the encoder remembers about one batch of streams."""
+    """Everything the encoder remembers about a set of streams (one row each)."""
 
     conv: ConvStemState
     cache: KVCache
-    frames_done: int = 0  # encoder frames produced so far = absolute position of the next one
+
+    def reset(self, row: int) -> None:
+        self.conv.mel_tail[row] = 0
+        self.conv.conv1_tail[row] = 0
+        self.cache.reset(row)
 
 
 class ConvStem(nn.Module):
@@ -41,24 +49,26 @@ class ConvStem(nn.Module):
         self.conv1 = nn.Conv1d(n_mels, dim, kernel_size=3, stride=1)
         self.conv2 = nn.Conv1d(dim, dim, kernel_size=3, stride=2)
 
-    def new_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> ConvStemState:
+    def new_state(self, rows: int, device: torch.device, dtype: torch.dtype) -> ConvStemState:
         return ConvStemState(
-            mel_tail=torch.zeros(batch, self.conv1.in_channels, 2, device=device, dtype=dtype),
-            conv1_tail=torch.zeros(batch, self.conv2.in_channels, 1, device=device, dtype=dtype),
+            mel_tail=torch.zeros(rows, self.conv1.in_channels, 2, device=device, dtype=dtype),
+            conv1_tail=torch.zeros(rows, self.conv2.in_channels, 1, device=device, dtype=dtype),
         )
 
-    def forward(self, mel: torch.Tensor, state: ConvStemState) -> torch.Tensor:
-        """mel [B, n_mels, T] -> frames [B, T', dim]; T' counts the conv2 outputs whose inputs are all known."""
-        x = torch.cat([state.mel_tail, mel.to(state.mel_tail.dtype)], dim=-1)
-        state.mel_tail = x[..., -2:]
-        c1 = F.gelu(self.conv1(x))
-        # conv2 output j reads conv1 frames 2j-1, 2j, 2j+1: keep what the next output still needs.
-        c1 = torch.cat([state.conv1_tail, c1], dim=-1)
-        n_out = (c1.shape[-1] - 1) // 2
-        state.conv1_tail = c1[..., 2 * n_out:]
-        if n_out == 0:
-            return c1.new_zeros(c1.shape[0], 0, c1.shape[1])
-        out = F.gelu(self.conv2(c1[..., : 2 * n_out + 1]))
+    def forward(self, mel: torch.Tensor, state: ConvStemState, rows: slice,
+                enabled: torch.Tensor | None = None) -> torch.Tensor:
+        """mel [B, n_mels, 2k] of rows ``rows`` -> frames [B, k, dim]; disabled rows keep their state."""
+        mel_tail, conv1_tail = state.mel_tail[rows], state.conv1_tail[rows]
+        x = torch.cat([mel_tail, mel.to(mel_tail.dtype)], dim=-1)
+        c1 = torch.cat([conv1_tail, F.gelu(self.conv1(x))], dim=-1)
+        # conv2 output j reads conv1 frames 2j-1, 2j, 2j+1 (counting this call's first conv1 frame as 0).
+        out = F.gelu(self.conv2(c1))
+        new_mel_tail, new_conv1_tail = x[..., -2:], c1[..., -1:]
+        if enabled is not None:
+            new_mel_tail = torch.where(enabled[:, None, None], new_mel_tail, mel_tail)
+            new_conv1_tail = torch.where(enabled[:, None, None], new_conv1_tail, conv1_tail)
+        mel_tail.copy_(new_mel_tail)
+        conv1_tail.copy_(new_conv1_tail)
         return out.transpose(1, 2)
 
 
@@ -84,26 +94,22 @@ class AudioEncoder(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
 
-    def new_state(self, batch: int, *, max_chunk: int, device: torch.device, dtype: torch.dtype) -> EncoderState:
-        """Fresh state for ``batch`` streams; ``max_chunk`` bounds the encoder frames passed to one transformer call."""
+    def new_state(self, rows: int, *, max_chunk: int, device: torch.device, dtype: torch.dtype) -> EncoderState:
+        """Fresh state for ``rows`` streams; ``max_chunk`` bounds the encoder frames of one call once a stream is
+        longer than the window (see :meth:`KVCache.max_write`)."""
         return EncoderState(
-            conv=self.conv_stem.new_state(batch, device, dtype),
-            cache=KVCache.empty(len(self.layers), batch, self.cfg.n_heads, self.cfg.head_dim,
+            conv=self.conv_stem.new_state(rows, device, dtype),
+            cache=KVCache.empty(len(self.layers), rows, self.cfg.n_heads, self.cfg.head_dim,
                                 window=self.cfg.sliding_window, max_chunk=max_chunk, device=device, dtype=dtype),
         )
 
-    def forward(self, mel: torch.Tensor, state: EncoderState) -> torch.Tensor:
-        """New mel frames [B, n_mels, T] -> the encoder frames they complete [B, T', dim]."""
-        x = self.conv_stem(mel, state.conv)
-        if not x.shape[1]:
-            return x
-        return torch.cat([self._transformer(piece, state) for piece in x.split(state.cache.max_chunk, dim=1)], dim=1)
-
-    def _transformer(self, x: torch.Tensor, state: EncoderState) -> torch.Tensor:
-        batch, length, _ = x.shape
-        positions = torch.arange(state.frames_done, state.frames_done + length, device=x.device).expand(batch, -1)
-        ctx = AttentionContext.prepare(self.rotary, state.cache, positions, x.dtype)
+    def forward(self, mel: torch.Tensor, state: EncoderState, positions: torch.Tensor, *, rows: slice | None = None,
+                enabled: torch.Tensor | None = None) -> torch.Tensor:
+        """New mel frames [B, n_mels, 2k] of rows ``rows`` (default: the first B) -> encoder frames [B, k, dim] at
+        absolute ``positions`` [B, k]."""
+        rows = rows if rows is not None else slice(0, mel.shape[0])
+        x = self.conv_stem(mel, state.conv, rows, enabled)
+        ctx = AttentionContext.prepare(self.rotary, state.cache, positions, x.dtype, rows=rows, enabled=enabled)
         for i, layer in enumerate(self.layers):
             x = layer(x, ctx, i)
-        state.frames_done += length
         return self.norm(x)

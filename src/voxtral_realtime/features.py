@@ -29,8 +29,15 @@ class LogMelSpectrogram(torch.nn.Module):
             max_frequency=audio.sample_rate / 2,
             sampling_rate=audio.sample_rate,
         )
-        self.register_buffer("mel_filters", torch.from_numpy(filters).float().T.contiguous(), persistent=False)
-        self.register_buffer("window", torch.hann_window(audio.window_size), persistent=False)
+        self.register_buffer("mel_filters", torch.from_numpy(filters).float().contiguous(), persistent=False)
+        # The windowed real DFT as one matrix [window, 2 * n_freq] (cos | sin): a frame's spectrum is one matmul,
+        # which batches over streams and is captured in CUDA graphs like any other kernel.
+        n = torch.arange(audio.window_size, dtype=torch.float64)
+        k = torch.arange(1 + audio.window_size // 2, dtype=torch.float64)
+        angle = 2 * torch.pi * n[:, None] * k[None] / audio.window_size
+        window = torch.hann_window(audio.window_size, dtype=torch.float64)[:, None]
+        dft = torch.cat([window * torch.cos(angle), window * torch.sin(angle)], dim=1)
+        self.register_buffer("windowed_dft", dft.float(), persistent=False)
 
     @property
     def half_window(self) -> int:
@@ -38,20 +45,16 @@ class LogMelSpectrogram(torch.nn.Module):
         return self.audio.window_size // 2
 
     def frames(self, padded: torch.Tensor) -> torch.Tensor:
-        """Log-mel of every full window in ``padded`` ([n] samples starting at a frame's left edge) -> [n_mels, T]."""
-        stft = torch.stft(
-            padded,
-            n_fft=self.audio.window_size,
-            hop_length=self.audio.hop_length,
-            window=self.window,
-            center=False,
-            return_complex=True,
-        )
-        power = stft.abs() ** 2
-        mel = self.mel_filters @ power
+        """Log-mel of every full window in ``padded`` ([..., n] samples starting at a frame's left edge)
+        -> [..., n_mels, T]."""
+        windows = padded.float().unfold(-1, self.audio.window_size, self.audio.hop_length)
+        spectrum = windows @ self.windowed_dft
+        n_freq = spectrum.shape[-1] // 2
+        power = spectrum[..., :n_freq] ** 2 + spectrum[..., n_freq:] ** 2
+        mel = power @ self.mel_filters
         log_mel = torch.clamp(mel, min=1e-10).log10()
-        log_mel = torch.maximum(log_mel, torch.tensor(self.audio.global_log_mel_max - 8.0, device=mel.device))
-        return (log_mel + 4.0) / 4.0
+        log_mel = torch.clamp(log_mel, min=self.audio.global_log_mel_max - 8.0)
+        return ((log_mel + 4.0) / 4.0).transpose(-1, -2)
 
     def forward(self, samples: torch.Tensor) -> torch.Tensor:
         """Offline log-mel of a whole signal [L] -> [n_mels, L // hop], zero beyond both ends.

@@ -51,88 +51,142 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 @dataclass
 class KVCache:
-    """Keys/values of every attention layer of one stack (encoder or decoder), for a batch of streams, as ring
-    buffers over the sliding window.
+    """Keys/values of every attention layer of one stack (encoder or decoder) for ``rows`` independent streams,
+    each row a ring buffer over the sliding window.
 
-    All layers advance together, so one table records the absolute position held by each slot (-1 when empty)
-    and one mask per call serves every layer; slot order never matters.  The buffers grow by doubling up to
-    ``max_capacity`` = window + largest chunk - 1, the most keys any query of a chunk can still need; from then
-    on they wrap and overwrite only keys that have left every future query's window.  Memory is bounded by the
-    window, whatever the stream length.
+    Every row has its own positions; one table records the absolute position held by each column of each row
+    (-1 when empty) and one mask per call serves every layer, so column order never matters.  The buffers grow
+    by doubling up to ``max_capacity`` = window + largest chunk - 1, the most keys any query of a chunk can still
+    need; from then on they wrap and overwrite only keys that have left every future query's window.
+
+    A call may leave some rows out (``enabled`` false): their writes go to a scratch column that is never
+    visible to a real query, so a fixed-shape step (a CUDA graph) can run over a range of rows of which only
+    some have work.  Buffers start zeroed (not empty) so that a masked column never holds a NaN that a zero
+    attention weight would still propagate.
     """
 
-    keys: list[torch.Tensor]  # per layer [B, H_kv, capacity, D]
+    keys: list[torch.Tensor]  # per layer [rows, H_kv, columns, D]; columns >= capacity are scratch
     values: list[torch.Tensor]
-    positions: torch.Tensor  # [B, capacity], int64, -1 = empty
+    positions: torch.Tensor  # [rows, columns], int64, -1 = empty (always so in scratch columns)
     window: int
     max_capacity: int
-    written: int = 0  # slots written since the start (the ring index is written % capacity)
+    capacity: int
+    version: int = 0  # bumped when the buffers are reallocated: captured CUDA graphs must then be rebuilt
 
     @classmethod
-    def empty(cls, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, *, window: int, max_chunk: int,
+    def empty(cls, n_layers: int, rows: int, n_kv_heads: int, head_dim: int, *, window: int, max_chunk: int,
               device: torch.device, dtype: torch.dtype, initial_capacity: int = 256) -> KVCache:
         max_capacity = window + max_chunk - 1
         capacity = min(max_capacity, initial_capacity)
-        shape = (batch, n_kv_heads, capacity, head_dim)
+        columns = _columns(capacity)
+        shape = (rows, n_kv_heads, columns, head_dim)
         return cls(
             keys=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)],
             values=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)],
-            positions=torch.full((batch, capacity), -1, device=device, dtype=torch.long),
+            positions=torch.full((rows, columns), -1, device=device, dtype=torch.long),
             window=window,
             max_capacity=max_capacity,
+            capacity=capacity,
         )
 
     @property
-    def capacity(self) -> int:
-        return self.positions.shape[1]
+    def rows(self) -> int:
+        return self.positions.shape[0]
 
     @property
     def max_chunk(self) -> int:
         return self.max_capacity - self.window + 1
 
-    def advance(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reserve slots for absolute ``positions`` [B, C]; return them and the attention mask [B, 1, C, capacity]
-        (key j visible to query q iff q - window < j <= q), valid for every layer once it has called write()."""
-        chunk = positions.shape[1]
-        if chunk > self.max_chunk:
-            raise ValueError(f"chunk of {chunk} exceeds the cache's maximum chunk of {self.max_chunk}")
-        if self.capacity < self.max_capacity and self.written + chunk > self.capacity:
-            self._grow(self.written + chunk)
-        slots = (self.written + torch.arange(chunk, device=positions.device)) % self.capacity
-        self.positions.index_copy_(1, slots, positions)
-        self.written += chunk
+    def bytes_per_row(self) -> int:
+        k = self.keys[0]
+        return 2 * len(self.keys) * k[0].numel() * k.element_size()
+
+    def max_write(self, position: int) -> int:
+        """The longest chunk that may be written at ``position``: anything while the ring has never wrapped,
+        ``max_chunk`` afterwards."""
+        return max(self.max_chunk, self.max_capacity - position)
+
+    def reserve(self, end: int) -> None:
+        """Make room for positions below ``end`` (call before a step whose rows reach it; may reallocate)."""
+        if self.capacity < self.max_capacity and end > self.capacity:
+            self._grow(min(self.max_capacity, max(2 * self.capacity, end)))
+
+    def reset(self, row: int) -> None:
+        """Forget everything row ``row`` held (a new stream takes it)."""
+        self.positions[row] = -1
+
+    def advance(self, positions: torch.Tensor, enabled: torch.Tensor | None = None,
+                rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reserve columns for absolute ``positions`` [B, T] of rows ``rows`` (default: the first B); return the
+        columns [B, T] and the attention mask [B, 1, T, columns] (key j visible to query q iff
+        q - window < j <= q), valid for every layer once it has called :meth:`write`."""
+        batch, chunk = positions.shape
+        rows = rows if rows is not None else slice(0, batch)
+        columns = positions % self.capacity
+        if enabled is not None:
+            columns = torch.where(enabled[:, None], columns, self.capacity)
+            positions = torch.where(enabled[:, None], positions, -1)
+        row_index = torch.arange(rows.start, rows.stop, device=positions.device)[:, None]
+        self.positions.index_put_((row_index, columns), positions)
+        table = self.positions[rows][:, None, None, :]
         q = positions[:, None, :, None]
-        k = self.positions[:, None, None, :]
-        return slots, (k >= 0) & (k <= q) & (k > q - self.window)
+        mask = (table >= 0) & (table <= q) & (table > q - self.window)
+        if enabled is not None:
+            scratch = torch.arange(self.positions.shape[1], device=positions.device) == self.capacity
+            mask = torch.where(enabled[:, None, None, None], mask, scratch)
+        return columns, mask
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        """Store layer ``layer``'s k, v [B, H_kv, C, D] in the slots ``advance`` reserved."""
-        self.keys[layer].index_copy_(2, slots, k)
-        self.values[layer].index_copy_(2, slots, v)
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, columns: torch.Tensor, rows: slice) -> None:
+        """Store layer ``layer``'s k, v [B, H_kv, T, D] of rows ``rows`` in the columns :meth:`advance` chose."""
+        batch, heads = k.shape[:2]
+        row_index = torch.arange(rows.start, rows.stop, device=k.device)[:, None, None]
+        head_index = torch.arange(heads, device=k.device)[None, :, None]
+        index = (row_index, head_index, columns[:, None, :])
+        self.keys[layer].index_put_(index, k)
+        self.values[layer].index_put_(index, v)
 
-    def _grow(self, needed: int) -> None:
-        # Before the first wrap the entries sit in slots [0, written), so a plain copy keeps the ring consistent.
-        extra = min(self.max_capacity, max(2 * self.capacity, needed)) - self.capacity
-        self.keys = [F.pad(k, (0, 0, 0, extra)) for k in self.keys]
-        self.values = [F.pad(v, (0, 0, 0, extra)) for v in self.values]
-        self.positions = F.pad(self.positions, (0, extra), value=-1)
+    def _grow(self, capacity: int) -> None:
+        # Before the first wrap every entry sits in column position % old capacity = position, which is also its
+        # column in the larger ring: a plain copy keeps it consistent.
+        old, new = self.capacity, _columns(capacity)
+
+        for stack in (self.keys, self.values):
+            for i, t in enumerate(stack):
+                out = t.new_zeros(*t.shape[:2], new, t.shape[3])
+                out[:, :, :old] = t[:, :, :old]
+                stack[i] = out
+        table = self.positions.new_full((self.positions.shape[0], new), -1)
+        table[:, :old] = self.positions[:, :old]
+        self.positions, self.capacity = table, capacity
+        self.version += 1
+
+
+def _columns(capacity: int) -> int:
+    """Ring columns plus at least one scratch column, rounded up to a multiple of 8 (aligned attention masks)."""
+    return (capacity + 1 + 7) // 8 * 8
 
 
 @dataclass
 class AttentionContext:
-    """What every layer of a stack needs for one call: rotary tables, the cache, its reserved slots and mask."""
+    """What every layer of a stack needs for one call: rotary tables, the cache, the rows and columns it writes,
+    and the mask."""
 
     cos: torch.Tensor
     sin: torch.Tensor
     cache: KVCache
-    slots: torch.Tensor
+    rows: slice
+    columns: torch.Tensor
     mask: torch.Tensor
 
     @classmethod
-    def prepare(cls, rotary: Rotary, cache: KVCache, positions: torch.Tensor, dtype: torch.dtype) -> AttentionContext:
+    def prepare(cls, rotary: Rotary, cache: KVCache, positions: torch.Tensor, dtype: torch.dtype, *,
+                rows: slice | None = None, enabled: torch.Tensor | None = None) -> AttentionContext:
+        """``positions`` [B, T] of cache rows ``rows`` (default: the first B); rows whose ``enabled`` is false
+        compute throwaway values and leave the cache as it was."""
+        rows = rows if rows is not None else slice(0, positions.shape[0])
         cos, sin = rotary.cos_sin(positions, dtype)
-        slots, mask = cache.advance(positions)
-        return cls(cos, sin, cache, slots, mask)
+        columns, mask = cache.advance(positions, enabled, rows)
+        return cls(cos, sin, cache, rows, columns, mask)
 
 
 class Attention(nn.Module):
@@ -154,12 +208,24 @@ class Attention(nn.Module):
         k = k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
-        ctx.cache.write(layer, k, v, ctx.slots)
-        out = F.scaled_dot_product_attention(
-            q, ctx.cache.keys[layer], ctx.cache.values[layer], attn_mask=ctx.mask,
-            enable_gqa=self.n_heads != self.n_kv_heads,
-        )
+        ctx.cache.write(layer, k, v, ctx.columns, ctx.rows)
+        out = grouped_attention(q, ctx.cache.keys[layer][ctx.rows], ctx.cache.values[layer][ctx.rows], ctx.mask)
         return self.wo(out.transpose(1, 2).reshape(batch, length, self.q_size))
+
+
+def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q [B, H, T, D] over keys/values [B, H_kv, S, D] with mask [B, 1, T, S] -> [B, H, T, D].
+
+    The H / H_kv query heads that share a kv head are folded into the query length, so the kernel reads each
+    cached key once and nothing is expanded (SDPA's ``enable_gqa`` would repeat the cache per query head).
+    """
+    batch, heads, length, dim = q.shape
+    group = heads // keys.shape[1]
+    if group > 1:
+        q = q.reshape(batch, keys.shape[1], group * length, dim)
+        mask = mask.expand(batch, group, length, mask.shape[-1]).reshape(batch, 1, group * length, mask.shape[-1])
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    return out.reshape(batch, heads, length, dim)
 
 
 class FeedForward(nn.Module):

@@ -59,8 +59,8 @@ def download(repo_id: str = DEFAULT_MODEL, *, cache_dir: str | None = None) -> P
     Only the Mistral-format files are fetched when the repo has them (the transformers copy of the same weights
     would double the download); otherwise the transformers files.  ``HF_HUB_OFFLINE=1`` uses the cache only.
     """
-    from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hub_errors
+    from huggingface_hub import snapshot_download
 
     last: Path | None = None
     for patterns, marker in ((list(MISTRAL_FILES), "params.json"), (list(HF_FILES), "config.json")):

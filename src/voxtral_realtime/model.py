@@ -1,32 +1,20 @@
 """The whole network, stage by stage: features -> encoder -> adapter -> decoder.
 
-:class:`VoxtralRealtime` owns the weights and nothing else; everything a stream remembers lives in a
-:class:`StreamState`, so one network can serve any number of independent streams.
+:class:`VoxtralRealtime` owns the weights and nothing else; what streams remember (conv context, KV caches) lives
+in state objects with one row per stream, which :mod:`.engine` manages.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from .adapter import AdapterState, AudioAdapter
+from .adapter import AudioAdapter
 from .config import ModelConfig
 from .decoder import TextDecoder
 from .encoder import AudioEncoder, EncoderState
-from .features import LogMelSpectrogram, MelState
-from .layers import KVCache, Rotary
-
-
-@dataclass
-class StreamState:
-    """Per-stream memory of every stage: unconsumed samples, conv context, encoder/decoder KV windows."""
-
-    mel: MelState
-    encoder: EncoderState
-    adapter: AdapterState
-    decoder_cache: KVCache
+from .features import LogMelSpectrogram
+from .layers import Rotary
 
 
 class VoxtralRealtime(nn.Module):
@@ -57,18 +45,8 @@ class VoxtralRealtime(nn.Module):
         self.encoder.rotary = Rotary(cfg.encoder.head_dim, cfg.encoder.rope_theta).to(device)
         self.decoder.rotary = Rotary(cfg.decoder.head_dim, cfg.decoder.rope_theta).to(device)
 
-    def new_state(self, batch: int = 1, *, encoder_chunk: int, decoder_chunk: int) -> StreamState:
-        """Empty state for ``batch`` streams; the chunk sizes bound the frames/tokens per transformer call."""
-        device, dtype = self.device, self.dtype
-        return StreamState(
-            mel=self.mel.new_state(device),
-            encoder=self.encoder.new_state(batch, max_chunk=encoder_chunk, device=device, dtype=dtype),
-            adapter=self.adapter.new_state(batch, device, dtype),
-            decoder_cache=self.decoder.new_cache(batch, max_chunk=decoder_chunk, device=device, dtype=dtype),
-        )
-
-    @torch.no_grad()
-    def embed_audio(self, state: StreamState, mel: torch.Tensor) -> torch.Tensor:
-        """New mel frames [n_mels, T] -> the audio embeddings they complete [1, T', decoder_dim]."""
-        frames = self.encoder(mel[None], state.encoder)
-        return self.adapter(frames, state.adapter)
+    def embed_audio(self, mel: torch.Tensor, state: EncoderState, positions: torch.Tensor, *,
+                    rows: slice | None = None, enabled: torch.Tensor | None = None) -> torch.Tensor:
+        """Mel frames [B, n_mels, 8k] (whole 80 ms steps) -> audio embeddings [B, k, decoder_dim]; ``positions``
+        [B, 4k] are the encoder frames' absolute positions."""
+        return self.adapter(self.encoder(mel, state, positions, rows=rows, enabled=enabled))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 from pathlib import Path
+
 from .errors import CheckpointError, first_line
 
 

@@ -1,0 +1,353 @@
+"""The compute engine: runs the network for any number of concurrent streams, one slot per stream.
+
+Streams join (:meth:`Engine.attach`) and leave (:meth:`Engine.release`) at any time; a stream only pushes audio
+and receives tokens.  Each :meth:`Engine.run` does all the work the pushed audio allows, for every stream:
+
+* audio -> log-mel -> encoder -> adapter, always in whole 80 ms steps.  A stream with many steps waiting (a file,
+  the silence that opens every stream) is encoded by itself in large chunks, which is compute-bound and fast;
+  the streams with exactly one step waiting (live audio) are encoded together in one batched call.
+* decoder: a stream with a run of prompt tokens ready prefills them in one call; every other stream with an
+  audio embedding waiting takes part in one batched step, one token each, at its own position.
+
+All per-stream memory (conv context, encoder and decoder KV caches, delay conditioning) lives in rows of
+preallocated tensors, so a batched call is a fixed-shape computation over rows ``[0, B)``: rows without work
+this time are disabled and write only to scratch (see :class:`.layers.KVCache`).  On CUDA the two batched calls
+are captured as CUDA graphs, one per batch-size bucket, and replayed; the only host-device synchronisation per
+step is reading back the chosen tokens.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from .model import VoxtralRealtime
+
+#: Encoder frames per call when one stream has many steps waiting (a file fed at once).
+ENCODER_CHUNK_FRAMES = 256
+#: Decoder positions per prefill call: covers the longest prompt (BOS + 32 pad + 30 delay steps at 2400 ms).
+DECODER_CHUNK = 64
+
+
+class SlotClient(Protocol):
+    def on_token(self, slot: Slot, token: int) -> bool:
+        """A token was decided for ``slot``; return False to stop decoding it (e.g. after EOS)."""
+
+
+@dataclass(eq=False)
+class Slot:
+    """One stream's place in the engine: its row in every state tensor and its progress through the network."""
+
+    index: int
+    client: SlotClient
+    prompt: list[int] = field(default_factory=list)
+    #: samples not yet turned into mel frames, starting at the next frame's left edge (CPU, float32)
+    samples: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    samples_pushed: int = 0  # since the last reset, left padding included
+    encoder_position: int = 0  # encoder frames done
+    embeddings: deque[torch.Tensor] = field(default_factory=deque)  # audio embeddings [dim] not yet consumed
+    position: int = 0  # decoder positions done = embeddings consumed
+    last_token: int = -1
+    embedding_limit: int | None = None  # how many embeddings may be consumed in all, once the audio has ended
+    stopped: bool = False
+
+    def decodable(self) -> int:
+        if self.stopped:
+            return 0
+        n = len(self.embeddings)
+        if self.embedding_limit is not None:
+            n = min(n, self.embedding_limit - self.position)
+        return max(0, n)
+
+    def next_input(self) -> int:
+        return self.prompt[self.position] if self.position < len(self.prompt) else self.last_token
+
+
+class Engine:
+    """Batched streaming inference for up to ``max_streams`` concurrent streams of one network.
+
+    ``decoder_context`` caps the decoder's attention window (and its KV memory) below the model's 8192 tokens
+    (~11 min): with many streams the full window does not fit in memory.  Streams shorter than the cap are
+    exact; longer ones attend to their last ``decoder_context`` tokens.  ``cuda_graphs`` (default: on for CUDA)
+    captures the batched calls.
+    """
+
+    def __init__(self, network: VoxtralRealtime, *, max_streams: int = 1, decoder_context: int | None = None,
+                 encoder_chunk: int = ENCODER_CHUNK_FRAMES, cuda_graphs: bool | None = None) -> None:
+        self.network = network
+        cfg, device, dtype = network.config, network.device, network.dtype
+        self.audio = cfg.audio
+        self.max_streams = max_streams
+        self.encoder_state = network.encoder.new_state(max_streams, max_chunk=encoder_chunk, device=device,
+                                                       dtype=dtype)
+        self.decoder_cache = network.decoder.new_cache(max_streams, max_chunk=DECODER_CHUNK, device=device,
+                                                       dtype=dtype, context=decoder_context)
+        self.ffn_scales = torch.zeros(max_streams, cfg.decoder.n_layers, cfg.decoder.dim, device=device, dtype=dtype)
+        self.slots: list[Slot | None] = [None] * max_streams
+        self._frames_per_step = self.audio.mel_frames_per_token
+        self._step_samples = self.audio.samples_per_token
+        # samples one step's mel frames read: the last frame's window reaches past the step's end
+        self._step_window = (self._frames_per_step - 1) * self.audio.hop_length + self.audio.window_size
+        # inputs of the two batched calls, in fixed buffers so that captured graphs can read them
+        self._tick_samples = torch.zeros(max_streams, self._step_window, device=device)
+        self._tick_positions = torch.zeros(max_streams, dtype=torch.long, device=device)
+        self._tick_enabled = torch.zeros(max_streams, dtype=torch.bool, device=device)
+        self._step_tokens = torch.zeros(max_streams, dtype=torch.long, device=device)
+        self._step_audio = torch.zeros(max_streams, cfg.decoder.dim, device=device, dtype=dtype)
+        self._step_positions = torch.zeros(max_streams, dtype=torch.long, device=device)
+        self._step_enabled = torch.zeros(max_streams, dtype=torch.bool, device=device)
+        use_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self._graphs = _GraphedCalls() if use_graphs else None
+        self._buckets = _buckets(max_streams) if use_graphs else None
+        self._ffn_cache: dict[int, torch.Tensor] = {}
+        #: decoder steps and batched rows so far (for statistics)
+        self.decode_calls = 0
+        self.decode_rows = 0
+
+    # -- slots ------------------------------------------------------------------------------------------------
+
+    @property
+    def free_slots(self) -> int:
+        return sum(slot is None for slot in self.slots)
+
+    def attach(self, client: SlotClient, prompt: list[int], delay_tokens: int) -> Slot:
+        """Give a new stream the lowest free row (so active rows stay packed and batches small)."""
+        try:
+            index = self.slots.index(None)
+        except ValueError:
+            raise RuntimeError(f"all {self.max_streams} streams of this engine are busy") from None
+        slot = Slot(index, client)
+        self.slots[index] = slot
+        self.reset(slot, prompt, delay_tokens)
+        return slot
+
+    def release(self, slot: Slot) -> None:
+        if self.slots[slot.index] is slot:
+            self.slots[slot.index] = None
+
+    def reset(self, slot: Slot, prompt: list[int], delay_tokens: int) -> None:
+        """Start ``slot`` over: empty caches and conv context, a new prompt, no audio."""
+        self.encoder_state.reset(slot.index)
+        self.decoder_cache.reset(slot.index)
+        self.ffn_scales[slot.index] = self._ffn_rows(delay_tokens)
+        slot.prompt = list(prompt)
+        # the first mel frame is centred on sample 0, so its window starts half a window before the signal
+        slot.samples = np.zeros(self.audio.window_size // 2, np.float32)
+        slot.samples_pushed = slot.encoder_position = slot.position = 0
+        slot.embeddings.clear()
+        slot.last_token, slot.embedding_limit, slot.stopped = -1, None, False
+
+    def push(self, slot: Slot, samples: np.ndarray) -> None:
+        """Queue float32 16 kHz samples for ``slot`` (computed at the next :meth:`run`)."""
+        slot.samples = np.concatenate([slot.samples, samples.astype(np.float32, copy=False)])
+        slot.samples_pushed += len(samples)
+
+    def end(self, slot: Slot) -> None:
+        """No more audio for ``slot`` (its pushes end on a step boundary): complete the last mel frames; like the
+        reference, the final audio embedding is not consumed."""
+        slot.embedding_limit = slot.samples_pushed // self._step_samples - 1
+        slot.samples = np.concatenate([slot.samples, np.zeros(self.audio.window_size // 2, np.float32)])
+
+    def _ffn_rows(self, delay_tokens: int) -> torch.Tensor:
+        if delay_tokens not in self._ffn_cache:
+            self._ffn_cache[delay_tokens] = self.network.decoder.ffn_scales(delay_tokens)
+        return self._ffn_cache[delay_tokens]
+
+    # -- work -------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def run(self) -> None:
+        """Do everything the pushed audio allows for every stream (tokens go to the slots' clients)."""
+        while self._encode() | self._decode():
+            pass
+
+    def _ready_steps(self, slot: Slot) -> int:
+        n = len(slot.samples)
+        if n < self._step_window:
+            return 0
+        return 1 + (n - self._step_window) // self._step_samples
+
+    def _take_samples(self, slot: Slot, steps: int) -> np.ndarray:
+        need = (steps - 1) * self._step_samples + self._step_window
+        window = slot.samples[:need]
+        slot.samples = slot.samples[steps * self._step_samples:]
+        return window
+
+    def _encode(self) -> bool:
+        tick: list[Slot] = []
+        progressed = False
+        for slot in self.slots:
+            if slot is None:
+                continue
+            steps = self._ready_steps(slot)
+            if steps >= 2:
+                self._encode_alone(slot, steps)
+                progressed = True
+            elif steps == 1:
+                tick.append(slot)
+        if tick:
+            self._encode_tick(tick)
+        return progressed or bool(tick)
+
+    def _encode_alone(self, slot: Slot, steps: int) -> None:
+        network, cache = self.network, self.encoder_state.cache
+        factor = self.audio.downsample_factor
+        while steps:
+            chunk = min(steps, cache.max_write(slot.encoder_position) // factor)
+            frames = chunk * factor
+            samples = torch.from_numpy(self._take_samples(slot, chunk)).to(network.device)
+            mel = network.mel.frames(samples)[None]
+            positions = torch.arange(slot.encoder_position, slot.encoder_position + frames, device=network.device)
+            cache.reserve(slot.encoder_position + frames)
+            embeddings = network.embed_audio(mel, self.encoder_state, positions[None],
+                                             rows=slice(slot.index, slot.index + 1))
+            slot.encoder_position += frames
+            slot.embeddings.extend(embeddings[0])
+            steps -= chunk
+
+    def _encode_tick(self, slots: list[Slot]) -> None:
+        factor = self.audio.downsample_factor
+        rows = self._rows(slots)
+        self.encoder_state.cache.reserve(max(s.encoder_position for s in slots) + factor)
+        windows = np.stack([self._take_samples(s, 1) for s in slots])
+        index = torch.tensor([s.index for s in slots], device=self._tick_samples.device)
+        self._tick_enabled.zero_()
+        self._tick_enabled[index] = True
+        self._tick_samples.index_copy_(0, index, torch.from_numpy(windows).to(self._tick_samples.device))
+        self._tick_positions.index_copy_(
+            0, index, torch.tensor([s.encoder_position for s in slots], device=index.device))
+        out = self._call(("encode", rows), lambda: self._encode_rows(rows)).clone()
+        for slot in slots:
+            slot.encoder_position += factor
+            slot.embeddings.append(out[slot.index])
+
+    def _encode_rows(self, rows: int) -> torch.Tensor:
+        network = self.network
+        mel = network.mel.frames(self._tick_samples[:rows])
+        frames = self.audio.downsample_factor
+        positions = self._tick_positions[:rows, None] + torch.arange(frames, device=mel.device)
+        embeddings = network.embed_audio(mel, self.encoder_state, positions, rows=slice(0, rows),
+                                         enabled=self._tick_enabled[:rows])
+        return embeddings[:, 0]
+
+    def _decode(self) -> bool:
+        progressed = False
+        while True:
+            batch: list[Slot] = []
+            for slot in self.slots:
+                if slot is None or not (available := slot.decodable()):
+                    continue
+                forced = len(slot.prompt) - slot.position
+                if forced >= 2 and available >= 2:
+                    self._prefill(slot, min(forced, available))
+                    progressed = True
+                elif slot.decodable():
+                    batch.append(slot)
+            if not batch:
+                return progressed
+            self._step(batch)
+            progressed = True
+
+    def _prefill(self, slot: Slot, length: int) -> None:
+        network, cache = self.network, self.decoder_cache
+        length = min(length, cache.max_write(slot.position))
+        device = network.device
+        tokens = torch.tensor([slot.prompt[slot.position:slot.position + length]], device=device)
+        audio = torch.stack([slot.embeddings.popleft() for _ in range(length)])[None]
+        positions = torch.arange(slot.position, slot.position + length, device=device)[None]
+        cache.reserve(slot.position + length)
+        logits = network.decoder(tokens, audio, positions, cache, self.ffn_scales[slot.index:slot.index + 1],
+                                 rows=slice(slot.index, slot.index + 1))
+        slot.position += length
+        if slot.position == len(slot.prompt):
+            self._deliver(slot, int(logits[0].argmax()))
+
+    def _step(self, slots: list[Slot]) -> None:
+        rows = self._rows(slots)
+        device = self._step_tokens.device
+        self.decoder_cache.reserve(max(s.position for s in slots) + 1)
+        index = torch.tensor([s.index for s in slots], device=device)
+        self._step_enabled.zero_()
+        self._step_enabled[index] = True
+        self._step_tokens.index_copy_(0, index, torch.tensor([s.next_input() for s in slots], device=device))
+        self._step_positions.index_copy_(0, index, torch.tensor([s.position for s in slots], device=device))
+        self._step_audio.index_copy_(0, index, torch.stack([s.embeddings.popleft() for s in slots]))
+        tokens = self._call(("decode", rows), lambda: self._decode_rows(rows)).tolist()
+        self.decode_calls += 1
+        self.decode_rows += len(slots)
+        for slot in slots:
+            slot.position += 1
+            if slot.position >= len(slot.prompt):
+                self._deliver(slot, tokens[slot.index])
+
+    def _decode_rows(self, rows: int) -> torch.Tensor:
+        logits = self.network.decoder(self._step_tokens[:rows, None], self._step_audio[:rows, None],
+                                      self._step_positions[:rows, None], self.decoder_cache, self.ffn_scales[:rows],
+                                      rows=slice(0, rows), enabled=self._step_enabled[:rows])
+        return logits.argmax(dim=-1)
+
+    def _deliver(self, slot: Slot, token: int) -> None:
+        slot.last_token = token
+        if not slot.client.on_token(slot, token):
+            slot.stopped = True
+
+    def _rows(self, slots: list[Slot]) -> int:
+        """Rows a batched call covers: up to the highest busy row, rounded up to a bucket when graphs are used."""
+        highest = max(s.index for s in slots) + 1
+        if self._buckets is None:
+            return highest
+        return next(b for b in self._buckets if b >= highest)
+
+    def _call(self, key: tuple[str, int], fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if self._graphs is None:
+            return fn()
+        versions = (self.encoder_state.cache.version, self.decoder_cache.version)
+        return self._graphs(key, versions, fn)
+
+
+def _buckets(max_streams: int) -> list[int]:
+    sizes, b = [], 1
+    while b < max_streams:
+        sizes.append(b)
+        b *= 2
+    return [*sizes, max_streams]
+
+
+class _GraphedCalls:
+    """Each batched call captured once per (kind, rows) into a CUDA graph, then replayed.
+
+    The first call of a shape runs eagerly (it is the warm-up, and its result is used), the second captures it;
+    capturing executes nothing.  A cache reallocation (``versions`` changes) drops every graph: they read the
+    old buffers.
+    """
+
+    def __init__(self) -> None:
+        self._pool = torch.cuda.graph_pool_handle()
+        self._graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._seen: set[tuple[str, int]] = set()
+        self._versions: tuple[int, int] | None = None
+
+    def __call__(self, key: tuple[str, int], versions: tuple[int, int],
+                 fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if versions != self._versions:
+            self._graphs.clear()
+            self._seen.clear()
+            self._versions = versions
+        if key in self._graphs:
+            graph, out = self._graphs[key]
+            graph.replay()
+            return out
+        if key not in self._seen:
+            self._seen.add(key)
+            return fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = fn()
+        self._graphs[key] = (graph, out)
+        graph.replay()
+        return out

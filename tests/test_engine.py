@@ -1,0 +1,83 @@
+"""The batched engine: streams sharing one engine, at different positions, joining and leaving at any time, give
+exactly the tokens each gets alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from signals import speechlike
+
+
+def _round_robin(model, engine, plan, piece: int):
+    """``plan``: (audio, delay_ms, join_round) per stream.  Every round, each joined stream pushes ``piece``
+    samples (or finishes when it has none left) and one engine.run() serves them all."""
+    sessions = [None] * len(plan)
+    offsets = [0] * len(plan)
+    finished = [False] * len(plan)
+    round_ = 0
+    while not all(finished):
+        for i, (audio, delay_ms, join_round) in enumerate(plan):
+            if finished[i] or round_ < join_round:
+                continue
+            if sessions[i] is None:
+                sessions[i] = model.stream(delay_ms=delay_ms, engine=engine)
+            if offsets[i] < len(audio):
+                sessions[i].push(audio[offsets[i]:offsets[i] + piece])
+                offsets[i] += piece
+            else:
+                sessions[i].finish()
+                finished[i] = True
+        engine.run()
+        round_ += 1
+    return sessions
+
+
+@pytest.mark.parametrize("piece", [1280, 2000])
+def test_streams_sharing_an_engine_match_their_solo_transcripts(tiny_short, piece):
+    plan = [
+        (speechlike(2.5, seed=21), 480, 0),
+        (speechlike(4.0, seed=22), 240, 3),  # joins later, so it sits at other positions than the first
+        (speechlike(1.2, seed=23), 960, 5),  # short: leaves early; its row is then reused
+        (speechlike(2.0, seed=24), 80, 30),  # joins after the third left: takes its (reset) row
+    ]
+    engine = tiny_short.engine(3)
+    sessions = _round_robin(tiny_short, engine, plan, piece)
+    for session, (audio, delay_ms, _) in zip(sessions, plan):
+        solo = tiny_short.transcribe(audio, delay_ms=delay_ms)
+        assert session.transcription.tokens == solo.tokens
+        assert session.text == solo.text
+    assert engine.free_slots == 3
+    assert engine.decode_rows > engine.decode_calls  # streams were really batched
+
+
+def test_a_full_engine_says_so(tiny_short):
+    engine = tiny_short.engine(1)
+    first = tiny_short.stream(engine=engine)
+    with pytest.raises(RuntimeError, match="all 1 streams of this engine are busy"):
+        tiny_short.stream(engine=engine)
+    first.close()
+    tiny_short.stream(engine=engine).finish()
+
+
+def test_decoder_context_cap_is_exact_below_the_cap(tiny_long):
+    """A capped decoder window changes nothing for streams shorter than the cap (here 4 s = 50 + 39 tokens)."""
+    audio = speechlike(4.0, seed=25)
+    engine = tiny_long.engine(2, decoder_context=128)
+    session = tiny_long.stream(engine=engine)
+    session.feed(audio)
+    session.finish()
+    assert session.transcription.tokens == tiny_long.transcribe(audio).tokens
+
+
+def test_abandoned_session_frees_its_row(tiny_short):
+    engine = tiny_short.engine(2)
+    a = tiny_short.stream(engine=engine)
+    a.feed(speechlike(1.0, seed=26))
+    a.close()
+    assert engine.free_slots == 2
+    b = tiny_short.stream(engine=engine)
+    audio = speechlike(1.5, seed=27)
+    b.feed(audio)
+    b.finish()
+    assert b.transcription.tokens == tiny_short.transcribe(audio).tokens
+    assert np.isfinite(engine.decoder_cache.keys[0].float()).all()
