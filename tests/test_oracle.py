@@ -8,6 +8,8 @@ import pytest
 import torch
 from signals import speechlike
 
+from voxtral_realtime.benchmark import teacher_forced_logits
+
 SAMPLES_PER_TOKEN = 1280
 
 
@@ -34,37 +36,20 @@ def reference_generate(hf_model, ids, features, delay_tokens):
     return out.sequences[0, ids.shape[1]:].tolist(), [step[0] for step in out.logits]
 
 
-@torch.no_grad()
-def embed_features(net, features: torch.Tensor, chunk_frames: int = 256) -> torch.Tensor:
-    """Our encoder + adapter over a whole log-mel [n_mels, T] in chunks of ``chunk_frames`` encoder frames."""
-    state = net.encoder.new_state(1, max_chunk=chunk_frames, device=net.device, dtype=net.dtype)
-    out, position = [], 0
-    for start in range(0, features.shape[-1], 2 * chunk_frames):
-        mel = features[None, :, start:start + 2 * chunk_frames]
-        frames = mel.shape[-1] // 2
-        state.cache.reserve(position + frames)
-        out.append(net.embed_audio(mel, state, torch.arange(position, position + frames)[None]))
-        position += frames
-    return torch.cat(out, dim=1)
-
-
-def teacher_forced_logits(model, features: torch.Tensor, tokens: list[int], delay_tokens: int) -> list[torch.Tensor]:
-    """Our network fed the reference's own features and tokens, one decoder step per position."""
-    net = model.network
-    embeddings = embed_features(net, features[0])
-    cache = net.decoder.new_cache(1, max_chunk=64, device=net.device, dtype=net.dtype)
-    scales = net.decoder.ffn_scales(delay_tokens)
-    prompt = [1] + [32] * (32 + delay_tokens)
-    p = len(prompt)
+def embed_features(net, features: torch.Tensor) -> torch.Tensor:
+    """Our encoder + adapter over a whole log-mel [n_mels, T]."""
+    state = net.encoder.new_state(1, max_chunk=256, device=net.device, dtype=net.dtype)
+    state.cache.reserve(features.shape[-1] // 2)
     with torch.no_grad():
-        cache.reserve(p)
-        logits = [net.decoder(torch.tensor([prompt]), embeddings[:, :p], torch.arange(p)[None], cache, scales)[0]]
-        for k, token in enumerate(tokens[:-1]):
-            pos = p + k
-            cache.reserve(pos + 1)
-            logits.append(net.decoder(torch.tensor([[token]]), embeddings[:, pos:pos + 1], torch.tensor([[pos]]),
-                                      cache, scales)[0])
-    return logits
+        return torch.cat([net.embed_audio(features[None, :, start:start + 512], state,
+                                          torch.arange(start // 2, min(start + 512, features.shape[-1]) // 2)[None])
+                          for start in range(0, features.shape[-1], 512)], dim=1)
+
+
+def teacher_forced(model, features: torch.Tensor, tokens: list[int], delay_tokens: int) -> list[torch.Tensor]:
+    """Our network fed the reference's own features and tokens, one decoder step per position."""
+    prompt = [1] + [32] * (32 + delay_tokens)
+    return list(teacher_forced_logits(model.network, features[0], prompt, tokens, delay_tokens))
 
 
 @pytest.mark.parametrize("signal", ["speech", "silence", "loud", "tone"])
@@ -116,7 +101,7 @@ def test_logits_and_tokens_match_over_20_seconds(checkpoints, name, tiny_short, 
     n_steps = features.shape[-1] // 8 - ids.shape[1]
     assert len(ref_tokens) == n_steps, "the reference stopped early (EOS): choose another seed"
 
-    logits = teacher_forced_logits(model, features, ref_tokens, 6)
+    logits = teacher_forced(model, features, ref_tokens, 6)
     worst = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(logits, ref_logits))
     assert worst <= 1e-4
 
@@ -170,7 +155,7 @@ def test_bf16_logits_close_to_f32(checkpoints, tiny_short):
     bf16 = voxtral_realtime.load(checkpoints["short"].mistral_dir, device="cpu", dtype="bf16")
     _, features = reference_inputs(speechlike(3.0, seed=8), 6)
     tokens = tiny_short.transcribe(speechlike(3.0, seed=8)).tokens
-    f32_logits = teacher_forced_logits(tiny_short, features, tokens, 6)
-    bf16_logits = teacher_forced_logits(bf16, features.to(torch.bfloat16), tokens, 6)
+    f32_logits = teacher_forced(tiny_short, features, tokens, 6)
+    bf16_logits = teacher_forced(bf16, features.to(torch.bfloat16), tokens, 6)
     worst = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(bf16_logits, f32_logits))
     assert worst < 0.1

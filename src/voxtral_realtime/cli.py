@@ -33,6 +33,19 @@ Set VOXTRAL_MODEL to change the default model.  Audio: anything ffmpeg decodes (
 webm...), any sample rate and channel count.
 """
 
+EPILOG_BENCH = """\
+examples:
+  voxtral bench --random-weights                              # one 30 s file, bf16 on the GPU
+  voxtral bench --random-weights --step-batches 1,64,256 --streams 64,128,256 --json bench.json
+  voxtral bench --model ./voxtral --audio talk.wav --compare transformers
+  voxtral bench --random-weights --dtype f32 --device cpu --audio-seconds 5
+
+Rows: encode/decode time of the file, ms per decoder step (host wall time; "gpu ms" is the replayed CUDA
+graph alone), achieved GB/s of weights read per step against the measured copy bandwidth, real-time factor
+(compute / audio time: below 1 is faster than real time).  Streams: every 80 ms tick each stream brings 80 ms
+of audio; "real time" means the 99th-percentile tick takes less than 80 ms.
+"""
+
 DELAY_HELP = ("how far the model may look ahead before deciding a word, in ms: 80..1200 in steps of 80, or 2400; "
               "longer is more accurate, shorter is more immediate (default: the model's own, 480)")
 
@@ -45,6 +58,33 @@ def _delay_ms(text: str) -> int:
     if value not in SUPPORTED_DELAYS_MS:
         raise argparse.ArgumentTypeError(f"{value} ms is not a delay the model supports (80..1200 in steps of 80, "
                                          "or 2400)")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive whole numbers, e.g. 1,64,256")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    values = _int_list(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one positive whole number")
+    return values[0]
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number")
     return value
 
 
@@ -92,6 +132,36 @@ def build_parser() -> argparse.ArgumentParser:
                                            "`python -m sounddevice` lists them)")
     li.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
     li.set_defaults(func=cmd_listen)
+
+    bn = sub.add_parser("bench", help="measure speed: ms per decoder step, real-time factor, concurrent streams",
+                        description="Time the paths this package runs, against the GPU's measured copy bandwidth "
+                                    "(the memory floor of a decoder step) and, with --compare, the reference "
+                                    "implementation on the same weights.",
+                        epilog=EPILOG_BENCH, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_options(bn)
+    bn.add_argument("--random-weights", action="store_true",
+                    help="the real model's shapes with random values instead of --model (no download; timing "
+                         "does not depend on the values)")
+    bn.add_argument("--audio", type=Path, metavar="FILE", help="audio file to transcribe (default: synthetic)")
+    bn.add_argument("--audio-seconds", type=_positive_float, default=30.0,
+                    help="length of the synthetic audio (default: %(default)s)")
+    bn.add_argument("--delay-ms", type=_delay_ms, help=DELAY_HELP)
+    bn.add_argument("--step-batches", type=_int_list, default=[1], metavar="B,B,...",
+                    help="time the batched decoder step alone at these numbers of streams (default: 1)")
+    bn.add_argument("--step-context", type=_positive_int, default=400, metavar="TOKENS",
+                    help="tokens already in each stream's decoder cache for --step-batches (default: 400 = 32 s)")
+    bn.add_argument("--streams", type=_int_list, default=[], metavar="N,N,...",
+                    help="simulate N concurrent live streams (80 ms of audio per stream per tick) and report "
+                         "tick time, latency and whether all keep up with real time")
+    bn.add_argument("--stream-seconds", type=_positive_float, default=30.0,
+                    help="length of each simulated live stream (default: %(default)s)")
+    bn.add_argument("--compare", choices=["transformers"],
+                    help="also time the reference implementation on the same weights and audio")
+    bn.add_argument("--check-precision", action="store_true",
+                    help="compare this dtype's logits and tokens with float32 compute on the same weights")
+    bn.add_argument("--json", type=Path, metavar="FILE", help="also write every number to FILE")
+    bn.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
+    bn.set_defaults(func=cmd_bench)
 
     dl = sub.add_parser("download", help="download a model from the Hugging Face Hub into the local cache",
                         description="Download (or resume downloading) a checkpoint into the Hugging Face cache and "
@@ -283,6 +353,56 @@ def _import_sounddevice() -> Any:
                            "libportaudio2; macOS: brew install portaudio)") from None
     return sounddevice
 
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import benchmark
+    from .api import default_device, resolve_dtype
+    from .audio import load_audio
+    from .signals import speechlike
+
+    reporter = Reporter(enabled=not args.no_progress)
+    if args.audio is not None and not args.audio.is_file():
+        raise VoxtralError(f"{args.audio}: no such file")
+    if args.random_weights:
+        from .random_weights import random_model
+
+        device = torch.device(args.device) if args.device else default_device()
+        reporter.info("building the full-size model with random weights")
+        model = random_model(device=device, dtype=resolve_dtype(args.dtype, device))
+    else:
+        model = _load_model(args, reporter)
+    audio = load_audio(args.audio) if args.audio else speechlike(args.audio_seconds, seed=1)
+    report: dict[str, Any] = benchmark.environment(model, sys.argv)
+    reporter.info(f"{report['device_name']}: {model.dtype}, copy bandwidth "
+                  f"{report['copy_gb_per_s'] or 0:.0f} GB/s, step floor {report['step_floor_ms'] or 0:.2f} ms")
+    report["file"] = benchmark.bench_file(model, audio, delay_ms=args.delay_ms)
+    report["steps"] = [benchmark.bench_step(model, b, args.step_context) for b in args.step_batches]
+    report["streams"] = []
+    for n in args.streams:
+        reporter.info(f"simulating {n} live streams of {args.stream_seconds:g} s")
+        try:
+            report["streams"].append(benchmark.bench_streams(model, n, seconds=args.stream_seconds,
+                                                             delay_ms=args.delay_ms))
+        except torch.OutOfMemoryError:
+            report["streams"].append({"streams": n, "error": "out of memory"})
+            torch.cuda.empty_cache()
+            break
+    if args.compare:
+        reporter.info("timing transformers on the same weights and audio")
+        report["transformers"] = benchmark.bench_transformers(model, audio, delay_ms=args.delay_ms)
+        report["speedup_vs_transformers"] = report["transformers"]["total_s"] / report["file"]["total_s"]
+        report["transformers"]["tokens_equal"] = report["transformers"]["token_ids"] == report["file"]["token_ids"]
+    if args.check_precision:
+        reporter.info("comparing with float32 compute on the same weights")
+        report["precision"] = benchmark.bench_precision(model, audio[: 16000 * 10], delay_ms=args.delay_ms)
+    benchmark.print_report(report)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return 0
 
 
 def cmd_download(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import EncoderConfig
-from .layers import Attention, AttentionContext, FeedForward, KVCache, RMSNorm, Rotary
+from .layers import Attention, AttentionContext, FeedForward, KVCache, RMSNorm, Rotary, RowSnapshot
 
 
 @dataclass
@@ -41,6 +41,15 @@ class EncoderState:
         self.conv.mel_tail[row] = 0
         self.conv.conv1_tail[row] = 0
         self.cache.reset(row)
+
+    def snapshot(self, row: int) -> tuple[torch.Tensor, torch.Tensor, RowSnapshot]:
+        return self.conv.mel_tail[row].clone(), self.conv.conv1_tail[row].clone(), self.cache.snapshot(row)
+
+    def restore(self, row: int, snapshot: tuple[torch.Tensor, torch.Tensor, RowSnapshot]) -> None:
+        mel_tail, conv1_tail, cache = snapshot
+        self.conv.mel_tail[row] = mel_tail
+        self.conv.conv1_tail[row] = conv1_tail
+        self.cache.restore(row, cache)
 
 
 class ConvStem(nn.Module):

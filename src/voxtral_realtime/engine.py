@@ -9,6 +9,10 @@ and receives tokens.  Each :meth:`Engine.run` does all the work the pushed audio
 * decoder: a stream with a run of prompt tokens ready prefills them in one call; every other stream with an
   audio embedding waiting takes part in one batched step, one token each, at its own position.
 
+Every stream opens with the protocol's left padding, 32 steps of silence: the first 31 of them (those whose mel
+windows do not reach the audio) give every stream the same encoder state and, per delay, the same decoder state.
+They are computed once and copied into each new stream's rows, so joining costs a copy, not 31 steps.
+
 All per-stream memory (conv context, encoder and decoder KV caches, delay conditioning) lives in rows of
 preallocated tensors, so a batched call is a fixed-shape computation over rows ``[0, B)``: rows without work
 this time are disabled and write only to scratch (see :class:`.layers.KVCache`).  On CUDA the two batched calls
@@ -18,6 +22,7 @@ step is reading back the chosen tokens.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -105,6 +110,14 @@ class Engine:
         self._graphs = _GraphedCalls() if use_graphs else None
         self._buckets = _buckets(max_streams) if use_graphs else None
         self._ffn_cache: dict[int, torch.Tensor] = {}
+        # the shared opening (see the module docstring): encoder rows + its embeddings, decoder rows per prompt/delay
+        hop, half = self.audio.hop_length, self.audio.window_size // 2
+        last_silent_frame = (self.audio.n_left_pad_tokens * self._step_samples - half) // hop
+        self._silent_steps = max(0, (last_silent_frame + 1) // self._frames_per_step)
+        self._encoder_opening: tuple[tuple, torch.Tensor] | None = None
+        self._decoder_openings: dict[tuple[tuple[int, ...], int], object] = {}
+        #: seconds spent per stage by run(), with device synchronisation (set to a dict to measure)
+        self.stage_seconds: dict[str, float] | None = None
         #: decoder steps and batched rows so far (for statistics)
         self.decode_calls = 0
         self.decode_rows = 0
@@ -115,15 +128,15 @@ class Engine:
     def free_slots(self) -> int:
         return sum(slot is None for slot in self.slots)
 
-    def attach(self, client: SlotClient, prompt: list[int], delay_tokens: int) -> Slot:
-        """Give a new stream the lowest free row (so active rows stay packed and batches small)."""
+    def attach(self, client: SlotClient) -> Slot:
+        """Give a new stream the lowest free row (so active rows stay packed and batches small); :meth:`reset`
+        it before use."""
         try:
             index = self.slots.index(None)
         except ValueError:
             raise RuntimeError(f"all {self.max_streams} streams of this engine are busy") from None
         slot = Slot(index, client)
         self.slots[index] = slot
-        self.reset(slot, prompt, delay_tokens)
         return slot
 
     def release(self, slot: Slot) -> None:
@@ -131,16 +144,44 @@ class Engine:
             self.slots[slot.index] = None
 
     def reset(self, slot: Slot, prompt: list[int], delay_tokens: int) -> None:
-        """Start ``slot`` over: empty caches and conv context, a new prompt, no audio."""
-        self.encoder_state.reset(slot.index)
-        self.decoder_cache.reset(slot.index)
-        self.ffn_scales[slot.index] = self._ffn_rows(delay_tokens)
+        """Start ``slot`` over with a new prompt: the protocol's left padding is already in, no audio yet."""
+        row = slot.index
+        self.ffn_scales[row] = self._ffn_rows(delay_tokens)
         slot.prompt = list(prompt)
         # the first mel frame is centred on sample 0, so its window starts half a window before the signal
         slot.samples = np.zeros(self.audio.window_size // 2, np.float32)
         slot.samples_pushed = slot.encoder_position = slot.position = 0
         slot.embeddings.clear()
         slot.last_token, slot.embedding_limit, slot.stopped = -1, None, False
+        self.push(slot, np.zeros(self.audio.n_left_pad_tokens * self._step_samples, np.float32))
+        self._open(slot, delay_tokens)
+
+    def _open(self, slot: Slot, delay_tokens: int) -> None:
+        """Run (the first time) or copy (afterwards) the silent opening steps into ``slot``'s rows."""
+        row, steps = slot.index, self._silent_steps
+        self.encoder_state.reset(row)
+        self.decoder_cache.reset(row)
+        if not steps:
+            return
+        with torch.no_grad():
+            if self._encoder_opening is None:
+                self._encode_alone(slot, steps)
+                self._encoder_opening = (self.encoder_state.snapshot(row), torch.stack(list(slot.embeddings)))
+            else:
+                encoder_rows, embeddings = self._encoder_opening
+                self.encoder_state.restore(row, encoder_rows)
+                self._take_samples(slot, steps)
+                slot.encoder_position = steps * self.audio.downsample_factor
+                slot.embeddings.extend(embeddings)
+            key = (tuple(slot.prompt[:steps]), delay_tokens)
+            if key not in self._decoder_openings:
+                self._prefill(slot, steps)
+                self._decoder_openings[key] = self.decoder_cache.snapshot(row)
+            else:
+                self.decoder_cache.restore(row, self._decoder_openings[key])
+                for _ in range(steps):
+                    slot.embeddings.popleft()
+                slot.position = steps
 
     def push(self, slot: Slot, samples: np.ndarray) -> None:
         """Queue float32 16 kHz samples for ``slot`` (computed at the next :meth:`run`)."""
@@ -163,8 +204,18 @@ class Engine:
     @torch.no_grad()
     def run(self) -> None:
         """Do everything the pushed audio allows for every stream (tokens go to the slots' clients)."""
-        while self._encode() | self._decode():
+        while self._timed("encode", self._encode) | self._timed("decode", self._decode):
             pass
+
+    def _timed(self, stage: str, work: Callable[[], bool]) -> bool:
+        if self.stage_seconds is None:
+            return work()
+        started = time.perf_counter()
+        progressed = work()
+        if self.network.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + time.perf_counter() - started
+        return progressed
 
     def _ready_steps(self, slot: Slot) -> int:
         n = len(slot.samples)
@@ -351,3 +402,6 @@ class _GraphedCalls:
         self._graphs[key] = (graph, out)
         graph.replay()
         return out
+
+    def graph(self, key: tuple[str, int]) -> torch.cuda.CUDAGraph:
+        return self._graphs[key][0]

@@ -115,13 +115,27 @@ class KVCache:
         """Forget everything row ``row`` held (a new stream takes it)."""
         self.positions[row] = -1
 
+    def snapshot(self, row: int) -> RowSnapshot:
+        """A copy of what row ``row`` holds (its used columns), to give other rows the same start."""
+        n = self.capacity
+        return RowSnapshot([k[row, :, :n].clone() for k in self.keys], [v[row, :, :n].clone() for v in self.values],
+                           self.positions[row, :n].clone())
+
+    def restore(self, row: int, snapshot: RowSnapshot) -> None:
+        """Make row ``row`` hold what :meth:`snapshot` copied (the ring may have grown since, never shrunk)."""
+        n = snapshot.positions.shape[0]
+        self.positions[row] = -1
+        self.positions[row, :n] = snapshot.positions
+        for stack, saved in ((self.keys, snapshot.keys), (self.values, snapshot.values)):
+            for t, s in zip(stack, saved):
+                t[row, :, :n] = s
+
     def advance(self, positions: torch.Tensor, enabled: torch.Tensor | None = None,
                 rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Reserve columns for absolute ``positions`` [B, T] of rows ``rows`` (default: the first B); return the
         columns [B, T] and the attention mask [B, 1, T, columns] (key j visible to query q iff
         q - window < j <= q), valid for every layer once it has called :meth:`write`."""
-        batch, chunk = positions.shape
-        rows = rows if rows is not None else slice(0, batch)
+        rows = rows if rows is not None else slice(0, positions.shape[0])
         columns = positions % self.capacity
         if enabled is not None:
             columns = torch.where(enabled[:, None], columns, self.capacity)
@@ -138,7 +152,7 @@ class KVCache:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, columns: torch.Tensor, rows: slice) -> None:
         """Store layer ``layer``'s k, v [B, H_kv, T, D] of rows ``rows`` in the columns :meth:`advance` chose."""
-        batch, heads = k.shape[:2]
+        heads = k.shape[1]
         row_index = torch.arange(rows.start, rows.stop, device=k.device)[:, None, None]
         head_index = torch.arange(heads, device=k.device)[None, :, None]
         index = (row_index, head_index, columns[:, None, :])
@@ -159,6 +173,13 @@ class KVCache:
         table[:, :old] = self.positions[:, :old]
         self.positions, self.capacity = table, capacity
         self.version += 1
+
+
+@dataclass
+class RowSnapshot:
+    keys: list[torch.Tensor]  # per layer [H_kv, n, D]
+    values: list[torch.Tensor]
+    positions: torch.Tensor  # [n]
 
 
 def _columns(capacity: int) -> int:

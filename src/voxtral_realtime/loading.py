@@ -421,9 +421,14 @@ def _assemble(files: TensorFiles, name: str, parts: list[Part], shape: tuple[int
 
 def mistral_state_dict(network: VoxtralRealtime) -> dict[str, torch.Tensor]:
     """The network's weights under Mistral names and row order (the inverse of loading a Mistral folder)."""
+    return export_state_dict(network, mistral_layout(network.config, set()))
+
+
+def export_state_dict(network: VoxtralRealtime, layout: dict[str, list[Part]]) -> dict[str, torch.Tensor]:
+    """The network's weights under the names and row order of ``layout`` (the inverse of loading it)."""
     params = dict(network.named_parameters())
     out: dict[str, torch.Tensor] = {}
-    for name, parts in mistral_layout(network.config, set()).items():
+    for name, parts in layout.items():
         pieces = params[name].detach().split([p.rows or params[name].shape[0] for p in parts])
         for part, piece in zip(parts, pieces):
             if part.key is not None:

@@ -12,7 +12,7 @@ import importlib.resources
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import torch
 from safetensors.torch import save_file
@@ -20,6 +20,9 @@ from safetensors.torch import save_file
 from .config import ModelConfig
 from .loading import mistral_state_dict
 from .model import VoxtralRealtime
+
+if TYPE_CHECKING:
+    from .api import Model
 
 #: Special tokens named in the synthetic tekken.json, by rank (= token id); every other rank below 1000 is a
 #: ``<SPECIAL_{i}>`` placeholder.  Ranks 0-19 are mistral-common's legacy layout (``Tekkenizer.
@@ -200,3 +203,20 @@ def write_random_checkpoint(folder: Path, tekken_path: Path, *, params: dict[str
     (folder / "params.json").write_text(json.dumps(params, indent=2))
     shutil.copyfile(tekken_path, folder / "tekken.json")
     return folder
+
+
+def random_model(*, device: torch.device | str, dtype: torch.dtype, params: dict[str, Any] | None = None,
+                 seed: int = 0) -> Model:
+    """A ready :class:`Model` of ``params``' shapes (default: the real model's) with random weights and the
+    synthetic tokenizer: for benchmarks on machines without the real files."""
+    import tempfile
+
+    from .api import Model
+    from .tokenizer import Tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="voxtral-random-") as folder:
+        tekken = write_tekken_json(Path(folder) / "tekken.json")
+        config = ModelConfig.from_params_json(params or FULL_SIZE_PARAMS, dict(AUDIO_BLOCK))
+        tokenizer = Tokenizer(tekken)
+    network = random_network(config, device=device, dtype=dtype, seed=seed)
+    return Model(network, tokenizer, source="random weights")

@@ -69,7 +69,7 @@ class StreamingSession:
         # the most recent input, so a segment restarted after EOS can replay what it already received
         self._recent = np.zeros(0, np.float32)
         self.engine = engine if engine is not None else model.engine_for_session()
-        self._slot: Slot | None = self.engine.attach(self, self.prompt, self.delay_tokens)
+        self._slot: Slot | None = self.engine.attach(self)
         self._start_segment(first_sample=0)
 
     # -- public ------------------------------------------------------------------------------------------
@@ -189,13 +189,10 @@ class StreamingSession:
 
     def _start_segment(self, first_sample: int) -> None:
         """Fresh prompt and caches, with input sample ``first_sample`` (a step boundary) as the segment's start."""
-        audio = self.model.config.audio
-        slot = self._live_slot
-        self.engine.reset(slot, self.prompt, self.delay_tokens)
+        self.engine.reset(self._live_slot, self.prompt, self.delay_tokens)
         self._segment_start = first_sample
         self._segment_tokens = 0
         self._restart_at: int | None = None
-        self.engine.push(slot, np.zeros(audio.n_left_pad_tokens * self._step, np.float32))
 
     def _run(self) -> None:
         self.engine.run()
