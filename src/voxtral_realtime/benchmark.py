@@ -36,6 +36,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _release(device: torch.device) -> None:
+    """Free what a finished measurement held (sessions and slots reference each other: collect the cycles)."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def copy_bandwidth(device: torch.device, nbytes: int = GIB) -> float | None:
     """Device copy bandwidth in GB/s (bytes read + written per second), best of 10; None on the CPU."""
     if device.type != "cuda":
@@ -142,9 +151,8 @@ def bench_step(model: Model, batch: int, context: int, *, steps: int = 50) -> di
         // engine.decoder_cache.positions.shape[1]
     out["bytes_per_step"] = decode_weight_bytes(model) + kv
     out["gb_per_s"] = out["bytes_per_step"] / (out.get("gpu_ms_per_step", wall_ms) / 1000) / 1e9
-    del engine
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    del engine, slots
+    _release(device)
     return out
 
 
@@ -223,9 +231,9 @@ def bench_streams(model: Model, n_streams: int, *, seconds: float, delay_ms: int
         **_peak_memory(device),
     }
     result["real_time"] = result["tick_ms_p99"] <= result["tick_budget_ms"]
+    result["engine_state_gib"] = engine.state_bytes() / GIB
     del engine, streams
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    _release(device)
     return result
 
 
@@ -322,7 +330,8 @@ def environment(model: Model, argv: list[str]) -> dict[str, Any]:
     bandwidth = copy_bandwidth(device)
     weights = decode_weight_bytes(model)
     return {
-        "command": " ".join(["voxtral", *argv[1:]]) if Path(argv[0]).name.startswith("voxtral") else " ".join(argv),
+        "command": " ".join(["voxtral", *argv[1:]])
+        if Path(argv[0]).name.startswith("voxtral") or Path(argv[0]).name == "cli.py" else " ".join(argv),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "python": platform.python_version(), "model": model.source,
         "dtype": str(model.dtype).removeprefix("torch."), "decode_weight_gb": weights / 1e9,

@@ -68,12 +68,12 @@ class TextDecoder(nn.Module):
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
 
     def new_cache(self, rows: int, *, max_chunk: int, device: torch.device, dtype: torch.dtype,
-                  context: int | None = None) -> KVCache:
+                  context: int | None = None, preallocate: bool = False) -> KVCache:
         """KV cache for ``rows`` streams.  ``context`` caps the attention window below the model's (memory for
         many streams); the default keeps the model's exact window."""
         window = min(self.cfg.sliding_window, context or self.cfg.sliding_window)
         return KVCache.empty(len(self.layers), rows, self.cfg.n_kv_heads, self.cfg.head_dim,
-                             window=window, max_chunk=max_chunk, device=device, dtype=dtype)
+                             window=window, max_chunk=max_chunk, device=device, dtype=dtype, preallocate=preallocate)
 
     @torch.no_grad()
     def ffn_scales(self, delay_tokens: int) -> torch.Tensor:

@@ -33,8 +33,10 @@ import torch
 
 from .model import VoxtralRealtime
 
-#: Encoder frames per call when one stream has many steps waiting (a file fed at once).
+#: Encoder frames per call when one stream has many steps waiting (a file fed at once), once it is past the
+#: window: the ring holds window + chunk - 1 frames per stream, so engines for many streams use a small chunk.
 ENCODER_CHUNK_FRAMES = 256
+SHARED_ENCODER_CHUNK_FRAMES = 16
 #: Decoder positions per prefill call: covers the longest prompt (BOS + 32 pad + 30 delay steps at 2400 ms).
 DECODER_CHUNK = 64
 
@@ -79,19 +81,24 @@ class Engine:
     ``decoder_context`` caps the decoder's attention window (and its KV memory) below the model's 8192 tokens
     (~11 min): with many streams the full window does not fit in memory.  Streams shorter than the cap are
     exact; longer ones attend to their last ``decoder_context`` tokens.  ``cuda_graphs`` (default: on for CUDA)
-    captures the batched calls.
+    captures the batched calls.  An engine for several streams allocates its caches in full up front (the
+    decoder's only when ``decoder_context`` bounds it), so it cannot run out of memory halfway through.
     """
 
     def __init__(self, network: VoxtralRealtime, *, max_streams: int = 1, decoder_context: int | None = None,
-                 encoder_chunk: int = ENCODER_CHUNK_FRAMES, cuda_graphs: bool | None = None) -> None:
+                 encoder_chunk: int | None = None, cuda_graphs: bool | None = None) -> None:
         self.network = network
         cfg, device, dtype = network.config, network.device, network.dtype
         self.audio = cfg.audio
         self.max_streams = max_streams
+        shared = max_streams > 1
+        if encoder_chunk is None:
+            encoder_chunk = SHARED_ENCODER_CHUNK_FRAMES if shared else ENCODER_CHUNK_FRAMES
         self.encoder_state = network.encoder.new_state(max_streams, max_chunk=encoder_chunk, device=device,
-                                                       dtype=dtype)
+                                                       dtype=dtype, preallocate=shared)
         self.decoder_cache = network.decoder.new_cache(max_streams, max_chunk=DECODER_CHUNK, device=device,
-                                                       dtype=dtype, context=decoder_context)
+                                                       dtype=dtype, context=decoder_context,
+                                                       preallocate=shared and decoder_context is not None)
         self.ffn_scales = torch.zeros(max_streams, cfg.decoder.n_layers, cfg.decoder.dim, device=device, dtype=dtype)
         self.slots: list[Slot | None] = [None] * max_streams
         self._frames_per_step = self.audio.mel_frames_per_token
@@ -123,6 +130,11 @@ class Engine:
         self.decode_rows = 0
 
     # -- slots ------------------------------------------------------------------------------------------------
+
+    def state_bytes(self) -> int:
+        """Device memory held for the streams' state (KV caches, conv context, delay conditioning)."""
+        caches = (self.encoder_state.cache, self.decoder_cache)
+        return sum(c.bytes_per_row() * c.rows for c in caches) + self.ffn_scales.numel() * self.ffn_scales.element_size()
 
     @property
     def free_slots(self) -> int:

@@ -75,9 +75,11 @@ class KVCache:
 
     @classmethod
     def empty(cls, n_layers: int, rows: int, n_kv_heads: int, head_dim: int, *, window: int, max_chunk: int,
-              device: torch.device, dtype: torch.dtype, initial_capacity: int = 256) -> KVCache:
+              device: torch.device, dtype: torch.dtype, preallocate: bool = False) -> KVCache:
+        """``preallocate``: the whole ring now (memory known up front, no reallocation later) instead of 256
+        columns that double as needed."""
         max_capacity = window + max_chunk - 1
-        capacity = min(max_capacity, initial_capacity)
+        capacity = max_capacity if preallocate else min(max_capacity, 256)
         columns = _columns(capacity)
         shape = (rows, n_kv_heads, columns, head_dim)
         return cls(
