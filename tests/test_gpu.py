@@ -34,7 +34,9 @@ def test_cuda_graph_engine_with_many_streams_equals_cpu(checkpoints, tiny_short)
     from test_engine import _round_robin
 
     gpu = voxtral_realtime.load(checkpoints["short"].mistral_dir, device="cuda", dtype="f32")
-    plan = [(speechlike(3.0 + i / 3, seed=40 + i), (80, 240, 480, 960)[i % 4], 2 * i) for i in range(7)]
+    # five streams join two rounds apart; two more join once the first ones have left and take their rows
+    plan = [(speechlike(3.0 + i / 3, seed=40 + i), (80, 240, 480, 960)[i % 4], 2 * i if i < 5 else 60 + i)
+            for i in range(7)]
     engine = gpu.engine(5)
     assert engine._graphs is not None
     sessions = _round_robin(gpu, engine, plan, 1280)

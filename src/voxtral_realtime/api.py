@@ -67,6 +67,8 @@ class Model:
         self.tokenizer = tokenizer
         self.source = source
         self._private_engines: list[Engine] = []
+        #: compile the batched calls of every engine made from now on with torch.compile (CUDA; slow to start)
+        self.compile = False
 
     @property
     def config(self) -> ModelConfig:
@@ -90,14 +92,14 @@ class Model:
         ``decoder_context`` caps each stream's decoder attention (and KV memory) at that many tokens (80 ms
         each); the default is the model's full window, 8192 tokens, about 870 MB per stream in bf16.
         """
-        return Engine(self.network, max_streams=max_streams, decoder_context=decoder_context)
+        return Engine(self.network, max_streams=max_streams, decoder_context=decoder_context, compile=self.compile)
 
     def engine_for_session(self) -> Engine:
         """A one-stream engine with a free slot, reused across sessions so its caches and CUDA graphs are kept."""
         for engine in self._private_engines:
             if engine.free_slots:
                 return engine
-        engine = Engine(self.network, max_streams=1)
+        engine = Engine(self.network, max_streams=1, compile=self.compile)
         self._private_engines.append(engine)
         return engine
 

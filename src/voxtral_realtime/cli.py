@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="length of each simulated live stream (default: %(default)s)")
     bn.add_argument("--compare", choices=["transformers"],
                     help="also time the reference implementation on the same weights and audio")
+    bn.add_argument("--compile", action="store_true",
+                    help="compile the batched calls with torch.compile first (fuses small kernels; adds about a "
+                         "minute of compilation per batch size)")
     bn.add_argument("--check-precision", action="store_true",
                     help="compare this dtype's logits and tokens with float32 compute on the same weights")
     bn.add_argument("--json", type=Path, metavar="FILE", help="also write every number to FILE")
@@ -374,6 +377,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         model = random_model(device=device, dtype=resolve_dtype(args.dtype, device))
     else:
         model = _load_model(args, reporter)
+    model.compile = args.compile
     audio = load_audio(args.audio) if args.audio else speechlike(args.audio_seconds, seed=1)
     report: dict[str, Any] = benchmark.environment(model, sys.argv)
     reporter.info(f"{report['device_name']}: {model.dtype}, copy bandwidth "

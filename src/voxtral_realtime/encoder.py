@@ -42,8 +42,9 @@ class EncoderState:
         self.conv.conv1_tail[row] = 0
         self.cache.reset(row)
 
-    def snapshot(self, row: int) -> tuple[torch.Tensor, torch.Tensor, RowSnapshot]:
-        return self.conv.mel_tail[row].clone(), self.conv.conv1_tail[row].clone(), self.cache.snapshot(row)
+    def snapshot(self, row: int, frames: int) -> tuple[torch.Tensor, torch.Tensor, RowSnapshot]:
+        """Row ``row`` after ``frames`` encoder frames, to start other rows from."""
+        return self.conv.mel_tail[row].clone(), self.conv.conv1_tail[row].clone(), self.cache.snapshot(row, frames)
 
     def restore(self, row: int, snapshot: tuple[torch.Tensor, torch.Tensor, RowSnapshot]) -> None:
         mel_tail, conv1_tail, cache = snapshot

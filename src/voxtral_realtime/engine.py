@@ -81,12 +81,13 @@ class Engine:
     ``decoder_context`` caps the decoder's attention window (and its KV memory) below the model's 8192 tokens
     (~11 min): with many streams the full window does not fit in memory.  Streams shorter than the cap are
     exact; longer ones attend to their last ``decoder_context`` tokens.  ``cuda_graphs`` (default: on for CUDA)
-    captures the batched calls.  An engine for several streams allocates its caches in full up front (the
+    captures the batched calls; ``compile`` first compiles them with ``torch.compile`` (fused elementwise
+    kernels; a minute of compilation per batch-size bucket).  An engine for several streams allocates its caches in full up front (the
     decoder's only when ``decoder_context`` bounds it), so it cannot run out of memory halfway through.
     """
 
     def __init__(self, network: VoxtralRealtime, *, max_streams: int = 1, decoder_context: int | None = None,
-                 encoder_chunk: int | None = None, cuda_graphs: bool | None = None) -> None:
+                 encoder_chunk: int | None = None, cuda_graphs: bool | None = None, compile: bool = False) -> None:
         self.network = network
         cfg, device, dtype = network.config, network.device, network.dtype
         self.audio = cfg.audio
@@ -113,6 +114,14 @@ class Engine:
         self._step_audio = torch.zeros(max_streams, cfg.decoder.dim, device=device, dtype=dtype)
         self._step_positions = torch.zeros(max_streams, dtype=torch.long, device=device)
         self._step_enabled = torch.zeros(max_streams, dtype=torch.bool, device=device)
+        self._encode_fn, self._decode_fn = self._encode_rows, self._decode_rows
+        if compile:
+            from torch import _dynamo
+
+            # one compiled graph per bucket and per cache reallocation
+            _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 64)
+            self._encode_fn = torch.compile(self._encode_rows, dynamic=False)
+            self._decode_fn = torch.compile(self._decode_rows, dynamic=False)
         use_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._graphs = _GraphedCalls() if use_graphs else None
         self._buckets = _buckets(max_streams) if use_graphs else None
@@ -178,7 +187,8 @@ class Engine:
         with torch.no_grad():
             if self._encoder_opening is None:
                 self._encode_alone(slot, steps)
-                self._encoder_opening = (self.encoder_state.snapshot(row), torch.stack(list(slot.embeddings)))
+                self._encoder_opening = (self.encoder_state.snapshot(row, slot.encoder_position),
+                                         torch.stack(list(slot.embeddings)))
             else:
                 encoder_rows, embeddings = self._encoder_opening
                 self.encoder_state.restore(row, encoder_rows)
@@ -188,7 +198,7 @@ class Engine:
             key = (tuple(slot.prompt[:steps]), delay_tokens)
             if key not in self._decoder_openings:
                 self._prefill(slot, steps)
-                self._decoder_openings[key] = self.decoder_cache.snapshot(row)
+                self._decoder_openings[key] = self.decoder_cache.snapshot(row, steps)
             else:
                 self.decoder_cache.restore(row, self._decoder_openings[key])
                 for _ in range(steps):
@@ -205,6 +215,19 @@ class Engine:
         reference, the final audio embedding is not consumed."""
         slot.embedding_limit = slot.samples_pushed // self._step_samples - 1
         slot.samples = np.concatenate([slot.samples, np.zeros(self.audio.window_size // 2, np.float32)])
+
+    def capture_graphs(self) -> None:
+        """Capture every bucket's graphs now (with every row disabled: nothing changes), so that no stream pays for
+        a capture (or a compilation) later.  Without CUDA graphs this does nothing."""
+        if self._graphs is None or self._buckets is None:
+            return
+        self._tick_enabled.zero_()
+        self._step_enabled.zero_()
+        with torch.no_grad():
+            for rows in self._buckets:
+                for _ in range(2):  # the first call runs eagerly, the second captures
+                    self._call(("encode", rows), lambda rows=rows: self._encode_fn(rows))
+                    self._call(("decode", rows), lambda rows=rows: self._decode_fn(rows))
 
     def _ffn_rows(self, delay_tokens: int) -> torch.Tensor:
         if delay_tokens not in self._ffn_cache:
@@ -284,7 +307,7 @@ class Engine:
         self._tick_samples.index_copy_(0, index, torch.from_numpy(windows).to(self._tick_samples.device))
         self._tick_positions.index_copy_(
             0, index, torch.tensor([s.encoder_position for s in slots], device=index.device))
-        out = self._call(("encode", rows), lambda: self._encode_rows(rows)).clone()
+        out = self._call(("encode", rows), lambda: self._encode_fn(rows)).clone()
         for slot in slots:
             slot.encoder_position += factor
             slot.embeddings.append(out[slot.index])
@@ -340,7 +363,7 @@ class Engine:
         self._step_tokens.index_copy_(0, index, torch.tensor([s.next_input() for s in slots], device=device))
         self._step_positions.index_copy_(0, index, torch.tensor([s.position for s in slots], device=device))
         self._step_audio.index_copy_(0, index, torch.stack([s.embeddings.popleft() for s in slots]))
-        tokens = self._call(("decode", rows), lambda: self._decode_rows(rows)).tolist()
+        tokens = self._call(("decode", rows), lambda: self._decode_fn(rows)).tolist()
         self.decode_calls += 1
         self.decode_rows += len(slots)
         for slot in slots:
@@ -398,8 +421,10 @@ class _GraphedCalls:
     def __call__(self, key: tuple[str, int], versions: tuple[int, int],
                  fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         if versions != self._versions:
+            # a memory pool dies with its last graph: the new graphs get a new one
             self._graphs.clear()
             self._seen.clear()
+            self._pool = torch.cuda.graph_pool_handle()
             self._versions = versions
         if key in self._graphs:
             graph, out = self._graphs[key]

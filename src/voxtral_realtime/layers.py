@@ -117,9 +117,9 @@ class KVCache:
         """Forget everything row ``row`` held (a new stream takes it)."""
         self.positions[row] = -1
 
-    def snapshot(self, row: int) -> RowSnapshot:
-        """A copy of what row ``row`` holds (its used columns), to give other rows the same start."""
-        n = self.capacity
+    def snapshot(self, row: int, written: int) -> RowSnapshot:
+        """A copy of what row ``row`` holds after ``written`` positions, to give other rows the same start."""
+        n = min(written, self.capacity)
         return RowSnapshot([k[row, :, :n].clone() for k in self.keys], [v[row, :, :n].clone() for v in self.values],
                            self.positions[row, :n].clone())
 
