@@ -35,7 +35,7 @@ from .model import VoxtralRealtime
 
 #: Encoder frames per call when one stream has many steps waiting (a file fed at once), once it is past the
 #: window: the ring holds window + chunk - 1 frames per stream, so engines for many streams use a small chunk.
-ENCODER_CHUNK_FRAMES = 256
+ENCODER_CHUNK_FRAMES = 1024
 SHARED_ENCODER_CHUNK_FRAMES = 16
 #: Decoder positions per prefill call: covers the longest prompt (BOS + 32 pad + 30 delay steps at 2400 ms).
 DECODER_CHUNK = 64
@@ -123,7 +123,8 @@ class Engine:
             self._encode_fn = torch.compile(self._encode_rows, dynamic=False)
             self._decode_fn = torch.compile(self._decode_rows, dynamic=False)
         use_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self._graphs = _GraphedCalls() if use_graphs else None
+        # a compiled call must be warm (compiled, guards settled) before capture: capture cannot compile
+        self._graphs = _GraphedCalls(eager_calls=2 if compile else 1) if use_graphs else None
         self._buckets = _buckets(max_streams) if use_graphs else None
         self._ffn_cache: dict[int, torch.Tensor] = {}
         # the shared opening (see the module docstring): encoder rows + its embeddings, decoder rows per prompt/delay
@@ -225,7 +226,7 @@ class Engine:
         self._step_enabled.zero_()
         with torch.no_grad():
             for rows in self._buckets:
-                for _ in range(2):  # the first call runs eagerly, the second captures
+                for _ in range(3):  # eager warm-up calls, then the capture
                     self._call(("encode", rows), lambda rows=rows: self._encode_fn(rows))
                     self._call(("decode", rows), lambda rows=rows: self._decode_fn(rows))
 
@@ -296,6 +297,7 @@ class Engine:
             slot.embeddings.extend(embeddings[0])
             steps -= chunk
 
+    @torch.no_grad()
     def _encode_tick(self, slots: list[Slot]) -> None:
         factor = self.audio.downsample_factor
         rows = self._rows(slots)
@@ -339,6 +341,7 @@ class Engine:
             self._step(batch)
             progressed = True
 
+    @torch.no_grad()
     def _prefill(self, slot: Slot, length: int) -> None:
         network, cache = self.network, self.decoder_cache
         length = min(length, cache.max_write(slot.position))
@@ -353,6 +356,7 @@ class Engine:
         if slot.position == len(slot.prompt):
             self._deliver(slot, int(logits[0].argmax()))
 
+    @torch.no_grad()
     def _step(self, slots: list[Slot]) -> None:
         rows = self._rows(slots)
         device = self._step_tokens.device
@@ -407,15 +411,16 @@ def _buckets(max_streams: int) -> list[int]:
 class _GraphedCalls:
     """Each batched call captured once per (kind, rows) into a CUDA graph, then replayed.
 
-    The first call of a shape runs eagerly (it is the warm-up, and its result is used), the second captures it;
+    The first calls of a shape run eagerly (the warm-up, and their results are used), the next captures it;
     capturing executes nothing.  A cache reallocation (``versions`` changes) drops every graph: they read the
     old buffers.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, eager_calls: int = 1) -> None:
         self._pool = torch.cuda.graph_pool_handle()
         self._graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._seen: set[tuple[str, int]] = set()
+        self._eager_calls = eager_calls
+        self._seen: dict[tuple[str, int], int] = {}
         self._versions: tuple[int, int] | None = None
 
     def __call__(self, key: tuple[str, int], versions: tuple[int, int],
@@ -430,8 +435,8 @@ class _GraphedCalls:
             graph, out = self._graphs[key]
             graph.replay()
             return out
-        if key not in self._seen:
-            self._seen.add(key)
+        if self._seen.get(key, 0) < self._eager_calls:
+            self._seen[key] = self._seen.get(key, 0) + 1
             return fn()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
