@@ -93,13 +93,15 @@ class Engine:
         self.audio = cfg.audio
         self.max_streams = max_streams
         shared = max_streams > 1
+        # a compiled call is specialised to the cache sizes: growing them would mean compiling again
+        preallocate = shared or compile
         if encoder_chunk is None:
             encoder_chunk = SHARED_ENCODER_CHUNK_FRAMES if shared else ENCODER_CHUNK_FRAMES
         self.encoder_state = network.encoder.new_state(max_streams, max_chunk=encoder_chunk, device=device,
-                                                       dtype=dtype, preallocate=shared)
+                                                       dtype=dtype, preallocate=preallocate)
         self.decoder_cache = network.decoder.new_cache(max_streams, max_chunk=DECODER_CHUNK, device=device,
                                                        dtype=dtype, context=decoder_context,
-                                                       preallocate=shared and decoder_context is not None)
+                                                       preallocate=compile or (shared and decoder_context is not None))
         self.ffn_scales = torch.zeros(max_streams, cfg.decoder.n_layers, cfg.decoder.dim, device=device, dtype=dtype)
         self.slots: list[Slot | None] = [None] * max_streams
         self._frames_per_step = self.audio.mel_frames_per_token
