@@ -333,17 +333,15 @@ def bench_precision(model: Model, audio: np.ndarray, *, delay_ms: int | None = N
             "free_running_tokens_equal": ours == reference, "free_running_common_prefix": same_prefix}
 
 
-def environment(model: Model, argv: list[str]) -> dict[str, Any]:
+def environment(model: Model, command: str) -> dict[str, Any]:
     """What the numbers were measured on, the command that measured them, and the step's memory floor."""
     import platform
-    from pathlib import Path
 
     device = model.device
     bandwidth = copy_bandwidth(device)
     weights = decode_weight_bytes(model)
     return {
-        "command": " ".join(["voxtral", *argv[1:]])
-        if Path(argv[0]).name.startswith("voxtral") or Path(argv[0]).name == "cli.py" else " ".join(argv),
+        "command": command,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "python": platform.python_version(), "model": model.source,
         "dtype": str(model.dtype).removeprefix("torch."), "decode_weight_gb": weights / 1e9,

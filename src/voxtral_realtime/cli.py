@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -379,7 +380,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         model = _load_model(args, reporter)
     model.compile = args.compile
     audio = load_audio(args.audio) if args.audio else speechlike(args.audio_seconds, seed=1)
-    report: dict[str, Any] = benchmark.environment(model, sys.argv)
+    report: dict[str, Any] = benchmark.environment(model, shlex.join(["voxtral", *args.argv]))
     reporter.info(f"{report['device_name']}: {model.dtype}, copy bandwidth "
                   f"{report['copy_gb_per_s'] or 0:.0f} GB/s, step floor {report['step_floor_ms'] or 0:.2f} ms")
     report["file"] = benchmark.bench_file(model, audio, delay_ms=args.delay_ms)
@@ -431,7 +432,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return _dispatch(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    return _dispatch(args)
 
 
 def rust_compat_main(argv: Sequence[str] | None = None) -> int:
