@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32 and cast back before the gain, as the reference does (matters in bf16)."""
@@ -133,9 +135,9 @@ class KVCache:
                 t[row, :, :n] = s
 
     def advance(self, positions: torch.Tensor, enabled: torch.Tensor | None = None,
-                rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                rows: slice | None = None, *, with_mask: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Reserve columns for absolute ``positions`` [B, T] of rows ``rows`` (default: the first B); return the
-        columns [B, T] and the attention mask [B, 1, T, columns] (key j visible to query q iff
+        columns [B, T] and (``with_mask``) the attention mask [B, 1, T, columns] (key j visible to query q iff
         q - window < j <= q), valid for every layer once it has called :meth:`write`."""
         rows = rows if rows is not None else slice(0, positions.shape[0])
         columns = positions % self.capacity
@@ -144,6 +146,8 @@ class KVCache:
             positions = torch.where(enabled[:, None], positions, -1)
         row_index = torch.arange(rows.start, rows.stop, device=positions.device)[:, None]
         self.positions.index_put_((row_index, columns), positions)
+        if not with_mask:
+            return columns, None
         table = self.positions[rows][:, None, None, :]
         q = positions[:, None, :, None]
         mask = (table >= 0) & (table <= q) & (table > q - self.window)
@@ -192,14 +196,16 @@ def _columns(capacity: int) -> int:
 @dataclass
 class AttentionContext:
     """What every layer of a stack needs for one call: rotary tables, the cache, the rows and columns it writes,
-    and the mask."""
+    and either the mask (SDPA) or, for one new position per stream on CUDA, the query positions that the decode
+    kernel checks against the cache's position table itself (-1: a disabled row)."""
 
     cos: torch.Tensor
     sin: torch.Tensor
     cache: KVCache
     rows: slice
     columns: torch.Tensor
-    mask: torch.Tensor
+    mask: torch.Tensor | None
+    query_positions: torch.Tensor | None = None
 
     @classmethod
     def prepare(cls, rotary: Rotary, cache: KVCache, positions: torch.Tensor, dtype: torch.dtype, *,
@@ -208,6 +214,10 @@ class AttentionContext:
         compute throwaway values and leave the cache as it was."""
         rows = rows if rows is not None else slice(0, positions.shape[0])
         cos, sin = rotary.cos_sin(positions, dtype)
+        if positions.shape[1] == 1 and kernels.decode_attention_available(positions.device):
+            columns, _ = cache.advance(positions, enabled, rows, with_mask=False)
+            query = positions[:, 0] if enabled is None else torch.where(enabled, positions[:, 0], -1)
+            return cls(cos, sin, cache, rows, columns, None, query)
         columns, mask = cache.advance(positions, enabled, rows)
         return cls(cos, sin, cache, rows, columns, mask)
 
@@ -231,8 +241,13 @@ class Attention(nn.Module):
         k = k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
-        ctx.cache.write(layer, k, v, ctx.columns, ctx.rows)
-        out = grouped_attention(q, ctx.cache.keys[layer][ctx.rows], ctx.cache.values[layer][ctx.rows], ctx.mask)
+        cache = ctx.cache
+        cache.write(layer, k, v, ctx.columns, ctx.rows)
+        if ctx.query_positions is not None:
+            out = kernels.decode_attention(q, cache.keys[layer], cache.values[layer], cache.positions,
+                                           ctx.query_positions, ctx.rows.start, cache.capacity, cache.window)
+        else:
+            out = grouped_attention(q, cache.keys[layer][ctx.rows], cache.values[layer][ctx.rows], ctx.mask)
         return self.wo(out.transpose(1, 2).reshape(batch, length, self.q_size))
 
 
