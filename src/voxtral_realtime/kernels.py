@@ -41,7 +41,7 @@ if triton is not None:
         pid = tl.program_id(0)
         b = pid // H_KV
         h = pid % H_KV
-        row = row_start + b
+        row = (row_start + b).to(tl.int64)  # many rows x a long ring: element offsets exceed 2**31
         qpos = tl.load(qpos_ptr + b)
         limit = tl.minimum(qpos + 1, capacity)  # a disabled row has qpos -1: nothing to read
         offs_g = tl.arange(0, GROUP_PAD)
