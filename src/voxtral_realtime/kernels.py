@@ -4,7 +4,9 @@
 of the ring (the whole preallocated window) and needs a mask tensor built per step; this kernel reads, per
 stream, only the columns its position can have filled (``min(position + 1, capacity)``), checks the sliding
 window against the cache's position table itself, and serves all query heads of a kv head (GQA) from one read
-of the keys.  Cost follows each stream's own context length, not the buffer size.
+of the keys.  Cost follows each stream's own context length, not the buffer size.  With few streams (few
+programs for 132 SMs) each stream's columns are split between several programs whose partial softmax sums a
+second kernel combines ("flash decoding").
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention_kernel(
-        q_ptr, k_ptr, v_ptr, table_ptr, qpos_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, table_ptr, qpos_ptr, out_ptr, part_ptr, stats_ptr,
         row_start, capacity, window, scale,
         stride_qb, stride_qh, stride_qg,
         stride_kr, stride_kh, stride_kc,
@@ -36,14 +38,18 @@ if triton is not None:
         stride_tr,
         stride_ob, stride_oh, stride_og,
         H_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
-        BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        split = tl.program_id(1)
         b = pid // H_KV
         h = pid % H_KV
         row = (row_start + b).to(tl.int64)  # many rows x a long ring: element offsets exceed 2**31
         qpos = tl.load(qpos_ptr + b)
         limit = tl.minimum(qpos + 1, capacity)  # a disabled row has qpos -1: nothing to read
+        per_split = tl.cdiv(tl.cdiv(limit, SPLITS), BLOCK_N) * BLOCK_N
+        lo = split * per_split
+        hi = tl.minimum(lo + per_split, limit)
         offs_g = tl.arange(0, GROUP_PAD)
         offs_d = tl.arange(0, D)
         g_mask = offs_g < GROUP
@@ -54,9 +60,9 @@ if triton is not None:
         acc = tl.zeros([GROUP_PAD, D], tl.float32)
         k_base = k_ptr + row * stride_kr + h * stride_kh
         v_base = v_ptr + row * stride_vr + h * stride_vh
-        for start in range(0, limit, BLOCK_N):
+        for start in range(lo, hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
-            in_range = offs_n < limit
+            in_range = offs_n < hi
             held = tl.load(table_ptr + row * stride_tr + offs_n, mask=in_range, other=-1)
             visible = in_range & (held >= 0) & (held <= qpos) & (held > qpos - window)
             k = tl.load(k_base + offs_n[:, None] * stride_kc + offs_d[None, :], mask=in_range[:, None], other=0.0)
@@ -76,9 +82,44 @@ if triton is not None:
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        if SPLITS == 1:
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_g[:, None] * stride_og + offs_d[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+        else:  # partial sums, [programs, SPLITS, GROUP_PAD, D] and (max, sum) [programs, SPLITS, 2, GROUP_PAD]
+            slot = pid * SPLITS + split
+            tl.store(part_ptr + slot * GROUP_PAD * D + offs_g[:, None] * D + offs_d[None, :], acc)
+            tl.store(stats_ptr + slot * 2 * GROUP_PAD + offs_g, m_i)
+            tl.store(stats_ptr + slot * 2 * GROUP_PAD + GROUP_PAD + offs_g, l_i)
+
+    @triton.jit
+    def _combine_splits_kernel(
+        part_ptr, stats_ptr, out_ptr, stride_ob, stride_oh, stride_og,
+        H_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        b = pid // H_KV
+        h = pid % H_KV
+        offs_g = tl.arange(0, GROUP_PAD)
+        offs_d = tl.arange(0, D)
+        m_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        for split in tl.static_range(SPLITS):
+            m_max = tl.maximum(m_max, tl.load(stats_ptr + (pid * SPLITS + split) * 2 * GROUP_PAD + offs_g))
+        m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+        total = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, D], tl.float32)
+        for split in tl.static_range(SPLITS):
+            slot = pid * SPLITS + split
+            weight = tl.exp(tl.load(stats_ptr + slot * 2 * GROUP_PAD + offs_g) - m_safe)
+            total += weight * tl.load(stats_ptr + slot * 2 * GROUP_PAD + GROUP_PAD + offs_g)
+            acc += weight[:, None] * tl.load(part_ptr + slot * GROUP_PAD * D + offs_g[:, None] * D + offs_d[None, :])
+        out = acc / tl.where(total > 0, total, 1.0)[:, None]
         tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_g[:, None] * stride_og + offs_d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+                 out.to(out_ptr.dtype.element_ty), mask=(offs_g < GROUP)[:, None])
+
+
+#: Programs the split form aims for: about two per SM of an H100.
+_TARGET_PROGRAMS = 256
 
 
 @torch.library.custom_op("voxtral::decode_attention", mutates_args=())
@@ -86,22 +127,34 @@ def _decode_attention_op(q: torch.Tensor, keys: torch.Tensor, values: torch.Tens
                          qpos: torch.Tensor, row_start: int, capacity: int, window: int) -> torch.Tensor:
     batch, h_kv, group, dim = q.shape
     out = torch.empty_like(q)
-    _decode_attention_kernel[(batch * h_kv,)](
-        q, keys, values, table, qpos, out,
+    programs = batch * h_kv
+    splits = 1
+    while splits < 16 and programs * splits * 2 <= _TARGET_PROGRAMS:
+        splits *= 2
+    group_pad = max(16, triton.next_power_of_2(group))
+    part = q.new_empty((programs * splits, group_pad, dim), dtype=torch.float32) if splits > 1 else out
+    stats = q.new_empty((programs * splits, 2, group_pad), dtype=torch.float32) if splits > 1 else out
+    _decode_attention_kernel[(programs, splits)](
+        q, keys, values, table, qpos, out, part, stats,
         row_start, capacity, window, 1.0 / math.sqrt(dim),
         q.stride(0), q.stride(1), q.stride(2),
         keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2),
         table.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
-        H_KV=h_kv, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_N=64,
+        H_KV=h_kv, GROUP=group, GROUP_PAD=group_pad, D=dim, BLOCK_N=64, SPLITS=splits,
         IEEE=q.dtype == torch.float32,
     )
+    if splits > 1:
+        _combine_splits_kernel[(programs,)](
+            part, stats, out, out.stride(0), out.stride(1), out.stride(2),
+            H_KV=h_kv, GROUP=group, GROUP_PAD=group_pad, D=dim, SPLITS=splits,
+        )
     return out
 
 
 @_decode_attention_op.register_fake
-def _(q, keys, values, table, qpos, row_start, capacity, window):  # noqa: ANN001, ANN202 - shapes only
+def _(q, keys, values, table, qpos, row_start, capacity, window):  # shapes only
     return torch.empty_like(q)
 
 
