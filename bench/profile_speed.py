@@ -55,7 +55,8 @@ def main() -> None:
     zero = torch.zeros(net.config.decoder.dim, device="cuda", dtype=net.dtype)
     slot.prompt, slot.position, slot.last_token = [], 400, 0
     engine.decoder_cache.reserve(500)
-    engine._step_enabled[0] = True
+    engine._step_inputs[1, 0] = 400
+    engine._step_inputs[2, 0] = 1
 
     def eager_step() -> None:
         with torch.no_grad():

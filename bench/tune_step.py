@@ -32,8 +32,8 @@ def main() -> None:
     slot = engine.attach(benchmark._Sink())
     slot.prompt, slot.position, slot.last_token = [], 400, 0
     engine.decoder_cache.reserve(500)
-    engine._step_positions[0] = 400
-    engine._step_enabled[0] = True
+    engine._step_inputs[1, 0] = 400
+    engine._step_inputs[2, 0] = 1
     with torch.no_grad():
         for _ in range(3):
             engine._decode_fn(1)

@@ -112,10 +112,11 @@ class Engine:
         self._tick_samples = torch.zeros(max_streams, self._step_window, device=device)
         self._tick_positions = torch.zeros(max_streams, dtype=torch.long, device=device)
         self._tick_enabled = torch.zeros(max_streams, dtype=torch.bool, device=device)
-        self._step_tokens = torch.zeros(max_streams, dtype=torch.long, device=device)
+        # a step's per-row inputs go to the device in one copy, from (on CUDA) page-locked host memory: rows
+        # 0-2 are tokens, positions and enabled per engine row; row 3 lists the rows that take part
+        self._step_host = torch.zeros(4, max_streams, dtype=torch.long, pin_memory=device.type == "cuda")
+        self._step_inputs = torch.zeros(4, max_streams, dtype=torch.long, device=device)
         self._step_audio = torch.zeros(max_streams, cfg.decoder.dim, device=device, dtype=dtype)
-        self._step_positions = torch.zeros(max_streams, dtype=torch.long, device=device)
-        self._step_enabled = torch.zeros(max_streams, dtype=torch.bool, device=device)
         self._encode_fn, self._decode_fn = self._encode_rows, self._decode_rows
         if compile:
             from torch import _dynamo
@@ -225,7 +226,7 @@ class Engine:
         if self._graphs is None or self._buckets is None:
             return
         self._tick_enabled.zero_()
-        self._step_enabled.zero_()
+        self._step_inputs.zero_()
         with torch.no_grad():
             for rows in self._buckets:
                 for _ in range(3):  # eager warm-up calls, then the capture
@@ -361,14 +362,15 @@ class Engine:
     @torch.no_grad()
     def _step(self, slots: list[Slot]) -> None:
         rows = self._rows(slots)
-        device = self._step_tokens.device
         self.decoder_cache.reserve(max(s.position for s in slots) + 1)
-        index = torch.tensor([s.index for s in slots], device=device)
-        self._step_enabled.zero_()
-        self._step_enabled[index] = True
-        self._step_tokens.index_copy_(0, index, torch.tensor([s.next_input() for s in slots], device=device))
-        self._step_positions.index_copy_(0, index, torch.tensor([s.position for s in slots], device=device))
-        self._step_audio.index_copy_(0, index, torch.stack([s.embeddings.popleft() for s in slots]))
+        host = self._step_host.numpy()
+        host[2, :rows] = 0
+        for i, slot in enumerate(slots):
+            host[:3, slot.index] = (slot.next_input(), slot.position, 1)
+            host[3, i] = slot.index
+        self._step_inputs.copy_(self._step_host, non_blocking=True)
+        self._step_audio.index_copy_(0, self._step_inputs[3, :len(slots)],
+                                     torch.stack([s.embeddings.popleft() for s in slots]))
         tokens = self._call(("decode", rows), lambda: self._decode_fn(rows)).tolist()
         self.decode_calls += 1
         self.decode_rows += len(slots)
@@ -378,9 +380,10 @@ class Engine:
                 self._deliver(slot, tokens[slot.index])
 
     def _decode_rows(self, rows: int) -> torch.Tensor:
-        logits = self.network.decoder(self._step_tokens[:rows, None], self._step_audio[:rows, None],
-                                      self._step_positions[:rows, None], self.decoder_cache, self.ffn_scales[:rows],
-                                      rows=slice(0, rows), enabled=self._step_enabled[:rows])
+        inputs = self._step_inputs[:, :rows]
+        logits = self.network.decoder(inputs[0, :, None], self._step_audio[:rows, None], inputs[1, :, None],
+                                      self.decoder_cache, self.ffn_scales[:rows], rows=slice(0, rows),
+                                      enabled=inputs[2].bool())
         return logits.argmax(dim=-1)
 
     def _deliver(self, slot: Slot, token: int) -> None:
