@@ -64,7 +64,6 @@ def main() -> None:
 
     print("eager decoder step, batch 1:")
     print(top_kernels(eager_step, rows=20))
-    del engine, slot, zero
 
     for compiled in (False, True):
         model.compile = compiled
