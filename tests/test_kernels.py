@@ -26,7 +26,7 @@ def _filled_cache(rows: int, heads_kv: int, dim: int, window: int, lengths: list
             columns, _ = cache.advance(pos, rows=slice(r, r + 1), with_mask=False)
             k = torch.randn(1, heads_kv, 1, dim, device="cuda", generator=generator).to(dtype)
             v = torch.randn(1, heads_kv, 1, dim, device="cuda", generator=generator).to(dtype)
-            cache.write(0, k, v, columns, slice(r, r + 1))
+            cache.write(0, k, v, cache.write_index(columns, slice(r, r + 1)))
     return cache
 
 

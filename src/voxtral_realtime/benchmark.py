@@ -126,14 +126,19 @@ def bench_step(model: Model, batch: int, context: int, *, steps: int = 50) -> di
     held = torch.arange(max(0, context - cache.window), context, device=device)  # what a real stream would hold
     cache.positions[:, held % cache.capacity] = held
     for slot in slots:
-        slot.prompt, slot.position, slot.last_token = [], context, 0
+        slot.prompt, slot.position = [], context
         slot.embeddings.extend([zero] * (steps + 3))
     for _ in range(3):  # eager, capture, replay
         engine._step(slots)
     _sync(device)
     started = time.perf_counter()
-    for _ in range(steps):
-        engine._step(slots)
+    pending = None
+    for _ in range(steps):  # pipelined, as Engine.run does it
+        launched = engine._launch_step(slots)
+        if pending is not None:
+            engine._complete_step(pending)
+        pending = launched
+    engine._complete_step(pending)
     _sync(device)
     wall_ms = 1000 * (time.perf_counter() - started) / steps
     out: dict[str, Any] = {"batch": batch, "context": context, "ms_per_step": wall_ms}

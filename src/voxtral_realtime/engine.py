@@ -16,8 +16,12 @@ They are computed once and copied into each new stream's rows, so joining costs 
 All per-stream memory (conv context, encoder and decoder KV caches, delay conditioning) lives in rows of
 preallocated tensors, so a batched call is a fixed-shape computation over rows ``[0, B)``: rows without work
 this time are disabled and write only to scratch (see :class:`.layers.KVCache`).  On CUDA the two batched calls
-are captured as CUDA graphs, one per batch-size bucket, and replayed; the only host-device synchronisation per
-step is reading back the chosen tokens.
+are captured as CUDA graphs, one per batch-size bucket, and replayed.
+
+Decoder steps are pipelined: each step takes its input token from the device (the token the previous step chose
+for that row, kept in a device buffer), so step k+1 is queued before step k's tokens are read back; the host
+delivers step k's tokens while the GPU computes step k+1 and never waits with the GPU idle.  A stream that stops
+at step k (EOS) has had step k+1 computed for nothing; that result is dropped.
 """
 
 from __future__ import annotations
@@ -59,7 +63,6 @@ class Slot:
     encoder_position: int = 0  # encoder frames done
     embeddings: deque[torch.Tensor] = field(default_factory=deque)  # audio embeddings [dim] not yet consumed
     position: int = 0  # decoder positions done = embeddings consumed
-    last_token: int = -1
     embedding_limit: int | None = None  # how many embeddings may be consumed in all, once the audio has ended
     stopped: bool = False
 
@@ -70,9 +73,6 @@ class Slot:
         if self.embedding_limit is not None:
             n = min(n, self.embedding_limit - self.position)
         return max(0, n)
-
-    def next_input(self) -> int:
-        return self.prompt[self.position] if self.position < len(self.prompt) else self.last_token
 
 
 class Engine:
@@ -113,9 +113,15 @@ class Engine:
         self._tick_positions = torch.zeros(max_streams, dtype=torch.long, device=device)
         self._tick_enabled = torch.zeros(max_streams, dtype=torch.bool, device=device)
         # a step's per-row inputs go to the device in one copy, from (on CUDA) page-locked host memory: rows
-        # 0-2 are tokens, positions and enabled per engine row; row 3 lists the rows that take part
-        self._step_host = torch.zeros(4, max_streams, dtype=torch.long, pin_memory=device.type == "cuda")
+        # 0-2 are tokens (-1: the token this row's previous step chose), positions and enabled per engine row;
+        # row 3 lists the rows that take part.  Two host buffers alternate: while step k+1 is being prepared,
+        # step k's copy may not have run yet.
+        pinned = device.type == "cuda"
+        self._step_host = [torch.zeros(4, max_streams, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
         self._step_inputs = torch.zeros(4, max_streams, dtype=torch.long, device=device)
+        self._chosen = torch.zeros(max_streams, dtype=torch.long, device=device)  # each row's last token
+        self._chosen_host = [torch.zeros(max_streams, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self._launched = 0  # decoder steps launched (picks the host buffers)
         self._step_audio = torch.zeros(max_streams, cfg.decoder.dim, device=device, dtype=dtype)
         self._encode_fn, self._decode_fn = self._encode_rows, self._decode_rows
         if compile:
@@ -177,7 +183,7 @@ class Engine:
         slot.samples = np.zeros(self.audio.window_size // 2, np.float32)
         slot.samples_pushed = slot.encoder_position = slot.position = 0
         slot.embeddings.clear()
-        slot.last_token, slot.embedding_limit, slot.stopped = -1, None, False
+        slot.embedding_limit, slot.stopped = None, False
         self.push(slot, np.zeros(self.audio.n_left_pad_tokens * self._step_samples, np.float32))
         self._open(slot, delay_tokens)
 
@@ -227,6 +233,7 @@ class Engine:
             return
         self._tick_enabled.zero_()
         self._step_inputs.zero_()
+        self._step_inputs[0] = -1
         with torch.no_grad():
             for rows in self._buckets:
                 for _ in range(3):  # eager warm-up calls, then the capture
@@ -328,6 +335,7 @@ class Engine:
 
     def _decode(self) -> bool:
         progressed = False
+        pending: _LaunchedStep | None = None
         while True:
             batch: list[Slot] = []
             for slot in self.slots:
@@ -337,12 +345,18 @@ class Engine:
                 if forced >= 2 and available >= 2:
                     self._prefill(slot, min(forced, available))
                     progressed = True
-                elif slot.decodable():
+                else:
                     batch.append(slot)
             if not batch:
-                return progressed
-            self._step(batch)
+                break
+            launched = self._launch_step(batch)
+            if pending is not None:
+                self._complete_step(pending)
+            pending = launched
             progressed = True
+        if pending is not None:
+            self._complete_step(pending)
+        return progressed
 
     @torch.no_grad()
     def _prefill(self, slot: Slot, length: int) -> None:
@@ -357,37 +371,66 @@ class Engine:
                                  rows=slice(slot.index, slot.index + 1))
         slot.position += length
         if slot.position == len(slot.prompt):
-            self._deliver(slot, int(logits[0].argmax()))
+            token = logits[0].argmax()
+            self._chosen[slot.index] = token
+            self._deliver(slot, int(token))
+
+    def _step(self, slots: list[Slot]) -> None:
+        """One decoder step for ``slots``, unpipelined (tokens delivered before returning)."""
+        self._complete_step(self._launch_step(slots))
 
     @torch.no_grad()
-    def _step(self, slots: list[Slot]) -> None:
+    def _launch_step(self, slots: list[Slot]) -> _LaunchedStep:
+        """Queue one batched decoder step (one position for each of ``slots``) and the copy of its tokens to the
+        host; nothing waits for the device."""
         rows = self._rows(slots)
         self.decoder_cache.reserve(max(s.position for s in slots) + 1)
-        host = self._step_host.numpy()
+        buffer = self._launched % 2
+        self._launched += 1
+        host_tensor = self._step_host[buffer]
+        host = host_tensor.numpy()
         host[2, :rows] = 0
+        delivered = []
         for i, slot in enumerate(slots):
-            host[:3, slot.index] = (slot.next_input(), slot.position, 1)
+            prompted = slot.position < len(slot.prompt)
+            host[:3, slot.index] = (slot.prompt[slot.position] if prompted else -1, slot.position, 1)
             host[3, i] = slot.index
-        self._step_inputs.copy_(self._step_host, non_blocking=True)
+            slot.position += 1
+            delivered.append(slot.position >= len(slot.prompt))
+        self._step_inputs.copy_(host_tensor, non_blocking=True)
         self._step_audio.index_copy_(0, self._step_inputs[3, :len(slots)],
                                      torch.stack([s.embeddings.popleft() for s in slots]))
-        tokens = self._call(("decode", rows), lambda: self._decode_fn(rows)).tolist()
+        self._call(("decode", rows), lambda: self._decode_fn(rows))
+        tokens = self._chosen_host[buffer]
+        tokens[:rows].copy_(self._chosen[:rows], non_blocking=True)
+        done = torch.cuda.Event() if self.network.device.type == "cuda" else None
+        if done is not None:
+            done.record()
         self.decode_calls += 1
         self.decode_rows += len(slots)
-        for slot in slots:
-            slot.position += 1
-            if slot.position >= len(slot.prompt):
+        return _LaunchedStep([s for s, d in zip(slots, delivered) if d], tokens, done)
+
+    def _complete_step(self, step: _LaunchedStep) -> None:
+        """Wait for a launched step's tokens and deliver them (not to streams that stopped meanwhile)."""
+        if step.done is not None:
+            step.done.synchronize()
+        tokens = step.tokens.tolist()
+        for slot in step.slots:
+            if not slot.stopped:
                 self._deliver(slot, tokens[slot.index])
 
     def _decode_rows(self, rows: int) -> torch.Tensor:
         inputs = self._step_inputs[:, :rows]
-        logits = self.network.decoder(inputs[0, :, None], self._step_audio[:rows, None], inputs[1, :, None],
+        enabled = inputs[2].bool()
+        chosen = self._chosen[:rows]
+        tokens = torch.where(inputs[0] >= 0, inputs[0], chosen)
+        logits = self.network.decoder(tokens[:, None], self._step_audio[:rows, None], inputs[1, :, None],
                                       self.decoder_cache, self.ffn_scales[:rows], rows=slice(0, rows),
-                                      enabled=inputs[2].bool())
-        return logits.argmax(dim=-1)
+                                      enabled=enabled)
+        chosen.copy_(torch.where(enabled, logits.argmax(dim=-1), chosen))
+        return chosen
 
     def _deliver(self, slot: Slot, token: int) -> None:
-        slot.last_token = token
         if not slot.client.on_token(slot, token):
             slot.stopped = True
 
@@ -403,6 +446,13 @@ class Engine:
             return fn()
         versions = (self.encoder_state.cache.version, self.decoder_cache.version)
         return self._graphs(key, versions, fn)
+
+
+@dataclass
+class _LaunchedStep:
+    slots: list[Slot]  # the streams whose token this step decides (those past their prompt)
+    tokens: torch.Tensor  # host buffer the step's chosen tokens are copied into, per engine row
+    done: torch.cuda.Event | None  # recorded after that copy (CUDA)
 
 
 def _buckets(max_streams: int) -> list[int]:

@@ -12,6 +12,7 @@ second kernel combines ("flash decoding").
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -93,6 +94,102 @@ if triton is not None:
             tl.store(stats_ptr + slot * 2 * GROUP_PAD + GROUP_PAD + offs_g, l_i)
 
     @triton.jit
+    def _skinny_matmul_kernel(
+        x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om, stride_os,
+        M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+        USE_DOT: tl.constexpr,
+    ):
+        """out[split, m, n] = sum over this split's k of x[m, k] * w[n, k]; N % BLOCK_N == 0 and
+        K % (SPLIT_K * BLOCK_K) == 0 (the caller checks).  USE_DOT: tensor cores (M_PAD >= 16), else FMAs
+        accumulated per k lane and reduced once at the end."""
+        pid_n = tl.program_id(0)
+        split = tl.program_id(1)
+        k_span = K // SPLIT_K
+        offs_m = tl.arange(0, M_PAD)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = split * k_span + tl.arange(0, BLOCK_K)
+        m_mask = (offs_m < M)[:, None]
+        w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+        if USE_DOT:
+            acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
+        else:
+            acc3 = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], tl.float32)
+        for _ in range(0, k_span, BLOCK_K):
+            w = tl.load(w_ptrs)
+            x = tl.load(x_ptrs, mask=m_mask, other=0.0)
+            if USE_DOT:
+                acc += tl.dot(x, tl.trans(w))
+            else:
+                acc3 += x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32)
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+        if not USE_DOT:
+            acc = tl.sum(acc3, axis=2)
+        out_ptrs = out_ptr + split * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask)
+
+    @triton.jit
+    def _q4_matmul_kernel(
+        x_ptr, qw_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K,
+        stride_xm, stride_qn, stride_sn, stride_om, stride_os,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr,
+        USE_DOT: tl.constexpr,
+    ):
+        """out[split, m, n] = sum over this split's k of x[m, k] * w[n, k] with w stored as 4-bit q (see
+        :func:`quantized_matmul`): w = scale * q + offset per 32 values.  Each iteration covers GROUPS groups of
+        32.  The weights are used in storage order (g, byte, nibble) and x is gathered in that same order, so no
+        register shuffles are needed.  USE_DOT: dequantize the tile to x's dtype and use tensor cores (any M);
+        else (BLOCK_M == 1) FMAs on the nibbles with the scale applied once per group."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        split = tl.program_id(2)
+        BLOCK_K: tl.constexpr = GROUPS * 32
+        groups_per_split = K // 32 // SPLIT_K
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = (offs_m < M)[:, None]
+        row_q = offs_n.to(tl.int64) * stride_qn
+        row_s = offs_n.to(tl.int64) * stride_sn
+        g0 = split * groups_per_split
+        if USE_DOT:
+            # k' = (g, b, half) -> element 32 g + 16 half + b; bytes [BLOCK_N, BLOCK_K // 2] in storage order
+            kk = tl.arange(0, BLOCK_K)
+            x_index = (kk // 32) * 32 + (kk % 2) * 16 + (kk % 32) // 2
+            offs_byte = tl.arange(0, BLOCK_K // 2)
+            offs_group = tl.arange(0, GROUPS)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for g in range(g0, g0 + groups_per_split, GROUPS):
+                q = tl.load(qw_ptr + row_q[:, None] + g * 16 + offs_byte[None, :])
+                scale = tl.load(scale_ptr + row_s[:, None] + g + offs_group[None, :]).to(tl.float32)
+                offset = tl.load(offset_ptr + row_s[:, None] + g + offs_group[None, :]).to(tl.float32)
+                pairs = tl.join((q & 15).to(tl.float32), (q >> 4).to(tl.float32))  # [BLOCK_N, BLOCK_K//2, 2]
+                pairs = tl.reshape(pairs, [BLOCK_N, GROUPS, 32])
+                w = pairs * scale[:, :, None] + offset[:, :, None]
+                w = tl.reshape(w, [BLOCK_N, BLOCK_K]).to(x_ptr.dtype.element_ty)
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + g * 32 + x_index[None, :], mask=m_mask,
+                            other=0.0)
+                acc += tl.dot(x, tl.trans(w))
+        else:
+            offs_group = tl.arange(0, GROUPS)
+            offs_b = tl.arange(0, 16)
+            acc3 = tl.zeros([BLOCK_N, GROUPS], tl.float32)
+            for g in range(g0, g0 + groups_per_split, GROUPS):
+                byte_index = (g + offs_group)[:, None] * 16 + offs_b[None, :]  # [GROUPS, 16]
+                q = tl.load(qw_ptr + row_q[:, None, None] + byte_index[None, :, :])
+                x_lo = tl.load(x_ptr + pid_m * stride_xm + (g + offs_group)[:, None] * 32 + offs_b[None, :])
+                x_hi = tl.load(x_ptr + pid_m * stride_xm + (g + offs_group)[:, None] * 32 + 16 + offs_b[None, :])
+                x_lo, x_hi = x_lo.to(tl.float32), x_hi.to(tl.float32)
+                dot_q = tl.sum((q & 15).to(tl.float32) * x_lo[None] + (q >> 4).to(tl.float32) * x_hi[None], axis=2)
+                x_sum = tl.sum(x_lo + x_hi, axis=1)
+                scale = tl.load(scale_ptr + row_s[:, None] + g + offs_group[None, :]).to(tl.float32)
+                offset = tl.load(offset_ptr + row_s[:, None] + g + offs_group[None, :]).to(tl.float32)
+                acc3 += scale * dot_q + offset * x_sum[None, :]
+            acc = tl.sum(acc3, axis=1)[None, :]
+        out_ptrs = out_ptr + split * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask)
+
+    @triton.jit
     def _combine_splits_kernel(
         part_ptr, stats_ptr, out_ptr, stride_ob, stride_oh, stride_og,
         H_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
@@ -171,3 +268,50 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     out = _decode_attention_op(grouped.contiguous(), keys, values, table, qpos.contiguous(), row_start, capacity,
                                window)
     return out.reshape(batch, heads, 1, dim)
+
+
+@dataclass(frozen=True)
+class MatmulConfig:
+    """Tile shape of the skinny (few-row) matmul kernels; ``bench/tune_gemv.py`` measures the choices."""
+
+    block_n: int = 16
+    block_k: int = 256  # for the 4-bit kernel: values per iteration, a multiple of 32
+    split_k: int = 1
+    use_dot: bool = False
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, config: MatmulConfig) -> torch.Tensor:
+    """x [M, K] @ weight[N, K].T for a few rows M (<= 4 without ``use_dot``), in x's dtype."""
+    m, k = x.shape
+    n = weight.shape[0]
+    m_pad = max(16, triton.next_power_of_2(m)) if config.use_dot else triton.next_power_of_2(m)
+    split = config.split_k
+    out = x.new_empty((split, m, n), dtype=torch.float32 if split > 1 else x.dtype)
+    _skinny_matmul_kernel[(n // config.block_n, split)](
+        x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(1), out.stride(0),
+        M_PAD=m_pad, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split, USE_DOT=config.use_dot,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out[0] if split == 1 else out.sum(0).to(x.dtype)
+
+
+def q4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+              config: MatmulConfig, block_m: int = 16) -> torch.Tensor:
+    """x [M, K] @ w.T with w [N, K] stored in 4 bits: ``qweight`` uint8 [N, K/2] (in each group of 32 values,
+    byte b holds value b in its low nibble and value 16 + b in its high one), ``scales``/``offsets`` [N, K/32]
+    (w = scale * q + offset).  Without ``use_dot`` M must be 1... or any M (one program row each)."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    split = config.split_k
+    block_m = block_m if config.use_dot else 1
+    out = x.new_empty((split, m, n), dtype=torch.float32 if split > 1 else x.dtype)
+    grid = (triton.cdiv(m, block_m), n // config.block_n, split)
+    _q4_matmul_kernel[grid](
+        x, qweight, scales, offsets, out, m, n, k,
+        x.stride(0), qweight.stride(0), scales.stride(0), out.stride(1), out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=config.block_n, GROUPS=config.block_k // 32, SPLIT_K=split,
+        USE_DOT=config.use_dot, num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out[0] if split == 1 else out.sum(0).to(x.dtype)

@@ -25,9 +25,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class Rotary(nn.Module):
@@ -39,16 +37,17 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, T] -> cos, sin [B, 1, T, head_dim], computed in float32 then cast (reference cast point)."""
+        """positions [B, T] -> cos, signed sin [B, T, 1, head_dim] for :func:`apply_rotary`, computed in float32
+        then cast (the reference's cast point).  The sin of the first half is negated: rotate_half's sign."""
         freqs = positions[..., None].float() * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
+        return torch.cat((cos, cos), dim=-1)[:, :, None], torch.cat((-sin, sin), dim=-1)[:, :, None]
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, heads, D]: x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1) is a roll of the
+    halves with the sign carried by ``signed_sin`` (four kernels instead of six in eager mode)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 @dataclass
@@ -156,12 +155,15 @@ class KVCache:
             mask = torch.where(enabled[:, None, None, None], mask, scratch)
         return columns, mask
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, columns: torch.Tensor, rows: slice) -> None:
-        """Store layer ``layer``'s k, v [B, H_kv, T, D] of rows ``rows`` in the columns :meth:`advance` chose."""
-        heads = k.shape[1]
-        row_index = torch.arange(rows.start, rows.stop, device=k.device)[:, None, None]
-        head_index = torch.arange(heads, device=k.device)[None, :, None]
-        index = (row_index, head_index, columns[:, None, :])
+    def write_index(self, columns: torch.Tensor, rows: slice) -> tuple[torch.Tensor, ...]:
+        """The index of :meth:`write` for ``columns`` [B, T] (from :meth:`advance`) of rows ``rows``: the same for
+        every layer of a call, so it is built once."""
+        row_index = torch.arange(rows.start, rows.stop, device=columns.device)[:, None, None]
+        head_index = torch.arange(self.keys[0].shape[1], device=columns.device)[None, :, None]
+        return row_index, head_index, columns[:, None, :]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, index: tuple[torch.Tensor, ...]) -> None:
+        """Store layer ``layer``'s k, v [B, H_kv, T, D] at ``index`` (:meth:`write_index`)."""
         self.keys[layer].index_put_(index, k)
         self.values[layer].index_put_(index, v)
 
@@ -203,7 +205,7 @@ class AttentionContext:
     sin: torch.Tensor
     cache: KVCache
     rows: slice
-    columns: torch.Tensor
+    write_index: tuple[torch.Tensor, ...]
     mask: torch.Tensor | None
     query_positions: torch.Tensor | None = None
 
@@ -217,9 +219,9 @@ class AttentionContext:
         if positions.shape[1] == 1 and kernels.decode_attention_available(positions.device):
             columns, _ = cache.advance(positions, enabled, rows, with_mask=False)
             query = positions[:, 0] if enabled is None else torch.where(enabled, positions[:, 0], -1)
-            return cls(cos, sin, cache, rows, columns, None, query)
+            return cls(cos, sin, cache, rows, cache.write_index(columns, rows), None, query)
         columns, mask = cache.advance(positions, enabled, rows)
-        return cls(cos, sin, cache, rows, columns, mask)
+        return cls(cos, sin, cache, rows, cache.write_index(columns, rows), mask)
 
 
 class Attention(nn.Module):
@@ -236,13 +238,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext, layer: int) -> torch.Tensor:
         batch, length, _ = x.shape
-        q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        qk, v = self.wqkv(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        # q and k heads side by side: one rotary pass over both
+        qk = apply_rotary(qk.view(batch, length, self.n_heads + self.n_kv_heads, self.head_dim), ctx.cos, ctx.sin)
+        q, k = qk.transpose(1, 2).split([self.n_heads, self.n_kv_heads], dim=1)
         v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
         cache = ctx.cache
-        cache.write(layer, k, v, ctx.columns, ctx.rows)
+        cache.write(layer, k, v, ctx.write_index)
         if ctx.query_positions is not None:
             out = kernels.decode_attention(q, cache.keys[layer], cache.values[layer], cache.positions,
                                            ctx.query_positions, ctx.rows.start, cache.capacity, cache.window)

@@ -1,0 +1,163 @@
+"""Measure the skinny-matmul kernels (bf16 and 4-bit) against cuBLAS on the decoder's weight shapes.
+
+Each timing replays a CUDA graph of 20 calls that rotate over enough weight copies (>= 400 MB) that nothing is
+served from L2, as in a real decoder step, where every weight is read once.  Prints, per shape and M, the best
+configurations and their GB/s; ``--json`` writes everything.
+
+    python3 bench/tune_gemv.py --json bench/results/tune_gemv_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from voxtral_realtime import kernels
+from voxtral_realtime.kernels import MatmulConfig
+
+SHAPES = {"wqkv": (6144, 3072), "wo": (3072, 4096), "w13": (18432, 3072), "w2": (3072, 9216),
+          "lm_head": (131072, 3072)}
+CALLS = 20
+
+
+def timed(fn, calls: int = CALLS, repeats: int = 5) -> float:
+    """Seconds per call of ``fn(i)`` for i in range(calls), replayed from a CUDA graph."""
+    for i in range(2):
+        fn(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    best = math.inf
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1000 / calls)
+    return best
+
+
+def random_q4(n: int, k: int, copies: int):
+    out = []
+    for _ in range(copies):
+        q = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
+        scales = (torch.rand(n, k // 32, device="cuda") * 0.02).half()
+        out.append((q, scales, (-8 * scales.float()).half()))
+    return out
+
+
+def dequantize_q4(q, scales, offsets):
+    n, half = q.shape
+    k = half * 2
+    lo = (q & 15).float().view(n, k // 32, 16)
+    hi = (q >> 4).float().view(n, k // 32, 16)
+    return (torch.cat([lo, hi], -1) * scales.float()[..., None] + offsets.float()[..., None]).view(n, k)
+
+
+def skinny_configs(n: int, k: int, m: int):
+    for bn, bk, warps, stages in itertools.product((4, 8, 16, 32), (128, 256, 512), (4, 8), (1, 3)):
+        if bn * bk * m > 16384 or bn * bk < 1024:
+            continue
+        for split in (1, 2, 4) if n <= 4096 else (1,):
+            if n % bn == 0 and k % (split * bk) == 0:
+                yield MatmulConfig(bn, bk, split, False, warps, stages)
+    for bn, bk, stages in itertools.product((16, 32, 64), (128, 256), (3, 4, 5)):
+        for split in (1, 2) if n <= 4096 else (1,):
+            if n % bn == 0 and k % (split * bk) == 0:
+                yield MatmulConfig(bn, bk, split, True, 4, stages)
+
+
+def q4_configs(n: int, k: int, m: int):
+    if m == 1:
+        for bn, bk, warps, stages in itertools.product((4, 8, 16, 32), (64, 128, 256, 512), (4, 8), (1, 3)):
+            if bn * bk > 8192 or bn * bk < 512:
+                continue
+            for split in (1, 2, 4) if n <= 4096 else (1,):
+                if n % bn == 0 and k % (split * bk) == 0:
+                    yield MatmulConfig(bn, bk, split, False, warps, stages)
+    for bn, bk, warps, stages in itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (2, 3, 4)):
+        for split in (1, 2) if n <= 4096 and m <= 16 else (1,):
+            if n % bn == 0 and k % (split * bk) == 0:
+                yield MatmulConfig(bn, bk, split, True, warps, stages)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json")
+    parser.add_argument("--rows", default="1,4")
+    parser.add_argument("--q4-rows", default="1,16,64")
+    parser.add_argument("--budget-s", type=float, default=420)
+    args = parser.parse_args()
+    began = time.perf_counter()
+    results = {"device_name": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
+    for name, (n, k) in SHAPES.items():
+        nbytes = 2 * n * k
+        copies = max(2, math.ceil(400e6 / nbytes))
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        for m in map(int, args.rows.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = (x.float() @ weights[0].float().T)
+            base = timed(lambda i, x=x, w=weights: F.linear(x, w[i % len(w)]))
+            rows = [("cublas", base, 0.0)]
+            for cfg in skinny_configs(n, k, m):
+                if time.perf_counter() - began > args.budget_s:
+                    break
+                try:
+                    err = (kernels.skinny_matmul(x, weights[0], cfg).float() - ref).abs().max().item()
+                    t = timed(lambda i, cfg=cfg, x=x, w=weights: kernels.skinny_matmul(x, w[i % len(w)], cfg))
+                except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
+                    print(f"  {cfg}: {type(exc).__name__}")
+                    continue
+                rows.append((str(cfg), t, err))
+            rows.sort(key=lambda r: r[1])
+            print(f"bf16 {name} N={n} K={k} M={m}: cublas {base * 1e6:.1f} us ({nbytes / base / 1e9:.0f} GB/s)")
+            for label, t, err in rows[:4]:
+                print(f"   {t * 1e6:7.1f} us {nbytes / t / 1e9:6.0f} GB/s err {err:.2e} {label}")
+            results["rows"].append({"kind": "bf16", "name": name, "n": n, "k": k, "m": m, "bytes": nbytes,
+                                    "cublas_s": base, "ranked": rows[:8]})
+        del weights
+        qbytes = n * k // 2 + 4 * n * k // 32
+        copies = max(2, math.ceil(400e6 / qbytes))
+        packed = random_q4(n, k, copies)
+        w0 = dequantize_q4(*packed[0])
+        for m in map(int, args.q4_rows.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = x.float() @ w0.T
+            scale = ref.abs().max().item()
+            rows = []
+            for cfg in q4_configs(n, k, m):
+                if time.perf_counter() - began > args.budget_s:
+                    break
+                try:
+                    err = (kernels.q4_matmul(x, *packed[0], cfg).float() - ref).abs().max().item() / scale
+                    t = timed(lambda i, cfg=cfg, x=x, p=packed: kernels.q4_matmul(x, *p[i % len(p)], cfg))
+                except Exception as exc:  # noqa: BLE001
+                    print(f"  {cfg}: {type(exc).__name__} {str(exc)[:200]}")
+                    continue
+                rows.append((str(cfg), t, err))
+            rows.sort(key=lambda r: r[1])
+            print(f"q4 {name} N={n} K={k} M={m}: {qbytes / 1e6:.0f} MB")
+            for label, t, err in rows[:4]:
+                print(f"   {t * 1e6:7.1f} us {qbytes / t / 1e9:6.0f} GB/s rel err {err:.2e} {label}")
+            results["rows"].append({"kind": "q4", "name": name, "n": n, "k": k, "m": m, "bytes": qbytes,
+                                    "ranked": rows[:8]})
+        del packed, w0
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
