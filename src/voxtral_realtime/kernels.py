@@ -7,6 +7,14 @@ window against the cache's position table itself, and serves all query heads of 
 of the keys.  Cost follows each stream's own context length, not the buffer size.  With few streams (few
 programs for 132 SMs) each stream's columns are split between several programs whose partial softmax sums a
 second kernel combines ("flash decoding").
+
+:func:`q4_matmul` / :func:`quantized_matmul`: a matrix product with 4-bit weights (GGUF Q4_0 / Q4_K values in
+the layout of :class:`.quantization.QuantizedLinear`) dequantized in registers, never in memory: for one row (the
+decode step of one stream) with FMAs, for more rows (batched streams, prefill) by dequantizing each weight tile
+for the tensor cores.  :func:`skinny_matmul` is the same for bf16/f16 weights (kept as the bf16 comparison in
+``bench/tune_gemv.py``; cuBLAS serves the bf16 model).
+
+Under ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (slowly): the CPU test suite checks them so.
 """
 
 from __future__ import annotations
@@ -301,7 +309,9 @@ def q4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs
               config: MatmulConfig, block_m: int = 16) -> torch.Tensor:
     """x [M, K] @ w.T with w [N, K] stored in 4 bits: ``qweight`` uint8 [N, K/2] (in each group of 32 values,
     byte b holds value b in its low nibble and value 16 + b in its high one), ``scales``/``offsets`` [N, K/32]
-    (w = scale * q + offset).  Without ``use_dot`` M must be 1... or any M (one program row each)."""
+    (w = scale * q + offset).  ``use_dot``: ``block_m`` rows per program on tensor cores; without it, one
+    program row per row of x (meant for M = 1).  N must be a multiple of ``block_n`` and K/32 of the groups per
+    iteration times ``split_k``."""
     m, k = x.shape
     n = qweight.shape[0]
     split = config.split_k
@@ -315,3 +325,44 @@ def q4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs
         USE_DOT=config.use_dot, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out[0] if split == 1 else out.sum(0).to(x.dtype)
+
+
+def _largest_divisor(n: int, choices: tuple[int, ...]) -> int:
+    return next((c for c in choices if n % c == 0), 1)
+
+
+def q4_config(m: int, n: int, k: int) -> MatmulConfig:
+    """The configuration :func:`quantized_matmul` uses for an [m, k] x [n, k] product.  (Starting points, not yet
+    tuned on a GPU: ``bench/tune_gemv.py`` measures the alternatives.)"""
+    block_k = _largest_divisor(k, (256, 128, 64, 32))
+    if m == 1:
+        return MatmulConfig(block_n=_largest_divisor(n, (16, 8, 4, 2)), block_k=block_k, num_warps=4, num_stages=1)
+    return MatmulConfig(block_n=_largest_divisor(n, (64, 32, 16)), block_k=min(block_k, 128), use_dot=True,
+                        num_warps=4, num_stages=3)
+
+
+@torch.library.custom_op("voxtral::q4_matmul", mutates_args=())
+def _q4_matmul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    m, k = x.shape
+    config = q4_config(m, qweight.shape[0], k)
+    return q4_matmul(x, qweight, scales, offsets, config, block_m=16 if m <= 16 else 64)
+
+
+@_q4_matmul_op.register_fake
+def _(x, qweight, scales, offsets):  # shapes only
+    return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
+def quantized_matmul_available(device: torch.device) -> bool:
+    return triton is not None and device.type == "cuda"
+
+
+def quantized_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` [..., K] times the 4-bit weight [N, K] (see :func:`q4_matmul` for the layout), plus ``bias``."""
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        flat = flat.float()
+    out = _q4_matmul_op(flat.contiguous(), qweight, scales, offsets).reshape(*lead, qweight.shape[0])
+    return out if bias is None else out + bias

@@ -1,0 +1,109 @@
+"""The 4-bit (and bf16 skinny) matmul kernels against dequantize-then-matmul in float32.
+
+On a GPU: every weight shape of the full-size decoder, batches 1..256, bf16 activations, and output memory that
+was poisoned with NaN before the call.  Without one: small shapes in Triton's interpreter on the CPU (the layout
+and index arithmetic are the same code).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from voxtral_realtime import kernels
+from voxtral_realtime.kernels import MatmulConfig
+
+pytestmark = pytest.mark.skipif(kernels.triton is None, reason="needs Triton (GPU, or its CPU interpreter)")
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+#: the decoder's (N, K): wqkv, wo, w13, w2, LM head (see bench/tune_gemv.py)
+MODEL_SHAPES = [(6144, 3072), (3072, 4096), (18432, 3072), (3072, 9216), (131072, 3072)]
+
+
+def random_q4(n: int, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=DEVICE, generator=generator)
+    scales = (torch.rand(n, k // 32, device=DEVICE, generator=generator) * 0.05).half()
+    offsets = (torch.randn(n, k // 32, device=DEVICE, generator=generator) * 0.1).half()
+    return q, scales, offsets
+
+
+def dequantize(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The layout, stated independently of the kernel: in each group of 32 values byte b holds value b (low
+    nibble) and value 16 + b (high nibble); w = scale * q + offset."""
+    n, k = q.shape[0], 2 * q.shape[1]
+    groups = q.view(n, k // 32, 16)
+    values = torch.cat([groups & 15, groups >> 4], dim=-1).float()
+    return (values * scales.float()[..., None] + offsets.float()[..., None]).reshape(n, k)
+
+
+def _poison() -> None:
+    """Fill freed cached GPU memory with NaN so that an output element the kernel forgets to write shows."""
+    if CUDA:
+        junk = torch.full((1 << 28,), float("nan"), device=DEVICE)
+        del junk
+
+
+def _relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
+    return (out.float() - expected).abs().max().item() / expected.abs().max().item()
+
+
+SHAPES = MODEL_SHAPES if CUDA else [(48, 96), (64, 256)]
+ROWS = [1, 2, 7, 16, 64, 256] if CUDA else [1, 3, 17]
+
+
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+def test_q4_matmul_matches_dequantize_then_matmul(n, k):
+    generator = torch.Generator(device=DEVICE).manual_seed(n + k)
+    q, scales, offsets = random_q4(n, k, generator)
+    weight = dequantize(q, scales, offsets)
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    for m in ROWS:
+        x = torch.randn(m, k, device=DEVICE, generator=generator).to(dtype)
+        _poison()
+        out = kernels.quantized_matmul(x, q, scales, offsets)
+        assert out.shape == (m, n) and out.dtype == dtype
+        assert torch.isfinite(out).all()
+        assert _relative_error(out, x.float() @ weight.T) <= 1e-2, m
+
+
+@pytest.mark.parametrize("config", [
+    MatmulConfig(block_n=16, block_k=64),
+    MatmulConfig(block_n=8, block_k=32, split_k=2),
+    MatmulConfig(block_n=16, block_k=64, use_dot=True),
+    MatmulConfig(block_n=16, block_k=32, split_k=2, use_dot=True),
+])
+def test_every_q4_variant(config):
+    generator = torch.Generator(device=DEVICE).manual_seed(1)
+    n, k = 32, 128
+    q, scales, offsets = random_q4(n, k, generator)
+    weight = dequantize(q, scales, offsets)
+    for m in [1] if not config.use_dot else [1, 5, 20]:
+        x = torch.randn(m, k, device=DEVICE, generator=generator)
+        out = kernels.q4_matmul(x, q, scales, offsets, config)
+        assert _relative_error(out, x @ weight.T) <= (1e-2 if CUDA else 1e-5)
+
+
+@pytest.mark.parametrize("config", [
+    MatmulConfig(block_n=16, block_k=64),
+    MatmulConfig(block_n=8, block_k=64, split_k=2),
+    MatmulConfig(block_n=16, block_k=64, use_dot=True),
+])
+@pytest.mark.parametrize("m", [1, 3])
+def test_skinny_matmul(config, m):
+    generator = torch.Generator(device=DEVICE).manual_seed(m)
+    x = torch.randn(m, 256, device=DEVICE, generator=generator)
+    weight = torch.randn(64, 256, device=DEVICE, generator=generator)
+    out = kernels.skinny_matmul(x, weight, config)
+    assert _relative_error(out, x @ weight.T) <= (1e-2 if CUDA else 1e-5)
+
+
+def test_leading_dimensions_and_bias():
+    generator = torch.Generator(device=DEVICE).manual_seed(3)
+    q, scales, offsets = random_q4(32, 64, generator)
+    bias = torch.randn(32, device=DEVICE, generator=generator)
+    x = torch.randn(2, 3, 64, device=DEVICE, generator=generator)
+    out = kernels.quantized_matmul(x, q, scales, offsets, bias)
+    expected = x @ dequantize(q, scales, offsets).T + bias
+    assert out.shape == (2, 3, 32)
+    assert _relative_error(out, expected) <= (1e-2 if CUDA else 1e-5)
