@@ -1,0 +1,458 @@
+"""One thread that owns the batched :class:`~.engine.Engine` and serves every stream of the server with it.
+
+The engine is not thread-safe, and its whole point is that one ``run()`` computes all streams together.  So a
+single worker thread owns it: the asyncio side only sends commands (open a stream, append audio, finish,
+abandon) through a queue, and the worker hands each stream's new text and words back to the event loop with one
+``loop.call_soon_threadsafe`` per tick, whatever the number of streams.
+
+Each tick the worker pushes at most :data:`PUSH_STEPS_PER_TICK` steps of audio per stream into the engine and
+runs it once.  A client sending faster than real time (or a file upload) therefore advances as fast as the
+compute allows while the live streams still get a tick every few steps, instead of waiting behind one long
+``run()`` over a whole file.  Nothing here waits on a client: a slow reader only makes its own outbox grow (and
+the server coalesces that).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .api import Model
+    from .engine import Engine
+    from .streaming import StreamingSession
+    from .transcription import Transcription, Word
+
+log = logging.getLogger(__name__)
+
+#: Audio steps (80 ms each) handed to the engine per stream and tick: large enough that a file moves in big
+#: batched calls, small enough that a tick stays short for the live streams sharing the engine.
+PUSH_STEPS_PER_TICK = 16
+#: Streams finished per tick.  ``StreamingSession.finish()`` runs the closing silence of one stream at a time,
+#: so finishing many in one tick would hold up every live stream.
+FINISHES_PER_TICK = 4
+
+_NO_SAMPLES = np.zeros(0, np.float32)
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    delay_ms: int | None = None
+    #: go on with a fresh segment after an EOS (a live microphone) instead of ending there (a file)
+    continue_after_eos: bool = False
+    #: report words (with times and latency) as they are completed
+    word_timestamps: bool = False
+
+
+@dataclass(frozen=True)
+class StreamUsage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class StreamUpdate:
+    """What happened to one stream during one tick (delivered on the event loop)."""
+
+    text: str = ""
+    #: words completed this tick, as JSON-ready dicts (word, start, end, latency)
+    words: list[dict[str, Any]] = field(default_factory=list)
+    #: samples of appended audio the worker took into the engine (the sender's back-pressure accounting)
+    consumed_samples: int = 0
+    #: set once, when the stream has finished: its whole transcription
+    result: Transcription | None = None
+    usage: StreamUsage | None = None
+    #: the stream failed and was dropped (a bug, reported to its client as ``processing_error``)
+    error: str | None = None
+    #: the stream's engine slot is free again (after a result, an error or an abandon)
+    released: bool = False
+
+
+class StreamListener(Protocol):
+    def on_update(self, update: StreamUpdate) -> None:
+        """Called on the event loop's thread."""
+
+
+def word_dict(word: Word) -> dict[str, Any]:
+    """A word as the server sends it (OpenAI's verbose_json word keys, plus our latency)."""
+    latency = None if word.latency is None else round(word.latency, 4)
+    return {"word": word.text, "start": round(word.start, 3), "end": round(word.end, 3), "latency": latency}
+
+
+@dataclass
+class WorkerStats:
+    """Running totals for the metrics endpoint (written by the worker thread, read by anyone)."""
+
+    ticks: int = 0
+    engine_seconds: float = 0.0
+    audio_seconds: float = 0.0
+    decode_steps: int = 0
+    last_step_seconds: float = 0.0
+    #: called by the worker after each engine run with (run seconds, decoder steps, seconds of audio pushed)
+    on_run: Callable[[float, int, float], None] | None = None
+
+
+# -- commands (asyncio side -> worker) -------------------------------------------------------------------------
+
+
+@dataclass
+class _Open:
+    stream_id: int
+    listener: StreamListener
+    options: StreamOptions
+
+
+@dataclass
+class _Append:
+    stream_id: int
+    samples: np.ndarray
+
+
+@dataclass
+class _Finish:
+    stream_id: int
+
+
+@dataclass
+class _Abandon:
+    stream_id: int
+
+
+class _Stop:
+    pass
+
+
+@dataclass
+class _Stream:
+    """The worker's record of one stream."""
+
+    listener: StreamListener
+    options: StreamOptions
+    session: StreamingSession
+    pending: deque[np.ndarray] = field(default_factory=deque)
+    pending_samples: int = 0
+    final_requested: bool = False
+    tokens_seen: int = 0
+    words_sent: int = 0
+    # produced since the last publish
+    text: list[str] = field(default_factory=list)
+    consumed: int = 0
+
+
+class EngineWorker:
+    """Runs ``model.engine(max_streams)`` on its own thread for streams opened from an asyncio event loop.
+
+    Methods other than :meth:`start` / :meth:`stop` are called from the event loop and never block.  Opening
+    more streams than ``max_streams`` is the caller's job to prevent (the server counts its slots); the worker
+    reports a failed open as an error update.
+    """
+
+    def __init__(self, model: Model, *, max_streams: int, decoder_context: int | None = None,
+                 stats: WorkerStats | None = None) -> None:
+        self.model = model
+        self.max_streams = max_streams
+        self.decoder_context = decoder_context
+        self.stats = stats or WorkerStats()
+        self.engine: Engine | None = None
+        #: set if the thread died of an unexpected error (the server then reports itself unhealthy)
+        self.failure: BaseException | None = None
+        self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._streams: dict[int, _Stream] = {}
+        self._next_id = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._outgoing: list[tuple[StreamListener, StreamUpdate]] = []
+        self._step_samples = model.config.audio.samples_per_token
+        self._sample_rate = model.config.audio.sample_rate
+
+    # -- lifecycle (event loop side) --------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Build the engine (slow on a GPU: its caches are allocated and its CUDA graphs captured now, so that no
+        stream pays for that later).  Call before :meth:`start`, from any thread."""
+        self.engine = self.model.engine(self.max_streams, decoder_context=self.decoder_context)
+        self.engine.capture_graphs()
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the thread; its updates are delivered on ``loop``."""
+        if self.engine is None:
+            self.prepare()
+        self._loop = loop
+        self._thread = threading.Thread(target=self._main, name="voxtral-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self._thread is None:
+            return
+        self._commands.put(_Stop())
+        self._thread.join(timeout)
+        self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.failure is None
+
+    @property
+    def free_slots(self) -> int:
+        """The engine's free rows (read without locking: a snapshot for metrics and tests)."""
+        return self.engine.free_slots if self.engine is not None else 0
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._streams)
+
+    @property
+    def pending_commands(self) -> int:
+        return self._commands.qsize()
+
+    # -- commands (event loop side) ---------------------------------------------------------------------------
+
+    def open(self, listener: StreamListener, options: StreamOptions) -> int:
+        self._next_id += 1
+        self._commands.put(_Open(self._next_id, listener, options))
+        return self._next_id
+
+    def append(self, stream_id: int, samples: np.ndarray) -> None:
+        self._commands.put(_Append(stream_id, samples))
+
+    def finish(self, stream_id: int) -> None:
+        self._commands.put(_Finish(stream_id))
+
+    def abandon(self, stream_id: int) -> None:
+        self._commands.put(_Abandon(stream_id))
+
+    # -- the thread -------------------------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            while self._apply_commands(block=not self._has_work()):
+                self._tick()
+        except BaseException as exc:
+            log.exception("engine worker failed")
+            self.failure = exc
+            for stream_id in list(self._streams):
+                self._drop(stream_id, error=f"engine worker failed: {exc}")
+            self._publish()
+        finally:
+            for stream in self._streams.values():
+                stream.session.close()
+            self._streams.clear()
+
+    def _has_work(self) -> bool:
+        return any(s.pending_samples or s.final_requested for s in self._streams.values())
+
+    def _apply_commands(self, block: bool) -> bool:
+        """Apply every queued command (waiting for one when there is nothing else to do); False on stop."""
+        while True:
+            try:
+                command = self._commands.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if isinstance(command, _Stop):
+                return False
+            self._apply(command)
+
+    def _apply(self, command: Any) -> None:
+        if isinstance(command, _Open):
+            self._open(command)
+            return
+        stream = self._streams.get(command.stream_id)
+        if stream is None:  # already finished or dropped: a late append or abandon is harmless
+            return
+        if isinstance(command, _Append):
+            if not stream.final_requested:
+                stream.pending.append(command.samples)
+                stream.pending_samples += len(command.samples)
+        elif isinstance(command, _Finish):
+            stream.final_requested = True
+        elif isinstance(command, _Abandon):
+            self._drop(command.stream_id, error=None)
+
+    def _open(self, command: _Open) -> None:
+        options = command.options
+        try:
+            session = self.model.stream(delay_ms=options.delay_ms, continue_after_eos=options.continue_after_eos,
+                                        engine=self.engine)
+        except Exception as exc:  # noqa: BLE001 - a full engine or a bad option: that stream fails, not the server
+            self._post(command.listener, StreamUpdate(error=str(exc), released=True))
+            return
+        self._streams[command.stream_id] = _Stream(command.listener, options, session)
+
+    def _tick(self) -> None:
+        pushed = self._push_audio()
+        if pushed:
+            self._run_engine(pushed)
+        self._restart_after_eos()
+        self._finish_ready()
+        self._publish()
+
+    def _push_audio(self) -> int:
+        """Hand each stream up to PUSH_STEPS_PER_TICK steps of its waiting audio; returns the samples pushed."""
+        quantum = PUSH_STEPS_PER_TICK * self._step_samples
+        pushed = 0
+        for stream_id, stream in list(self._streams.items()):
+            if not stream.pending_samples:
+                continue
+            chunk = _take(stream, quantum)
+            try:
+                stream.session.push(chunk)
+            except Exception as exc:  # noqa: BLE001
+                self._drop(stream_id, error=f"cannot take audio: {exc}")
+                continue
+            stream.consumed += len(chunk)
+            pushed += len(chunk)
+        return pushed
+
+    def _run_engine(self, pushed_samples: int) -> None:
+        assert self.engine is not None
+        steps_before = self.engine.decode_calls
+        started = time.perf_counter()
+        try:
+            self.engine.run()
+        except Exception as exc:
+            log.exception("engine run failed")  # the batch is suspect: every stream in it is dropped
+            for stream_id in list(self._streams):
+                self._drop(stream_id, error=f"processing failed: {exc}")
+            return
+        self._account(time.perf_counter() - started, self.engine.decode_calls - steps_before,
+                      pushed_samples / self._sample_rate)
+
+    def _account(self, seconds: float, steps: int, audio_seconds: float) -> None:
+        stats = self.stats
+        stats.ticks += 1
+        stats.engine_seconds += seconds
+        stats.audio_seconds += audio_seconds
+        stats.decode_steps += steps
+        if steps:
+            stats.last_step_seconds = seconds / steps
+        if stats.on_run is not None:
+            stats.on_run(seconds, steps, audio_seconds)
+
+    def _restart_after_eos(self) -> None:
+        """An always-on stream whose model said EOS starts its next segment now, not at finish().
+
+        With a shared engine the session only restarts inside ``feed()``/``finish()``; ``feed()`` of no samples
+        does exactly the restart (and its replay of the audio held since the EOS), so we call it for the streams
+        that just produced an EOS.
+        """
+        eos = self.model.tokenizer.eos_id
+        for stream_id, stream in list(self._streams.items()):
+            tokens = stream.session.tokens
+            new_eos = stream.options.continue_after_eos and eos in tokens[stream.tokens_seen:]
+            stream.tokens_seen = len(tokens)
+            if not new_eos or stream.session.finished:
+                continue
+            try:
+                stream.text.append(stream.session.feed(_NO_SAMPLES))
+            except Exception as exc:  # noqa: BLE001
+                self._drop(stream_id, error=f"processing failed: {exc}")
+                continue
+            stream.tokens_seen = len(stream.session.tokens)
+
+    def _finish_ready(self) -> None:
+        ready = [i for i, s in self._streams.items() if s.final_requested and not s.pending_samples]
+        for stream_id in ready[:FINISHES_PER_TICK]:
+            stream = self._streams.pop(stream_id)
+            session = stream.session
+            steps_before, started = self.engine.decode_calls if self.engine else 0, time.perf_counter()
+            try:
+                stream.text.append(session.finish())
+            except Exception as exc:  # noqa: BLE001
+                session.close()
+                self._post(stream.listener, StreamUpdate(error=f"processing failed: {exc}", released=True))
+                continue
+            if self.engine is not None:  # the closing silence is engine time too (no new audio)
+                self._account(time.perf_counter() - started, self.engine.decode_calls - steps_before, 0.0)
+            result = session.transcription
+            update = self._collect(stream, words=result.words)
+            update.result = result
+            update.usage = StreamUsage(prompt_tokens=len(session.prompt), completion_tokens=len(result.tokens))
+            update.released = True
+            self._post(stream.listener, update)
+
+    def _drop(self, stream_id: int, error: str | None) -> None:
+        stream = self._streams.pop(stream_id, None)
+        if stream is None:
+            return
+        stream.session.close()
+        self._post(stream.listener, StreamUpdate(error=error, released=True))
+
+    def _publish(self) -> None:
+        for stream in self._streams.values():
+            update = self._collect(stream, words=None)
+            if update.text or update.consumed_samples:
+                self._post(stream.listener, update)
+        self._flush_posts()
+
+    def _collect(self, stream: _Stream, words: list[Word] | None) -> StreamUpdate:
+        """The stream's text, words and consumed audio since the last publish.
+
+        ``words``: the stream's whole word list when the caller has it (at the end); otherwise it is read only
+        when there is new text, since a word is completed only when a text token arrives (which, but for a UTF-8
+        character split over tokens, also produces text): a tick stays O(new tokens) per stream.
+        """
+        session = stream.session
+        text = "".join(stream.text) + session.take_text()
+        stream.text.clear()
+        update = StreamUpdate(text=text, consumed_samples=stream.consumed)
+        stream.consumed = 0
+        if stream.options.word_timestamps and (words is not None or text):
+            if words is None:
+                words = session.transcription.words
+            update.words = [word_dict(w) for w in words[stream.words_sent:]]
+            stream.words_sent = len(words)
+        return update
+
+    # -- hand-off to the event loop: one callback per tick -----------------------------------------------------
+
+    def _post(self, listener: StreamListener, update: StreamUpdate) -> None:
+        self._outgoing.append((listener, update))
+
+    def _flush_posts(self) -> None:
+        if not self._outgoing or self._loop is None:
+            return
+        outgoing, self._outgoing = self._outgoing, []
+        try:
+            self._loop.call_soon_threadsafe(_deliver, outgoing)
+        except RuntimeError:  # the loop is closed (shutdown): nobody is listening any more
+            pass
+
+
+def _deliver(updates: list[tuple[StreamListener, StreamUpdate]]) -> None:
+    for listener, update in updates:
+        try:
+            listener.on_update(update)
+        except Exception:
+            log.exception("stream listener failed")
+
+
+def _take(stream: _Stream, limit: int) -> np.ndarray:
+    """Up to ``limit`` samples from the front of the stream's waiting audio."""
+    pieces: list[np.ndarray] = []
+    taken = 0
+    while stream.pending and taken < limit:
+        piece = stream.pending[0]
+        room = limit - taken
+        if len(piece) <= room:
+            pieces.append(stream.pending.popleft())
+            taken += len(piece)
+        else:
+            pieces.append(piece[:room])
+            stream.pending[0] = piece[room:]
+            taken += room
+    stream.pending_samples -= taken
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)

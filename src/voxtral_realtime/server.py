@@ -1,0 +1,452 @@
+"""The HTTP server: live captions over WebSocket for many users, OpenAI-compatible file transcription, a web page.
+
+    from voxtral_realtime.server import create_app
+    app = create_app(lambda: voxtral_realtime.load("mistralai/Voxtral-Mini-4B-Realtime-2602"))
+    # uvicorn.run(app) -- or: voxtral serve
+
+Endpoints: ``/v1/realtime`` (WebSocket, vLLM's realtime protocol: :mod:`.realtime_ws`),
+``POST /v1/audio/transcriptions`` (OpenAI's multipart shape; json, text, srt, vtt, verbose_json; ``stream=true``
+for server-sent events in vLLM's chunk shape), ``GET /v1/models``, ``GET /health``, ``GET /metrics``
+(Prometheus), and the browser page at ``/``.
+
+Importing this module does no work; :func:`create_app` only builds routes.  The model is loaded once, in the
+lifespan hook, and every stream (live or upload) runs on one batched engine owned by one worker thread
+(:mod:`.engine_worker`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .engine_worker import EngineWorker, StreamOptions, StreamUpdate, word_dict
+from .errors import AudioError
+from .realtime_ws import serve_realtime
+from .serving import Busy, EngineStream, ServerLimits, ServerState, api_key_accepted, presented_api_key
+from .writers import to_srt, to_txt, to_vtt
+
+if TYPE_CHECKING:
+    from .api import Model
+    from .transcription import Transcription
+
+WEB_DIR = Path(__file__).parent / "web"
+TRANSCRIPTIONS_PATH = "/v1/audio/transcriptions"
+RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+
+
+class ApiError(Exception):
+    """A request the server refuses: an OpenAI-style error body with an HTTP status."""
+
+    def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.param = status, code, param
+
+    def body(self) -> dict[str, Any]:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
+
+
+def create_app(model_or_loader: Model | Callable[[], Model], *, model_name: str | None = None,
+               max_streams: int = 32, decoder_context: int | None = None, api_key: str | None = None,
+               limits: ServerLimits | None = None) -> FastAPI:
+    """The server application.
+
+    ``model_or_loader``: a loaded :class:`~voxtral_realtime.api.Model`, or a function that loads one (called once,
+    at startup, off the event loop).  ``model_name``: the id clients name in ``model`` fields (default: the
+    model's source).  ``max_streams``: concurrent streams on the engine (overrides ``limits.max_streams``);
+    ``decoder_context``: cap on each stream's decoder window in tokens (memory, see :meth:`Model.engine`).
+    ``api_key``: when set, every ``/v1`` endpoint and ``/metrics`` require it.
+    """
+    limits = _with_streams(limits or ServerLimits(), max_streams)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        model = await asyncio.to_thread(_resolve_model, model_or_loader)
+        worker = EngineWorker(model, max_streams=limits.max_streams, decoder_context=decoder_context)
+        await asyncio.to_thread(worker.prepare)
+        worker.start(asyncio.get_running_loop())
+        app.state.voxtral = ServerState(model=model, model_name=model_name or model.source, worker=worker,
+                                        limits=limits, api_key=api_key)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(worker.stop)
+
+    app = FastAPI(title="voxtral-realtime", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(UploadSizeLimit, max_bytes=limits.max_upload_bytes, paths=(TRANSCRIPTIONS_PATH,))
+    app.add_exception_handler(ApiError, _api_error_response)
+    app.add_exception_handler(StarletteHTTPException, _http_error_response)
+    _add_routes(app)
+    app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")
+    return app
+
+
+def _with_streams(limits: ServerLimits, max_streams: int) -> ServerLimits:
+    from dataclasses import replace
+
+    if max_streams < 1:
+        raise ValueError(f"max_streams must be at least 1, got {max_streams}")
+    return replace(limits, max_streams=max_streams)
+
+
+def _resolve_model(model_or_loader: Model | Callable[[], Model]) -> Model:
+    from .api import Model
+
+    return model_or_loader if isinstance(model_or_loader, Model) else model_or_loader()
+
+
+def _state(request: Request | WebSocket) -> ServerState:
+    return request.app.state.voxtral
+
+
+def _authorize(request: Request) -> ServerState:
+    state = _state(request)
+    presented = presented_api_key(request.headers, dict(request.query_params), [])
+    if not api_key_accepted(state.api_key, presented):
+        state.metrics.errors.labels("unauthorized").inc()
+        raise ApiError(401, "unauthorized", "a valid API key is required: Authorization: Bearer KEY")
+    return state
+
+
+def _add_routes(app: FastAPI) -> None:
+    @app.websocket("/v1/realtime")
+    async def realtime(websocket: WebSocket) -> None:
+        await serve_realtime(websocket, _state(websocket))
+
+    @app.post(TRANSCRIPTIONS_PATH)
+    async def transcriptions(request: Request) -> Response:
+        return await create_transcription(request)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        state = _authorize(request)
+        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": int(state.started),
+                                            "owned_by": "voxtral-realtime"}]}
+
+    @app.get("/health")
+    async def health(request: Request) -> JSONResponse:
+        state = _state(request)
+        body = {"status": "ok" if state.worker.alive else "unhealthy", "model": state.model_name,
+                "active_streams": state.worker.active_streams, "free_stream_slots": state.worker.free_slots,
+                "max_streams": state.limits.max_streams}
+        return JSONResponse(body, status_code=200 if state.worker.alive else 503)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        state = _authorize(request)
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+# -- POST /v1/audio/transcriptions -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TranscriptionRequest:
+    upload: UploadFile
+    response_format: str
+    stream: bool
+    include_usage: bool
+    word_timestamps: bool
+    segment_timestamps: bool
+    delay_ms: int | None
+
+
+async def create_transcription(request: Request) -> Response:
+    state = _authorize(request)
+    form = await _read_form(request)
+    params = _parse_transcription_form(form, state)
+    samples = await _decode_upload(params.upload, state)
+    try:
+        await state.pool.acquire_upload(state.limits.upload_wait_seconds)
+    except Busy as err:
+        state.metrics.errors.labels("busy").inc()
+        raise ApiError(503, "busy", f"the server is busy: {err}; try again later") from None
+    sink = _UploadSink()
+    try:
+        stream = EngineStream(state, sink, StreamOptions(delay_ms=params.delay_ms), "upload")
+    except BaseException:
+        state.pool.release("upload")
+        raise
+    stream.append(samples)
+    stream.finish()
+    if params.stream:
+        return TranscriptionEventStream(stream, sink, params, state)
+    try:
+        update = await _result_unless_disconnected(request, sink)
+    finally:
+        stream.abandon()  # a no-op once finished; frees the row when the client left first
+    if update is None:
+        return Response(status_code=499)  # nobody is listening; this response is never sent
+    return _formatted(update, params, state)
+
+
+class UploadTooLarge(Exception):
+    pass
+
+
+class UploadSizeLimit:
+    """Refuses request bodies above ``max_bytes`` on ``paths``: at once from Content-Length, or while reading a
+    body sent without one, before a multipart parser spools it to disk."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, paths: tuple[str, ...]) -> None:
+        self.app, self.max_bytes, self.paths = app, max_bytes, paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            error = ApiError(413, "upload_too_large", self._message())
+            await JSONResponse(error.body(), status_code=413)(scope, receive, send)
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise UploadTooLarge(self._message())
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+    def _message(self) -> str:
+        return f"the upload is larger than the server's limit of {self.max_bytes / 2**20:g} MiB"
+
+
+async def _read_form(request: Request) -> Any:
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise ApiError(400, "invalid_request", "send the audio as multipart/form-data with a 'file' part")
+    try:
+        return await request.form(max_files=1, max_fields=32, max_part_size=64 * 1024)
+    except UploadTooLarge as err:
+        raise ApiError(413, "upload_too_large", str(err)) from None
+    except StarletteHTTPException as err:  # Starlette's multipart errors
+        raise ApiError(400, "invalid_multipart", f"the multipart body cannot be read: {err.detail}") from None
+    except Exception as err:  # noqa: BLE001 - a client that hung up mid-upload, or a body cut short
+        raise ApiError(400, "invalid_multipart", f"the upload could not be read ({type(err).__name__}); "
+                                                 "it may have been cut off") from None
+
+
+def _parse_transcription_form(form: Any, state: ServerState) -> TranscriptionRequest:
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise ApiError(400, "invalid_request", "no complete 'file' part in the request (missing, not a file, or "
+                                               "the upload was cut off)", param="file")
+    model = form.get("model", "")
+    if not isinstance(model, str) or not state.model_matches(model):
+        raise ApiError(404, "model_not_found", f"model {model!r} is not served here; this server serves "
+                                               f"{state.model_name!r}", param="model")
+    response_format = str(form.get("response_format", "json"))
+    if response_format not in RESPONSE_FORMATS:
+        raise ApiError(400, "invalid_request", f"response_format must be one of {', '.join(RESPONSE_FORMATS)}",
+                       param="response_format")
+    granularities = set(form.getlist("timestamp_granularities[]")) | set(form.getlist("timestamp_granularities"))
+    if granularities - {"word", "segment"}:
+        raise ApiError(400, "invalid_request", "timestamp_granularities are 'word' and 'segment'",
+                       param="timestamp_granularities")
+    if granularities and response_format != "verbose_json":
+        raise ApiError(400, "invalid_request", "timestamp_granularities need response_format=verbose_json",
+                       param="timestamp_granularities")
+    stream = _form_bool(form, "stream")
+    if stream and response_format not in ("json", "text"):
+        raise ApiError(400, "invalid_request", "stream=true sends text deltas: use response_format json or text",
+                       param="stream")
+    return TranscriptionRequest(
+        upload=upload, response_format=response_format, stream=stream,
+        include_usage=_form_bool(form, "stream_include_usage"), word_timestamps="word" in granularities,
+        segment_timestamps="segment" in granularities or not granularities,
+        delay_ms=_form_delay(form, state))
+
+
+def _form_bool(form: Any, name: str) -> bool:
+    value = str(form.get(name, "false")).strip().lower()
+    if value not in ("true", "false", "1", "0"):
+        raise ApiError(400, "invalid_request", f"{name} must be true or false", param=name)
+    return value in ("true", "1")
+
+
+def _form_delay(form: Any, state: ServerState) -> int | None:
+    value = form.get("delay_ms")
+    if value in (None, ""):
+        return None
+    try:
+        return state.check_delay(int(str(value)))
+    except (TypeError, ValueError) as err:
+        raise ApiError(400, "invalid_request", f"delay_ms: {err}", param="delay_ms") from None
+
+
+async def _decode_upload(upload: UploadFile, state: ServerState) -> np.ndarray:
+    from .audio import load_audio
+
+    data = await upload.read()
+    if not data:
+        raise ApiError(400, "invalid_audio", "the uploaded file is empty", param="file")
+    async with state.decodes:  # FFmpeg decoding runs beside the engine: a few at a time
+        try:
+            samples = await asyncio.to_thread(load_audio, data)
+        except AudioError as err:
+            raise ApiError(400, "invalid_audio", str(err).replace(f"<{len(data)} bytes of audio>",
+                                                                  repr(upload.filename or "the upload")),
+                           param="file") from None
+    seconds = len(samples) / state.sample_rate
+    if seconds > state.limits.max_audio_seconds:
+        raise ApiError(413, "audio_too_long", f"the audio lasts {seconds:.0f} s; the server's limit is "
+                                              f"{state.limits.max_audio_seconds:g} s", param="file")
+    return samples
+
+
+class _UploadSink:
+    """Collects an upload's deltas (for streaming) and its final update."""
+
+    def __init__(self) -> None:
+        self.deltas: asyncio.Queue[str | StreamUpdate | Exception] = asyncio.Queue()
+        self.done: asyncio.Future[StreamUpdate] = asyncio.get_running_loop().create_future()
+
+    def on_text(self, text: str) -> None:
+        self.deltas.put_nowait(text)
+
+    def on_words(self, words: list[dict[str, Any]]) -> None:
+        pass  # uploads take the words from the final transcription
+
+    def on_result(self, update: StreamUpdate) -> None:
+        self.deltas.put_nowait(update)
+        if not self.done.done():
+            self.done.set_result(update)
+
+    def on_error(self, message: str) -> None:
+        error = ApiError(500, "processing_error", message)
+        self.deltas.put_nowait(error)
+        if not self.done.done():
+            self.done.set_exception(error)
+
+
+async def _result_unless_disconnected(request: Request, sink: _UploadSink) -> StreamUpdate | None:
+    """The finished transcription, or None if the client hung up first (then the stream is dropped)."""
+    disconnected = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({sink.done, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        disconnected.cancel()
+    if sink.done.done():
+        return sink.done.result()  # raises the ApiError of a failed stream
+    return None
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # the body has been read: the next message the server gives is the client's disconnect
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _formatted(update: StreamUpdate, params: TranscriptionRequest, state: ServerState) -> Response:
+    result = update.result
+    assert result is not None
+    usage = {"type": "duration", "seconds": math.ceil(result.duration)}
+    if params.response_format == "json":
+        return JSONResponse({"text": result.text, "usage": usage})
+    if params.response_format == "text":
+        return PlainTextResponse(to_txt(result))
+    if params.response_format == "srt":
+        return PlainTextResponse(to_srt(result))
+    if params.response_format == "vtt":
+        return PlainTextResponse(to_vtt(result), media_type="text/vtt")
+    return JSONResponse(_verbose_json(result, params, usage))
+
+
+def _verbose_json(result: Transcription, params: TranscriptionRequest, usage: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's verbose_json.  The model reports no language and no per-segment log-probabilities, so those
+    fields are left out rather than invented; temperature is 0 because decoding is greedy."""
+    body: dict[str, Any] = {"task": "transcribe", "duration": round(result.duration, 3), "text": result.text,
+                            "delay_ms": result.delay_ms}
+    if params.segment_timestamps:
+        body["segments"] = [{"id": i, "seek": 0, "start": round(s.start, 3), "end": round(s.end, 3),
+                             "text": s.text, "temperature": 0.0} for i, s in enumerate(result.segments)]
+    if params.word_timestamps:
+        body["words"] = [{k: v for k, v in word_dict(w).items() if k != "latency"} for w in result.words]
+    body["usage"] = usage
+    return body
+
+
+class TranscriptionEventStream(StreamingResponse):
+    """``stream=true``: server-sent events in vLLM's ``transcription.chunk`` shape, then ``data: [DONE]``.
+
+    The stream is dropped in ``__call__``'s ``finally``, so a client that disconnects (even before the first
+    byte) never leaves a stream behind in the engine."""
+
+    def __init__(self, stream: EngineStream, sink: _UploadSink, params: TranscriptionRequest,
+                 state: ServerState) -> None:
+        self.engine_stream = stream
+        self._sink, self._params, self._state = sink, params, state
+        self._id = f"trsc-{secrets.token_hex(12)}"
+        self._created = int(time.time())
+        super().__init__(self._events(), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.engine_stream.abandon()
+
+    async def _events(self) -> AsyncIterator[str]:
+        while True:
+            item = await self._sink.deltas.get()
+            if isinstance(item, str):
+                yield self._chunk([{"index": 0, "delta": {"content": item}, "finish_reason": None,
+                                    "stop_reason": None}])
+                continue
+            if isinstance(item, ApiError):
+                yield f"data: {json.dumps(item.body(), ensure_ascii=False)}\n\n"
+            else:
+                yield self._chunk([{"index": 0, "delta": {}, "finish_reason": "stop", "stop_reason": None}])
+                if self._params.include_usage and item.usage is not None:
+                    usage = item.usage
+                    yield self._chunk([], usage={"prompt_tokens": usage.prompt_tokens,
+                                                 "completion_tokens": usage.completion_tokens,
+                                                 "total_tokens": usage.total_tokens})
+            yield "data: [DONE]\n\n"
+            return
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> str:
+        body = {"id": self._id, "object": "transcription.chunk", "created": self._created,
+                "model": self._state.model_name, "choices": choices, **extra}
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+# -- errors ------------------------------------------------------------------------------------------------------
+
+
+async def _api_error_response(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+async def _http_error_response(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JSONResponse(ApiError(exc.status_code, code, str(exc.detail)).body(), status_code=exc.status_code,
+                        headers=exc.headers)
+

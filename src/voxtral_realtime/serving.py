@@ -1,0 +1,398 @@
+"""The event-loop side of the server: limits, stream slots, outgoing event queues, metrics, and the handle through
+which a WebSocket session or an upload drives one stream of the :class:`~.engine_worker.EngineWorker`.
+
+Nothing here blocks the event loop and nothing here touches the engine: every computation happens on the
+worker's thread, and its results arrive as :class:`~.engine_worker.StreamUpdate` callbacks on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import numpy as np
+
+from .engine_worker import EngineWorker, StreamOptions, StreamUpdate
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from .api import Model
+
+SlotKind = Literal["live", "upload"]
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Everything a client could otherwise use to exhaust the server."""
+
+    #: concurrent streams, live and uploads together (the engine's rows)
+    max_streams: int = 32
+    #: of which uploads may hold at most this many, so live captions always find room (None: a quarter)
+    max_upload_streams: int | None = None
+    #: uploads waiting for a slot; more are refused with 503 busy
+    max_waiting_uploads: int = 64
+    #: seconds an upload waits for a slot before 503 busy
+    upload_wait_seconds: float = 120.0
+    #: WebSocket connections at once (idle ones included)
+    max_connections: int = 256
+    max_upload_bytes: int = 100 * 1024 * 1024
+    max_audio_seconds: float = 2 * 3600.0
+    #: one WebSocket message (a base64 append of 1 MiB is about 24 s of audio)
+    max_message_bytes: int = 1024 * 1024
+    #: audio a WebSocket client may have waiting in the server: above it the server stops reading its messages
+    #: (TCP back-pressure); audio appended before a transcription starts beyond it is refused (buffer_full)
+    max_buffered_seconds: float = 60.0
+    #: a WebSocket session with no message for this long (and no work in progress) is closed
+    idle_timeout_seconds: float = 60.0
+    #: a client that does not take an event within this long is disconnected (it is not reading)
+    send_timeout_seconds: float = 30.0
+    #: events (other than merged text and words) waiting for a client that is not reading: beyond, disconnect
+    max_unsent_events: int = 256
+    #: audio files decoded at once (decoding runs on threads beside the engine)
+    max_concurrent_decodes: int = 2
+
+    @property
+    def upload_streams(self) -> int:
+        if self.max_upload_streams is not None:
+            return max(1, min(self.max_upload_streams, self.max_streams))
+        return max(1, self.max_streams // 4)
+
+
+class Busy(Exception):
+    """No stream slot is free (live: at once; upload: within the wait)."""
+
+
+class SlotPool:
+    """Counts the engine's rows on the event loop, so a full engine is a clear ``busy`` and never an error inside
+    the worker.  A slot comes back when the worker reports the stream released, not when the client leaves:
+    until then the engine row is still in use."""
+
+    def __init__(self, limits: ServerLimits) -> None:
+        self.total = limits.max_streams
+        self.upload_limit = limits.upload_streams
+        self.max_waiting = limits.max_waiting_uploads
+        self.in_use: dict[SlotKind, int] = {"live": 0, "upload": 0}
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def used(self) -> int:
+        return self.in_use["live"] + self.in_use["upload"]
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def try_acquire_live(self) -> bool:
+        if self.used >= self.total:
+            return False
+        self.in_use["live"] += 1
+        return True
+
+    async def acquire_upload(self, timeout: float) -> None:
+        if not self._waiters and self._upload_fits():
+            self.in_use["upload"] += 1
+            return
+        if len(self._waiters) >= self.max_waiting:
+            raise Busy(f"{self.max_waiting} uploads are already waiting for a stream")
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
+            if waiter.done() and not waiter.cancelled():  # granted just as we gave up: hand it on
+                self.release("upload")
+            else:
+                waiter.cancel()
+                self._waiters.remove(waiter)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise Busy(f"no stream was free within {timeout:g} s") from None
+
+    def release(self, kind: SlotKind) -> None:
+        self.in_use[kind] = max(0, self.in_use[kind] - 1)
+        while self._waiters and self._upload_fits():
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.in_use["upload"] += 1
+                waiter.set_result(None)
+
+    def _upload_fits(self) -> bool:
+        return self.used < self.total and self.in_use["upload"] < self.upload_limit
+
+
+class Outbox:
+    """Events waiting to be sent to one client.
+
+    Consecutive text deltas are merged into one delta, and consecutive word lists into one list, so a client that
+    reads slowly costs memory in proportion to its transcript, not to the number of engine ticks.  Other events
+    (errors, ``done``) are counted: a client letting more than ``max_events`` of them pile up is not reading, and
+    :attr:`overflowed` tells the sender to disconnect it.
+    """
+
+    def __init__(self, max_events: int) -> None:
+        self.max_events = max_events
+        self.overflowed = False
+        #: close the connection with this (code, reason) once everything before it is sent
+        self.close_after: tuple[int, str] | None = None
+        self._items: deque[dict[str, Any]] = deque()
+        self._other_events = 0
+        self._ready = asyncio.Event()
+
+    def put_delta(self, text: str) -> None:
+        last = self._items[-1] if self._items else None
+        if last is not None and last["type"] == "transcription.delta":
+            last["delta"] += text
+        else:
+            self._items.append({"type": "transcription.delta", "delta": text})
+        self._ready.set()
+
+    def put_words(self, words: list[dict[str, Any]]) -> None:
+        last = self._items[-1] if self._items else None
+        if last is not None and last["type"] == "transcription.words":
+            last["words"].extend(words)
+        else:
+            self._items.append({"type": "transcription.words", "words": list(words)})
+        self._ready.set()
+
+    def put(self, event: dict[str, Any]) -> None:
+        self._items.append(event)
+        self._other_events += 1
+        if self._other_events > self.max_events:
+            self.overflowed = True
+        self._ready.set()
+
+    def close(self, code: int, reason: str) -> None:
+        self.close_after = (code, reason)
+        self._ready.set()
+
+    async def take(self) -> list[dict[str, Any]]:
+        """Wait for events, then return all of them."""
+        await self._ready.wait()
+        self._ready.clear()
+        items = list(self._items)
+        self._items.clear()
+        self._other_events = 0
+        return items
+
+
+class StreamSink(Protocol):
+    """Where one stream's results go (a WebSocket session, an upload)."""
+
+    def on_text(self, text: str) -> None: ...
+
+    def on_words(self, words: list[dict[str, Any]]) -> None: ...
+
+    def on_result(self, update: StreamUpdate) -> None: ...
+
+    def on_error(self, message: str) -> None: ...
+
+
+class EngineStream:
+    """The event loop's handle on one stream of the worker.
+
+    Tracks the audio sent but not yet taken by the worker (``wait_for_room`` is the back-pressure), routes the
+    worker's updates to a :class:`StreamSink`, and gives the slot back to the pool when the worker has released
+    the engine row.  Opened only after a slot of ``kind`` was acquired.
+    """
+
+    def __init__(self, state: ServerState, sink: StreamSink, options: StreamOptions, kind: SlotKind) -> None:
+        self._state = state
+        self._sink = sink
+        self._kind = kind
+        self.options = options
+        self.queued_samples = 0
+        #: the worker reported a result or an error (or the stream was abandoned): nothing more will come
+        self.ended = False
+        self.released = False
+        self._room = asyncio.Event()
+        self._room.set()
+        self._room_limit = int(state.limits.max_buffered_seconds * state.sample_rate)
+        self.id = state.worker.open(self, options)
+        state.metrics.streams_opened.labels(kind).inc()
+
+    def append(self, samples: np.ndarray) -> None:
+        if self.ended:
+            return
+        self.queued_samples += len(samples)
+        self._state.queued_samples += len(samples)
+        if self.queued_samples > self._room_limit:
+            self._room.clear()
+        self._state.worker.append(self.id, samples)
+
+    async def wait_for_room(self) -> None:
+        await self._room.wait()
+
+    def finish(self) -> None:
+        if not self.ended:
+            self._state.worker.finish(self.id)
+
+    def abandon(self) -> None:
+        """Drop the stream (client gone); its slot comes back once the worker has let go of the engine row."""
+        if not self.ended:
+            self.ended = True
+            self._state.worker.abandon(self.id)
+
+    def on_update(self, update: StreamUpdate) -> None:
+        if update.consumed_samples:
+            self.queued_samples -= update.consumed_samples
+            self._state.queued_samples -= update.consumed_samples
+            if self.queued_samples <= self._room_limit:
+                self._room.set()
+        if update.released and not self.released:
+            self.released = True
+            self._state.queued_samples -= self.queued_samples
+            self.queued_samples = 0
+            self._room.set()
+            self._state.pool.release(self._kind)
+        if update.text:
+            self._sink.on_text(update.text)
+        if update.words:
+            self._sink.on_words(update.words)
+        if update.error is not None:
+            self.ended = True
+            self._state.metrics.errors.labels("processing_error").inc()
+            self._sink.on_error(update.error)
+        elif update.result is not None:
+            self.ended = True
+            self._state.metrics.audio_transcribed.labels(self._kind).inc(update.result.duration)
+            self._sink.on_result(update)
+
+
+class ServerMetrics:
+    """Prometheus metrics of one app (its own registry, so several apps in one process do not collide)."""
+
+    def __init__(self, state: ServerState) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry: CollectorRegistry = CollectorRegistry()
+        r = self.registry
+        Gauge("voxtral_active_streams", "Streams in the engine (live and uploads)", registry=r).set_function(
+            lambda: state.worker.active_streams)
+        Gauge("voxtral_stream_slots", "Streams the engine holds at most", registry=r).set(state.limits.max_streams)
+        Gauge("voxtral_free_stream_slots", "Engine rows free now", registry=r).set_function(
+            lambda: state.worker.free_slots)
+        Gauge("voxtral_queued_audio_seconds", "Audio received but not yet handed to the engine (queue depth)",
+              registry=r).set_function(lambda: state.queued_samples / state.sample_rate)
+        Gauge("voxtral_pending_engine_commands", "Commands waiting for the engine thread",
+              registry=r).set_function(lambda: state.worker.pending_commands)
+        Gauge("voxtral_waiting_uploads", "Uploads waiting for a free stream", registry=r).set_function(
+            lambda: state.pool.waiting)
+        Gauge("voxtral_websocket_connections", "Open realtime WebSocket connections", registry=r).set_function(
+            lambda: state.connections)
+        Gauge("voxtral_real_time_factor", "Engine time over audio time, last minute (below 1: faster than real "
+              "time, summed over all streams)", registry=r).set_function(lambda: state.recent_rtf.value())
+        self.step_seconds = Histogram(
+            "voxtral_decode_step_seconds", "Wall time of one batched decoder step (engine run time / steps)",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64), registry=r)
+        self.run_seconds = Histogram(
+            "voxtral_engine_run_seconds", "Wall time of one engine run (one worker tick)",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5), registry=r)
+        self.engine_audio = Counter("voxtral_engine_audio_seconds", "Audio handed to the engine", registry=r)
+        self.engine_time = Counter("voxtral_engine_busy_seconds", "Time the engine spent computing", registry=r)
+        self.audio_transcribed = Counter("voxtral_transcribed_audio_seconds", "Audio of finished transcriptions",
+                                         ["kind"], registry=r)
+        self.streams_opened = Counter("voxtral_streams_opened", "Streams started", ["kind"], registry=r)
+        self.errors = Counter("voxtral_errors", "Errors sent to clients, by code", ["code"], registry=r)
+
+    def on_engine_run(self, seconds: float, steps: int, audio_seconds: float) -> None:
+        """Called on the worker thread after each engine run (prometheus_client is thread-safe)."""
+        self.run_seconds.observe(seconds)
+        if steps:
+            self.step_seconds.observe(seconds / steps)
+        self.engine_time.inc(seconds)
+        self.engine_audio.inc(audio_seconds)
+
+
+class RecentRatio:
+    """Sum of a over sum of b over the last ``window`` seconds (the real-time factor of the recent runs)."""
+
+    def __init__(self, window: float = 60.0) -> None:
+        self.window = window
+        self._samples: deque[tuple[float, float, float]] = deque()
+        self._lock = threading.Lock()
+
+    def add(self, a: float, b: float) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._samples.append((now, a, b))
+            while self._samples and self._samples[0][0] < now - self.window:
+                self._samples.popleft()
+
+    def value(self) -> float:
+        with self._lock:
+            b = sum(s[2] for s in self._samples)
+            return sum(s[1] for s in self._samples) / b if b else 0.0
+
+
+@dataclass
+class ServerState:
+    """What every request handler needs; one per app, made in the lifespan hook."""
+
+    model: Model
+    model_name: str
+    worker: EngineWorker
+    limits: ServerLimits
+    api_key: str | None
+    started: float = field(default_factory=time.time)
+    connections: int = 0
+    #: audio sent to the worker and not yet taken into the engine, over all streams
+    queued_samples: int = 0
+    recent_rtf: RecentRatio = field(default_factory=RecentRatio)
+
+    def __post_init__(self) -> None:
+        self.sample_rate = self.model.config.audio.sample_rate
+        self.pool = SlotPool(self.limits)
+        self.decodes = asyncio.Semaphore(self.limits.max_concurrent_decodes)
+        self.metrics = ServerMetrics(self)
+        self.worker.stats.on_run = self._on_run
+
+    def _on_run(self, seconds: float, steps: int, audio_seconds: float) -> None:
+        self.metrics.on_engine_run(seconds, steps, audio_seconds)
+        self.recent_rtf.add(seconds, audio_seconds)
+
+    def check_delay(self, delay_ms: object) -> int:
+        """A delay the model supports, or ValueError / TypeError with the reason."""
+        if isinstance(delay_ms, bool) or not isinstance(delay_ms, int):
+            raise TypeError(f"delay_ms must be a whole number of milliseconds, got {delay_ms!r}")
+        self.model.config.audio.delay_tokens(delay_ms)
+        return delay_ms
+
+    def model_matches(self, name: str) -> bool:
+        """Clients name the served model, or send an empty name (vLLM accepts that too)."""
+        return name in ("", self.model_name)
+
+
+# -- API keys ------------------------------------------------------------------------------------------------
+
+#: WebSocket subprotocol a browser offers with its key (browsers cannot set an Authorization header), next to
+#: :data:`REALTIME_SUBPROTOCOL`, which the server then selects.
+API_KEY_SUBPROTOCOL_PREFIX = "api-key."
+REALTIME_SUBPROTOCOL = "voxtral-realtime"
+
+
+def presented_api_key(headers: Mapping[str, str], query: Mapping[str, str], subprotocols: list[str]) -> str | None:
+    """The key a client sent: ``Authorization: Bearer KEY``, the ``api-key.KEY`` subprotocol, or ``?api_key=``."""
+    authorization = headers.get("authorization", "")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    for protocol in subprotocols:
+        if protocol.startswith(API_KEY_SUBPROTOCOL_PREFIX):
+            return protocol[len(API_KEY_SUBPROTOCOL_PREFIX):]
+    return query.get("api_key") or None
+
+
+def api_key_accepted(expected: str | None, presented: str | None) -> bool:
+    if expected is None:
+        return True
+    if presented is None:
+        return False
+    # constant time: how much of a guess matches must not show in the response time
+    return hmac.compare_digest(expected.encode(), presented.encode())
