@@ -1,4 +1,5 @@
-"""The Triton decode-attention kernel against plain PyTorch attention over the same KV rings (CUDA only)."""
+"""The Triton decode-attention kernel against plain PyTorch attention over the same KV rings (on a GPU, or
+small cases in Triton's CPU interpreter)."""
 
 from __future__ import annotations
 
@@ -10,22 +11,22 @@ import torch
 from voxtral_realtime import kernels
 from voxtral_realtime.layers import KVCache
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not kernels.decode_attention_available(torch.device("cuda"))
-                                 if torch.cuda.is_available() else True, reason="needs CUDA and Triton")]
+pytestmark = pytest.mark.skipif(kernels.triton is None, reason="needs Triton (GPU, or its CPU interpreter)")
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
 
 
 def _filled_cache(rows: int, heads_kv: int, dim: int, window: int, lengths: list[int], dtype: torch.dtype,
                   generator: torch.Generator) -> KVCache:
     """A cache whose row r holds ``lengths[r]`` positions written one at a time (rings wrap past the window)."""
-    cache = KVCache.empty(1, rows, heads_kv, dim, window=window, max_chunk=1, device=torch.device("cuda"),
+    cache = KVCache.empty(1, rows, heads_kv, dim, window=window, max_chunk=1, device=DEVICE,
                           dtype=dtype, preallocate=True)
     for r, n in enumerate(lengths):
         for p in range(n):
-            pos = torch.tensor([[p]], device="cuda")
+            pos = torch.tensor([[p]], device=DEVICE)
             columns, _ = cache.advance(pos, rows=slice(r, r + 1), with_mask=False)
-            k = torch.randn(1, heads_kv, 1, dim, device="cuda", generator=generator).to(dtype)
-            v = torch.randn(1, heads_kv, 1, dim, device="cuda", generator=generator).to(dtype)
+            k = torch.randn(1, heads_kv, 1, dim, device=DEVICE, generator=generator).to(dtype)
+            v = torch.randn(1, heads_kv, 1, dim, device=DEVICE, generator=generator).to(dtype)
             cache.write(0, k, v, cache.write_index(columns, slice(r, r + 1)))
     return cache
 
@@ -46,16 +47,20 @@ def _reference(q, cache: KVCache, qpos, row_start):
     return torch.where(qpos[:, None, None, None] >= 0, out, 0.0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("heads", "heads_kv", "dim", "window"), [(8, 2, 16, 10), (32, 8, 128, 300), (4, 4, 64, 40)])
+GPU_ONLY = pytest.mark.skipif(not CUDA, reason="GPU only (the interpreter has no bfloat16; big cases are slow)")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=GPU_ONLY)])
+@pytest.mark.parametrize(("heads", "heads_kv", "dim", "window"), [
+    (8, 2, 16, 10), pytest.param(32, 8, 128, 300, marks=GPU_ONLY), (4, 4, 64, 40)])
 def test_matches_reference_on_rings_of_every_state(dtype, heads, heads_kv, dim, window):
-    generator = torch.Generator(device="cuda").manual_seed(heads * dim + window)
+    generator = torch.Generator(device=DEVICE).manual_seed(heads * dim + window)
     lengths = [0, 1, 5, window - 1, window, window + 3, 3 * window + 7]  # empty, short, full, wrapped
     cache = _filled_cache(len(lengths) + 1, heads_kv, dim, window, lengths + [2], dtype, generator)
     row_start = 1  # a batch that starts at an inner row, as engine calls over a bucket do not
-    qpos = torch.tensor([n for n in lengths[1:]] + [-1], device="cuda")  # next position; last row disabled
+    qpos = torch.tensor([n for n in lengths[1:]] + [-1], device=DEVICE)  # next position; last row disabled
     qpos = torch.where(qpos > 0, qpos - 1, qpos)  # query the newest written position (it sees itself)
-    q = torch.randn(len(qpos), heads, 1, dim, device="cuda", generator=generator).to(dtype)
+    q = torch.randn(len(qpos), heads, 1, dim, device=DEVICE, generator=generator).to(dtype)
     out = kernels.decode_attention(q, cache.keys[0], cache.values[0], cache.positions, qpos, row_start,
                                    cache.capacity, cache.window)
     expected = _reference(q, cache, qpos, row_start)
@@ -65,19 +70,20 @@ def test_matches_reference_on_rings_of_every_state(dtype, heads, heads_kv, dim, 
     assert out[-1].abs().max().item() == 0  # the disabled row
 
 
+@GPU_ONLY
 @pytest.mark.parametrize("batch", [1, 7, 64, 256])
 def test_batches_of_streams_at_different_positions(batch):
-    generator = torch.Generator(device="cuda").manual_seed(batch)
+    generator = torch.Generator(device=DEVICE).manual_seed(batch)
     heads, heads_kv, dim, window = 32, 8, 128, 8192
-    cache = KVCache.empty(1, batch, heads_kv, dim, window=window, max_chunk=64, device=torch.device("cuda"),
+    cache = KVCache.empty(1, batch, heads_kv, dim, window=window, max_chunk=64, device=DEVICE,
                           dtype=torch.bfloat16, preallocate=True)
-    lengths = torch.randint(1, 600, (batch,), generator=generator, device="cuda")
-    columns = torch.arange(cache.positions.shape[1], device="cuda")
+    lengths = torch.randint(1, 600, (batch,), generator=generator, device=DEVICE)
+    columns = torch.arange(cache.positions.shape[1], device=DEVICE)
     cache.positions[:] = torch.where(columns[None] < lengths[:, None], columns[None], -1)
     cache.keys[0].normal_(generator=generator)
     cache.values[0].normal_(generator=generator)
     qpos = lengths - 1
-    q = torch.randn(batch, heads, 1, dim, device="cuda", generator=generator, dtype=torch.bfloat16)
+    q = torch.randn(batch, heads, 1, dim, device=DEVICE, generator=generator, dtype=torch.bfloat16)
     out = kernels.decode_attention(q, cache.keys[0], cache.values[0], cache.positions, qpos, 0, cache.capacity,
                                    cache.window)
     expected = _reference(q, cache, qpos, 0)
