@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .engine_worker import EngineWorker, StreamOptions, StreamUpdate, word_dict
-from .errors import AudioError
+from .errors import AudioError, VoxtralError
 from .realtime_ws import serve_realtime
 from .serving import Busy, EngineStream, ServerLimits, ServerState, api_key_accepted, presented_api_key
 from .writers import to_srt, to_txt, to_vtt
@@ -77,7 +77,11 @@ def create_app(model_or_loader: Model | Callable[[], Model], *, model_name: str 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        model = await asyncio.to_thread(_resolve_model, model_or_loader)
+        try:
+            model = await asyncio.to_thread(_resolve_model, model_or_loader)
+        except VoxtralError as err:
+            app.state.startup_error = err
+            raise
         worker = EngineWorker(model, max_streams=limits.max_streams, decoder_context=decoder_context)
         await asyncio.to_thread(worker.prepare)
         worker.start(asyncio.get_running_loop())
@@ -90,11 +94,33 @@ def create_app(model_or_loader: Model | Callable[[], Model], *, model_name: str 
 
     app = FastAPI(title="voxtral-realtime", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(UploadSizeLimit, max_bytes=limits.max_upload_bytes, paths=(TRANSCRIPTIONS_PATH,))
+    app.add_middleware(StartupErrorMessage)
     app.add_exception_handler(ApiError, _api_error_response)
     app.add_exception_handler(StarletteHTTPException, _http_error_response)
     _add_routes(app)
     app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")
     return app
+
+
+class StartupErrorMessage:
+    """A model that cannot be loaded (a bad path, no network) is a user's mistake, not a bug: the server then
+    reports its one-line message when it gives up starting, instead of a traceback."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_short_failure(message: Message) -> None:
+            error = getattr(scope["app"].state, "startup_error", None)
+            if message["type"] == "lifespan.startup.failed" and error is not None:
+                message = {**message, "message": f"cannot load the model: {error}"}
+            await send(message)
+
+        await self.app(scope, receive, send_short_failure)
 
 
 def _with_streams(limits: ServerLimits, max_streams: int) -> ServerLimits:
