@@ -308,7 +308,7 @@ def _decode_row(row: dict[str, Any]) -> dict[str, Any]:
     """Ray Data CPU task: one path -> its samples as float32 bytes (ragged arrays travel badly), or an error."""
     samples, error = _decode_or_error(row["path"])
     return {"path": row["path"], "pcm": b"" if samples is None else samples.tobytes(),
-            "error": None if error is None else json.dumps(error)}
+            "error": "" if error is None else json.dumps(error)}  # not None: an all-null column turns into NaN
 
 
 class RayTranscriber:
@@ -324,7 +324,7 @@ class RayTranscriber:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         records, items = [], []
         for path, pcm, error in zip(batch["path"], batch["pcm"], batch["error"]):
-            if error is not None:
+            if error:
                 records.append(json.loads(error))
             else:
                 items.append((str(path), np.frombuffer(pcm, dtype=np.float32)))
