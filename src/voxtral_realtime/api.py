@@ -20,6 +20,7 @@ import torch
 from .audio import load_audio
 from .config import ModelConfig
 from .engine import Engine
+from .errors import CheckpointError
 from .loading import DEFAULT_MODEL, inspect_checkpoint, load_weights, resolve_model_dir
 from .model import VoxtralRealtime
 from .streaming import StreamingSession
@@ -135,14 +136,26 @@ class Model:
 
 def load(model: str | os.PathLike[str] = DEFAULT_MODEL, *, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, cache_dir: str | None = None,
-         progress: Callable[[int, int], None] | None = None) -> Model:
-    """Load a checkpoint from a folder (Mistral or transformers layout) or a Hugging Face Hub repo id.
+         progress: Callable[[int, int], None] | None = None,
+         tokenizer: str | os.PathLike[str] | None = None) -> Model:
+    """Load a checkpoint from a folder (Mistral or transformers layout), a Hugging Face Hub repo id, or a GGUF
+    file (``voxtral quantize``'s or the Rust project's; a shard set by any shard or its folder).
 
     ``device``: "cuda", "cpu", "mps"... (default: the best available); ``dtype``: bf16, f16, f32 or a torch
-    dtype (default: bf16 on CUDA, f16 on MPS, f32 on CPU).  ``progress(done, total)`` counts loaded tensors.
+    dtype (default: bf16 on CUDA, f16 on MPS, f32 on CPU); quantized GGUF weights stay quantized.
+    ``progress(done, total)`` counts loaded tensors.  ``tokenizer``: a tekken.json for a GGUF file that has none
+    (or to use instead of its own).
     """
+    from .gguf_file import gguf_files, load_gguf
+
     device = torch.device(device) if device is not None else default_device()
     dtype = resolve_dtype(dtype, device)
+    files = gguf_files(model)
+    if files is not None:
+        return load_gguf(files, tokenizer=tokenizer, device=device, dtype=dtype, progress=progress)
+    if tokenizer is not None:
+        raise CheckpointError(f"{model}: a tokenizer can only be given with a GGUF file; a checkpoint folder uses "
+                              "its own tekken.json")
     folder = resolve_model_dir(model, cache_dir=cache_dir)
     checkpoint = inspect_checkpoint(folder)
     tokenizer = Tokenizer(checkpoint.tokenizer_path)

@@ -78,7 +78,7 @@ class TextDecoder(nn.Module):
     @torch.no_grad()
     def ffn_scales(self, delay_tokens: int) -> torch.Tensor:
         """``1 + ada(t_cond)`` for every layer: [n_layers, dim]."""
-        weight = self.tok_embeddings.weight
+        weight = self.norm.weight  # compute dtype and device (the token table may be quantized)
         t_cond = time_embedding(delay_tokens, self.cfg.dim, weight.dtype, weight.device)
         return torch.stack([1 + layer.ada_norm(t_cond) for layer in self.layers])
 
@@ -92,4 +92,7 @@ class TextDecoder(nn.Module):
         ctx = AttentionContext.prepare(self.rotary, cache, positions, x.dtype, rows=rows, enabled=enabled)
         for i, layer in enumerate(self.layers):
             x = layer(x, ctx, i, ffn_scales[..., i, None, :] if ffn_scales.dim() == 3 else ffn_scales[i])
-        return F.linear(self.norm(x[:, -1]), self.tok_embeddings.weight).float()
+        hidden = self.norm(x[:, -1])
+        # A quantized table (quantization.QuantizedEmbedding) computes the tied LM head itself.
+        head = getattr(self.tok_embeddings, "logits", None)
+        return (head(hidden) if head is not None else F.linear(hidden, self.tok_embeddings.weight)).float()

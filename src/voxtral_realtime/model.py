@@ -28,11 +28,11 @@ class VoxtralRealtime(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.decoder.tok_embeddings.weight.device
+        return self.decoder.norm.weight.device  # not the token table: it may be quantized
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.decoder.tok_embeddings.weight.dtype
+        return self.decoder.norm.weight.dtype
 
     def rebuild_buffers(self) -> None:
         """Recompute the non-checkpoint buffers (mel filters, window, RoPE frequencies) on the current device.
