@@ -353,7 +353,7 @@ def ray_results(paths: list[str], options: BatchOptions) -> Iterator[dict[str, A
     dataset = dataset.map(_decode_row, num_cpus=1)
     dataset = dataset.map_batches(
         options.ray_transcriber or RayTranscriber, batch_size=size, batch_format="numpy",
-        concurrency=options.workers, num_gpus=gpus, num_cpus=options.cpus_per_worker,
+        compute=ray.data.ActorPoolStrategy(size=options.workers), num_gpus=gpus, num_cpus=options.cpus_per_worker,
         fn_constructor_kwargs={"model": os.fspath(options.model), "device": options.device, "dtype": options.dtype,
                                "delay_ms": options.delay_ms, "streams": size})
     for row in dataset.iter_rows():
