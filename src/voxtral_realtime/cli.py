@@ -91,10 +91,27 @@ def _positive_float(text: str) -> float:
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=os.environ.get("VOXTRAL_MODEL", DEFAULT_MODEL), metavar="REPO_OR_DIR",
-                        help="Hub repo id or local checkpoint folder (default: %(default)s)")
+                        help="Hub repo id, local checkpoint folder or GGUF file (default: %(default)s)")
     parser.add_argument("--device", help="cuda, cuda:1, cpu, mps (default: the GPU if there is one, else cpu)")
     parser.add_argument("--dtype", choices=["bf16", "f16", "f32"],
                         help="weight precision (default: bf16 on CUDA, f16 on mps, f32 on cpu)")
+
+
+def _add_gguf_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gguf", metavar="FILE",
+                        help="a GGUF model (voxtral quantize's or the Rust project's; a shard set by any shard or "
+                             "its folder) instead of --model")
+    parser.add_argument("--tokenizer", metavar="TEKKEN_JSON",
+                        help="tekken.json for a GGUF file that carries none (the Rust project's files)")
+
+
+def _size(text: str) -> int:
+    from .gguf_file import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog=EPILOG_TRANSCRIBE, formatter_class=argparse.RawDescriptionHelpFormatter)
     tr.add_argument("files", nargs="+", metavar="FILE", help="audio or video files")
     _add_model_options(tr)
+    _add_gguf_options(tr)
     tr.add_argument("--delay-ms", type=_delay_ms, help=DELAY_HELP)
     tr.add_argument("--output-format", choices=["txt", "json", "srt", "vtt"], default="txt",
                     help="txt: the transcript; json: text, tokens, timed words and segments; srt/vtt: subtitles "
@@ -173,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("repo", nargs="?", default=DEFAULT_MODEL, help="repo id (default: %(default)s)")
     dl.add_argument("--cache-dir", help="cache folder (default: the Hugging Face cache, $HF_HOME)")
     dl.set_defaults(func=cmd_download)
+    _add_quantize_parser(sub)
     _add_serve_parser(sub)
     _add_batch_parser(sub)
     _add_export_parser(sub)
@@ -217,8 +236,10 @@ class Reporter:
 def _load_model(args: argparse.Namespace, reporter: Reporter) -> Any:
     from .api import load
 
+    model = getattr(args, "gguf", None) or args.model
     with reporter.bar("loading model", total=1, unit=" tensors") as update:
-        return load(args.model, device=args.device, dtype=args.dtype, progress=update)
+        return load(model, device=args.device, dtype=args.dtype, progress=update,
+                    tokenizer=getattr(args, "tokenizer", None))
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
@@ -417,6 +438,52 @@ def cmd_download(args: argparse.Namespace) -> int:
     from .loading import download
 
     print(download(args.repo, cache_dir=args.cache_dir))
+    return 0
+
+
+EPILOG_QUANTIZE = """\
+examples:
+  voxtral quantize mistralai/Voxtral-Mini-4B-Realtime-2602 --out voxtral-q4.gguf
+  voxtral quantize ./voxtral --out voxtral-q4k.gguf --type q4_k
+  voxtral quantize ./voxtral --out web/voxtral.gguf --split-size 512M   # web/voxtral-0000i-of-0000N.gguf
+  voxtral transcribe talk.wav --gguf voxtral-q4.gguf
+
+Linear weights get --type (q4_k rows that are not whole 256-value blocks get q4_0); the tied token table gets
+--embeddings; norms, biases and the conv stem stay float32.  Names are the Mistral checkpoint's, as in the Rust
+project's file; params.json and tekken.json go into the metadata.  On the CPU the 4-bit model runs with torch's
+int4 kernel without ever expanding the weights.
+"""
+
+
+def _add_quantize_parser(sub: Any) -> None:
+    from .gguf_file import EMBEDDING_TYPES
+
+    qu = sub.add_parser("quantize", help="write a quantized GGUF file (Q4_0, Q4_K, Q8_0) of a checkpoint",
+                        description="Quantize a checkpoint (Mistral or transformers folder, or Hub repo id) into "
+                                    "a GGUF file that `voxtral transcribe --gguf` and the Rust project load.",
+                        epilog=EPILOG_QUANTIZE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    qu.add_argument("source", metavar="SRC", help="Hub repo id or local checkpoint folder")
+    qu.add_argument("--out", required=True, type=Path, metavar="FILE.gguf", help="the file to write")
+    qu.add_argument("--type", choices=["q4_0", "q4_k", "q8_0"], default="q4_0",
+                    help="block format of the linear weights (default: %(default)s)")
+    qu.add_argument("--embeddings", choices=EMBEDDING_TYPES, default="same",
+                    help="format of the tied token table / LM head ('same': --type; default: %(default)s)")
+    qu.add_argument("--split-size", type=_size, metavar="SIZE",
+                    help="cut the file into shards of at most SIZE bytes (e.g. 512M, 2G): FILE-00001-of-0000N.gguf...")
+    qu.add_argument("--cache-dir", help="Hub cache folder (default: the Hugging Face cache, $HF_HOME)")
+    qu.add_argument("--no-progress", action="store_true", help="no progress bar (default when stderr is not a tty)")
+    qu.set_defaults(func=cmd_quantize)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .gguf_file import write_gguf
+
+    reporter = Reporter(enabled=not args.no_progress)
+    with reporter.bar(f"quantizing to {args.type}", total=1, unit=" tensors") as update:
+        files = write_gguf(args.source, args.out, qtype=args.type, embeddings=args.embeddings,
+                           split_size=args.split_size, cache_dir=args.cache_dir, progress=update)
+    for file in files:
+        reporter.info(f"wrote {file} ({file.stat().st_size / 2**20:.1f} MiB)")
     return 0
 
 
@@ -682,6 +749,7 @@ def rust_compat_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--audio", action="append", required=True, metavar="FILE",
                         help="audio file (repeat for several)")
     _add_model_options(parser)
+    _add_gguf_options(parser)
     parser.add_argument("--delay-ms", type=_delay_ms, help=DELAY_HELP)
     parser.add_argument("--output-format", choices=["txt", "json"], default="txt")
     parser.add_argument("--no-progress", action="store_true")
