@@ -1,0 +1,549 @@
+"""The server on the tiny model, over real loopback HTTP and WebSocket: every transcript equals
+``Model.transcribe`` of the same audio, the protocol's errors keep sessions alive, limits hold, and after every
+fault the engine's slots all come back."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from live_server import (
+    connect,
+    pcm16_base64,
+    receive_event,
+    serve_in_thread,
+    transcribe_over_websocket,
+    wav_bytes,
+)
+from signals import speechlike
+
+from voxtral_realtime.server import create_app
+from voxtral_realtime.serving import ServerLimits
+from voxtral_realtime.writers import to_srt, to_txt, to_vtt
+
+LOAD_LIVE_CLIENTS = 50
+LOAD_UPLOADS = 20
+API_KEY = "test-key_123"
+
+
+def _words(transcription) -> list[tuple[str, float, float]]:
+    return [(w.text, round(w.start, 3), round(w.end, 3)) for w in transcription.words]
+
+
+def _event_words(words: list[dict[str, Any]]) -> list[tuple[str, float, float]]:
+    return [(w["word"], w["start"], w["end"]) for w in words]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_short):
+    """Room for the load test: 50 live streams and 16 of the uploads at once."""
+    app = create_app(tiny_short, model_name="tiny", max_streams=72,
+                     limits=ServerLimits(max_upload_streams=16, max_audio_seconds=60))
+    with serve_in_thread(app) as base:
+        yield base, app
+
+
+@pytest.fixture(scope="module")
+def strict_server(tiny_short):
+    """Small limits, an API key and a short idle timeout, for the fault tests."""
+    limits = ServerLimits(max_upload_bytes=200_000, max_audio_seconds=4.0, max_message_bytes=64_000,
+                          max_buffered_seconds=1.0, idle_timeout_seconds=1.0, max_connections=8)
+    app = create_app(tiny_short, model_name="tiny", max_streams=2, api_key=API_KEY, limits=limits)
+    with serve_in_thread(app) as base:
+        yield base, app
+
+
+def _state(app):
+    return app.state.voxtral
+
+
+def _assert_all_released(app, timeout: float = 10.0) -> None:
+    """Every engine row free, no stream in the worker, no slot counted, no audio queued, no connection open."""
+    state = _state(app)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (state.worker.free_slots == state.limits.max_streams and state.worker.active_streams == 0
+                and state.pool.used == 0 and state.queued_samples == 0 and state.connections == 0):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"not released: free {state.worker.free_slots}/{state.limits.max_streams}, active "
+                         f"{state.worker.active_streams}, pool {state.pool.in_use}, queued {state.queued_samples}, "
+                         f"connections {state.connections}")
+
+
+def _client(base: str, **kwargs: Any) -> httpx.Client:
+    kwargs.setdefault("timeout", 60)
+    return httpx.Client(base_url=base, trust_env=False, **kwargs)
+
+
+# -- the realtime protocol -------------------------------------------------------------------------------------
+
+
+def test_websocket_stream_equals_offline_transcript(server, tiny_short):
+    base, app = server
+    audio = speechlike(2.6, seed=31)
+    expected = tiny_short.transcribe(audio)
+    assert tiny_short.tokenizer.eos_id not in expected.tokens  # an always-on stream would go on after an EOS
+    result = asyncio.run(transcribe_over_websocket(base, audio, chunk=1000, session={"word_timestamps": True}))
+    assert result.created["type"] == "session.created"
+    assert result.created["id"].startswith("sess-") and len(result.created["id"]) == 5 + 16
+    done = result.done
+    assert done["text"] == expected.text
+    assert "".join(result.deltas) == expected.text
+    assert done["usage"] == {"prompt_tokens": 39, "completion_tokens": len(expected.tokens),
+                             "total_tokens": 39 + len(expected.tokens), "prompt_tokens_details": None}
+    assert _event_words(done["words"]) == _words(expected)
+    # words arrive while streaming, each once, with a latency; the final list closes the last one
+    assert _event_words(result.words) == _words(expected)[:len(result.words)]
+    assert len(result.words) >= len(expected.words) - 1 > 0
+    assert all(w["latency"] is not None and 0 <= w["latency"] < 30 for w in result.words)
+    assert result.errors == []
+    _assert_all_released(app)
+
+
+def test_a_connection_runs_utterances_one_after_another_with_their_own_delay(server, tiny_short):
+    base, app = server
+    first, second = speechlike(1.5, seed=32), speechlike(1.8, seed=33)
+
+    async def two_utterances() -> list[dict[str, Any]]:
+        ws = await connect(base)
+        await receive_event(ws)
+        done = []
+        for audio, delay in ((first, None), (second, 960)):
+            update = {"type": "session.update", "model": "tiny"}
+            if delay:
+                update["delay_ms"] = delay
+            await ws.send(json.dumps(update))
+            # audio before the start commit is kept and transcribed (the protocol allows it)
+            await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": pcm16_base64(audio[:4000])}))
+            await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+            await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": pcm16_base64(audio[4000:])}))
+            await ws.send(json.dumps({"type": "input_audio_buffer.commit", "final": True}))
+            while (event := await receive_event(ws))["type"] != "transcription.done":
+                assert event["type"] == "transcription.delta"
+            done.append(event)
+        await ws.close()
+        return done
+
+    done = asyncio.run(two_utterances())
+    assert done[0]["text"] == tiny_short.transcribe(first).text
+    assert done[0]["delay_ms"] == 480
+    assert done[1]["text"] == tiny_short.transcribe(second, delay_ms=960).text
+    assert done[1]["delay_ms"] == 960 and done[1]["usage"]["prompt_tokens"] == 1 + 32 + 12
+    _assert_all_released(app)
+
+
+def test_bad_messages_get_error_events_and_the_session_goes_on(server, tiny_short):
+    base, app = server
+    audio = speechlike(1.2, seed=34)
+
+    async def scenario() -> tuple[list[str], dict[str, Any]]:
+        ws = await connect(base)
+        await receive_event(ws)
+        bad = [
+            json.dumps({"type": "input_audio_buffer.commit"}),  # before session.update
+            "{not json",
+            json.dumps([1, 2, 3]),
+            json.dumps({"type": "response.create"}),
+            json.dumps({"type": "session.update"}),  # no model
+            json.dumps({"type": "session.update", "model": "whisper-1"}),
+            json.dumps({"type": "session.update", "model": "", "delay_ms": 500}),
+            json.dumps({"type": "session.update", "model": "", "word_timestamps": "yes"}),
+            json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"\x01\x02\x03").decode()}),
+            json.dumps({"type": "input_audio_buffer.append", "audio": "%%% not base64 %%%"}),
+            json.dumps({"type": "input_audio_buffer.append", "audio": ""}),
+            json.dumps({"type": "input_audio_buffer.append", "audio": 12}),
+            json.dumps({"type": "input_audio_buffer.commit", "final": "yes"}),
+        ]
+        codes = []
+        for message in bad:
+            await ws.send(message)
+            event = await receive_event(ws)
+            assert event["type"] == "error" and event["error"], event
+            codes.append(event["code"])
+        await ws.send(b"\x00\x01 binary garbage")
+        codes.append((await receive_event(ws))["code"])
+        # the same socket still transcribes
+        await ws.send(json.dumps({"type": "session.update", "model": "", "extra_field": {"ignored": True}}))
+        await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+        await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": pcm16_base64(audio)}))
+        await ws.send(json.dumps({"type": "input_audio_buffer.commit", "final": True}))
+        while (event := await receive_event(ws))["type"] != "transcription.done":
+            pass
+        await ws.close()
+        return codes, event
+
+    codes, done = asyncio.run(scenario())
+    assert codes == ["model_not_validated", "invalid_json", "invalid_event", "unknown_event", "invalid_event",
+                     "model_not_found", "invalid_event", "invalid_event", "invalid_audio", "invalid_audio",
+                     "invalid_audio", "invalid_audio", "invalid_event", "invalid_event"]
+    assert done["text"] == tiny_short.transcribe(audio).text
+    _assert_all_released(app)
+
+
+# -- REST --------------------------------------------------------------------------------------------------------
+
+
+def test_rest_transcription_in_every_format(server, tiny_short):
+    base, app = server
+    audio = speechlike(3.2, seed=35)
+    expected = tiny_short.transcribe(audio)
+    wav = wav_bytes(audio)
+    with _client(base) as client:
+        def post(**data: Any) -> httpx.Response:
+            response = client.post("/v1/audio/transcriptions", files={"file": ("talk.wav", wav, "audio/wav")},
+                                   data={"model": "tiny", **data})
+            assert response.status_code == 200, response.text
+            return response
+
+        assert post().json() == {"text": expected.text, "usage": {"type": "duration", "seconds": 4}}
+        assert post(response_format="text").text == to_txt(expected)
+        assert post(response_format="srt").text == to_srt(expected)
+        vtt = post(response_format="vtt")
+        assert vtt.text == to_vtt(expected) and vtt.headers["content-type"].startswith("text/vtt")
+        verbose = post(response_format="verbose_json", **{"timestamp_granularities[]": ["word", "segment"]}).json()
+        assert verbose["text"] == expected.text and verbose["duration"] == pytest.approx(3.2)
+        assert [(w["word"], w["start"], w["end"]) for w in verbose["words"]] == _words(expected)
+        assert [s["text"] for s in verbose["segments"]] == [s.text for s in expected.segments]
+        assert post(delay_ms="240").json()["text"] == tiny_short.transcribe(audio, delay_ms=240).text
+
+        events = _sse_events(post(stream="true", stream_include_usage="true").text)
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert all(c["object"] == "transcription.chunk" and c["model"] == "tiny" for c in chunks)
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == expected.text
+        assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+        assert chunks[-1]["usage"]["completion_tokens"] == len(expected.tokens)
+    _assert_all_released(app)
+
+
+def _sse_events(body: str) -> list[str]:
+    return [block.removeprefix("data: ") for block in body.split("\n\n") if block.strip()]
+
+
+def test_rest_refuses_bad_requests_clearly(server, tiny_short):
+    base, app = server
+    wav = wav_bytes(speechlike(1.0, seed=36))
+    with _client(base) as client:
+        def error(expected_status: int, **request: Any) -> dict[str, Any]:
+            response = client.post("/v1/audio/transcriptions", **request)
+            assert response.status_code == expected_status, response.text
+            return response.json()["error"]
+
+        file = {"file": ("a.wav", wav, "audio/wav")}
+        assert error(400, files={"audio": ("a.wav", wav, "audio/wav")})["param"] == "file"
+        assert error(400, data={"model": ""})["code"] == "invalid_request"  # not multipart at all
+        assert error(404, files=file, data={"model": "whisper-1"})["code"] == "model_not_found"
+        assert error(400, files=file, data={"response_format": "xml"})["param"] == "response_format"
+        assert error(400, files=file, data={"timestamp_granularities[]": "word"})["param"] == \
+            "timestamp_granularities"
+        assert error(400, files=file, data={"delay_ms": "500"})["param"] == "delay_ms"
+        assert error(400, files=file, data={"stream": "true", "response_format": "srt"})["param"] == "stream"
+        not_audio = error(400, files={"file": ("notes.txt", b"this is not audio at all" * 40, "text/plain")})
+        assert not_audio["code"] == "invalid_audio" and "notes.txt" in not_audio["message"]
+        assert error(400, files={"file": ("empty.wav", b"", "audio/wav")})["code"] == "invalid_audio"
+        assert error(400, content=b"{}", headers={"content-type": "application/json"})["code"] == "invalid_request"
+        # a multipart body cut off in the middle of the file part
+        body, content_type = _multipart(wav)
+        cut = error(400, content=body[:len(body) // 2], headers={"content-type": content_type})
+        assert "cut off" in cut["message"]
+        assert client.post("/v1/audio/transcriptions", files=file).status_code == 200
+    _assert_all_released(app)
+
+
+def _multipart(wav: bytes) -> tuple[bytes, str]:
+    request = httpx.Request("POST", "http://x/", files={"file": ("a.wav", wav, "audio/wav")})
+    return request.read(), request.headers["content-type"]
+
+
+def test_models_health_and_metrics(server):
+    base, _ = server
+    with _client(base) as client:
+        assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
+        health = client.get("/health").json()
+        assert health["status"] == "ok" and health["max_streams"] == 72
+        metrics = client.get("/metrics").text
+        page = client.get("/")
+    for name in ("voxtral_active_streams", "voxtral_queued_audio_seconds", "voxtral_decode_step_seconds_count",
+                 "voxtral_real_time_factor", "voxtral_free_stream_slots 72.0"):
+        assert name in metrics
+    steps = next(line for line in metrics.splitlines() if line.startswith("voxtral_decode_step_seconds_count"))
+    assert float(steps.split()[-1]) > 0  # earlier tests ran decoder steps
+    assert page.status_code == 200 and "<title>Voxtral Realtime" in page.text
+
+
+# -- load --------------------------------------------------------------------------------------------------------
+
+
+def test_load_50_websocket_clients_and_20_uploads_at_once(server, tiny_short):
+    base, app = server
+    live_audio = [speechlike(1.0 + 0.02 * i, seed=100 + i) for i in range(LOAD_LIVE_CLIENTS)]
+    upload_audio = [speechlike(1.2 + 0.03 * i, seed=200 + i) for i in range(LOAD_UPLOADS)]
+    live_expected = [tiny_short.transcribe(a).text for a in live_audio]
+    upload_expected = [tiny_short.transcribe(a).text for a in upload_audio]
+    engine = _state(app).worker.engine
+    calls_before, rows_before = engine.decode_calls, engine.decode_rows
+
+    async def everyone() -> tuple[list[str], list[str]]:
+        async with httpx.AsyncClient(base_url=base, trust_env=False, timeout=120) as client:
+            async def upload(audio: np.ndarray) -> str:
+                response = await client.post("/v1/audio/transcriptions",
+                                             files={"file": ("a.wav", wav_bytes(audio), "audio/wav")})
+                response.raise_for_status()
+                return response.json()["text"]
+
+            async def live(audio: np.ndarray) -> str:
+                result = await transcribe_over_websocket(base, audio, chunk=2560, pace=0.02)
+                assert result.errors == []
+                return result.done["text"]
+
+            tasks = [live(a) for a in live_audio] + [upload(a) for a in upload_audio]
+            texts = await asyncio.gather(*tasks)
+        return texts[:LOAD_LIVE_CLIENTS], texts[LOAD_LIVE_CLIENTS:]
+
+    started = time.monotonic()
+    live_texts, upload_texts = asyncio.run(asyncio.wait_for(everyone(), 150))
+    elapsed = time.monotonic() - started
+    assert live_texts == live_expected
+    assert upload_texts == upload_expected
+    assert elapsed < 120
+    # the streams really shared decoder steps
+    assert (engine.decode_rows - rows_before) > 1.5 * (engine.decode_calls - calls_before)
+    _assert_all_released(app)
+
+
+# -- faults and limits -------------------------------------------------------------------------------------------
+
+
+def test_clients_vanishing_mid_stream_give_their_slots_back(server, tiny_short):
+    base, app = server
+    audio = speechlike(2.0, seed=37)
+
+    async def vanish(abort: bool) -> None:
+        ws = await connect(base)
+        await receive_event(ws)
+        await ws.send(json.dumps({"type": "session.update", "model": ""}))
+        await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+        await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": pcm16_base64(audio)}))
+        await asyncio.sleep(0.2)
+        if abort:
+            ws.transport.abort()  # no closing handshake: the TCP connection just drops
+        else:
+            await ws.close()
+
+    async def many() -> None:
+        await asyncio.gather(*(vanish(abort=i % 2 == 0) for i in range(10)))
+
+    asyncio.run(many())
+    _assert_all_released(app)
+    # an upload that hangs up while waiting for its result is dropped too
+    with _client(base, timeout=0.05) as client, pytest.raises(httpx.TimeoutException):
+        client.post("/v1/audio/transcriptions", files={"file": ("a.wav", wav_bytes(speechlike(8, seed=38)),
+                                                                "audio/wav")})
+    _assert_all_released(app)
+    # and the server still answers correctly
+    result = asyncio.run(transcribe_over_websocket(base, audio))
+    assert result.done["text"] == tiny_short.transcribe(audio).text
+
+
+def test_api_key_is_required_everywhere(strict_server, tiny_short):
+    base, app = strict_server
+    from websockets.exceptions import InvalidStatus
+
+    async def handshake_status(**kwargs: Any) -> int:
+        try:
+            ws = await connect(base, **kwargs)
+        except InvalidStatus as err:
+            return err.response.status_code
+        await ws.close()
+        return 101
+
+    assert asyncio.run(handshake_status()) == 401
+    assert asyncio.run(handshake_status(additional_headers={"Authorization": "Bearer wrong"})) == 401
+    assert asyncio.run(handshake_status(additional_headers={"Authorization": f"Bearer {API_KEY}"})) == 101
+
+    async def by_subprotocol() -> str | None:
+        ws = await connect(base, subprotocols=["voxtral-realtime", f"api-key.{API_KEY}"])
+        chosen = ws.subprotocol
+        await ws.close()
+        return chosen
+
+    assert asyncio.run(by_subprotocol()) == "voxtral-realtime"  # what a browser needs to see selected
+    wav = {"file": ("a.wav", wav_bytes(speechlike(1.0, seed=39)), "audio/wav")}
+    with _client(base) as client:
+        assert client.post("/v1/audio/transcriptions", files=wav).status_code == 401
+        assert client.get("/v1/models").status_code == 401
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/health").status_code == 200  # for load balancers
+        assert client.get("/").status_code == 200  # the page asks for the key itself
+        assert client.post("/v1/audio/transcriptions", files=wav,
+                           headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+        assert client.get("/v1/models", params={"api_key": API_KEY}).status_code == 200
+    _assert_all_released(app)
+
+
+def _strict_ws(base: str) -> Any:
+    return connect(base, additional_headers={"Authorization": f"Bearer {API_KEY}"})
+
+
+async def _processed(ws: Any) -> None:
+    """Wait until the server has handled everything sent on ``ws`` so far (an unknown event is answered with an
+    error, in order)."""
+    await ws.send(json.dumps({"type": "test.barrier"}))
+    while (event := await receive_event(ws))["type"] != "error" or event["code"] != "unknown_event":
+        pass
+
+
+def test_upload_limits(strict_server):
+    base, app = strict_server
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    with _client(base, headers=auth) as client:
+        big = client.post("/v1/audio/transcriptions", files={"file": ("big.wav", b"\0" * 300_000, "audio/wav")})
+        assert big.status_code == 413 and big.json()["error"]["code"] == "upload_too_large"
+
+        def chunks():  # no Content-Length: the server counts while reading
+            body, _ = _multipart(b"\0" * 300_000)
+            for i in range(0, len(body), 16384):
+                yield body[i:i + 16384]
+
+        _, content_type = _multipart(b"")
+        chunked = client.post("/v1/audio/transcriptions", content=chunks(), headers={"content-type": content_type})
+        assert chunked.status_code == 413
+        long = client.post("/v1/audio/transcriptions",
+                           files={"file": ("long.wav", wav_bytes(np.zeros(16000 * 5, np.float32)), "audio/wav")})
+        assert long.status_code == 413 and long.json()["error"]["code"] == "audio_too_long"
+    _assert_all_released(app)
+
+
+def test_stream_limits_busy_idle_and_message_size(strict_server, tiny_short):
+    base, app = strict_server
+    audio = speechlike(1.0, seed=40)
+
+    async def scenario() -> dict[str, Any]:
+        sockets = [await _strict_ws(base) for _ in range(3)]
+        for ws in sockets:
+            await receive_event(ws)
+            await ws.send(json.dumps({"type": "session.update", "model": ""}))
+            await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+            if ws is not sockets[2]:
+                await _processed(ws)
+        busy = await receive_event(sockets[2])  # two streams is all this server holds
+        # an oversized message is refused, and the session goes on
+        await sockets[0].send(json.dumps({"type": "input_audio_buffer.append", "audio": "A" * 70_000}))
+        too_large = await receive_event(sockets[0])
+        # audio appended before a start beyond the buffer limit
+        await sockets[2].send(json.dumps({"type": "input_audio_buffer.append",
+                                          "audio": pcm16_base64(np.zeros(20000, np.float32))}))
+        buffer_full = await receive_event(sockets[2])
+        await sockets[0].send(json.dumps({"type": "input_audio_buffer.append", "audio": pcm16_base64(audio)}))
+        await sockets[0].send(json.dumps({"type": "input_audio_buffer.commit", "final": True}))
+        while (done := await receive_event(sockets[0]))["type"] != "transcription.done":
+            pass
+        # a slot is free again: the third client can start now
+        await sockets[2].send(json.dumps({"type": "input_audio_buffer.commit"}))
+        # idle sessions are closed after a second without a message (the started one too)
+        idle = await receive_event(sockets[1], timeout=5)
+        await asyncio.wait_for(sockets[1].wait_closed(), 5)
+        for ws in sockets:
+            await ws.close()
+        return {"busy": busy, "too_large": too_large, "buffer_full": buffer_full, "done": done, "idle": idle,
+                "close_code": sockets[1].close_code}
+
+    events = asyncio.run(scenario())
+    assert events["busy"]["code"] == "busy"
+    assert events["too_large"]["code"] == "message_too_large"
+    assert events["buffer_full"]["code"] == "buffer_full"
+    assert events["done"]["text"] == tiny_short.transcribe(audio).text
+    assert events["idle"]["code"] == "idle_timeout" and events["close_code"] == 1000
+    _assert_all_released(app)
+
+
+def test_fast_sender_is_slowed_not_dropped_and_a_reader_that_never_reads_stalls_no_one(strict_server, tiny_short):
+    """30 s sent at once through a 1 s buffer: the server stops reading the socket while the engine catches up,
+    and the transcript is complete.  Meanwhile a client that never reads its events does not hold it up."""
+    base, app = strict_server
+    audio = speechlike(30.0, seed=41)
+    expected = tiny_short.transcribe(audio).text
+
+    async def scenario() -> str:
+        silent_reader = await _strict_ws(base)
+        await silent_reader.send(json.dumps({"type": "session.update", "model": ""}))
+        await silent_reader.send(json.dumps({"type": "input_audio_buffer.commit"}))
+        for start in range(0, 16000 * 10, 16000):
+            await silent_reader.send(json.dumps({"type": "input_audio_buffer.append",
+                                                 "audio": pcm16_base64(speechlike(1.0, seed=start))}))
+        ws = await _strict_ws(base)
+        await receive_event(ws)
+        await ws.send(json.dumps({"type": "session.update", "model": ""}))
+        await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+        for start in range(0, len(audio), 16000):
+            await ws.send(json.dumps({"type": "input_audio_buffer.append",
+                                      "audio": pcm16_base64(audio[start:start + 16000])}))
+        await ws.send(json.dumps({"type": "input_audio_buffer.commit", "final": True}))
+        while (event := await receive_event(ws, timeout=60))["type"] != "transcription.done":
+            assert event["type"] == "transcription.delta"
+        await ws.close()
+        await silent_reader.close()
+        return event["text"]
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 120)) == expected
+    _assert_all_released(app)
+
+
+# -- the command line --------------------------------------------------------------------------------------------
+
+
+def test_voxtral_serve_command(checkpoints, tiny_short):
+    folder = checkpoints["short"].mistral_dir
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "VOXTRAL_API_KEY": API_KEY}
+    process = subprocess.Popen([sys.executable, "-m", "voxtral_realtime.cli", "serve", "--model", str(folder),
+                                "--device", "cpu", "--port", str(port), "--max-streams", "2", "--no-progress"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        with _client(base, headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+            deadline = time.monotonic() + 90
+            while True:
+                assert process.poll() is None, process.communicate()[0]
+                try:
+                    if client.get("/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "voxtral serve did not come up"
+                time.sleep(0.2)
+            audio = speechlike(1.5, seed=42)
+            response = client.post("/v1/audio/transcriptions", files={"file": ("a.wav", wav_bytes(audio),
+                                                                                "audio/wav")})
+            assert response.json()["text"] == tiny_short.transcribe(audio).text
+            assert client.get("/v1/models").json()["data"][0]["id"] == str(folder)
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def test_voxtral_serve_without_the_server_extra_says_what_to_install(monkeypatch, capsys):
+    import importlib.util
+
+    from voxtral_realtime.cli import main
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "fastapi" else real_find_spec(name, *a))
+    assert main(["serve"]) == 1
+    err = capsys.readouterr().err
+    assert "fastapi" in err and "pip install 'voxtral-realtime[server]'" in err
+    assert len(err.strip().splitlines()) == 1
