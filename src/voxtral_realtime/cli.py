@@ -470,6 +470,9 @@ def _add_quantize_parser(sub: Any) -> None:
                     help="format of the tied token table / LM head ('same': --type; default: %(default)s)")
     qu.add_argument("--split-size", type=_size, metavar="SIZE",
                     help="cut the file into shards of at most SIZE bytes (e.g. 512M, 2G): FILE-00001-of-0000N.gguf...")
+    qu.add_argument("--no-tokenizer", action="store_true",
+                    help="do not copy tekken.json into the file (15 MB); the file then names 'tekken.json' beside "
+                         "it, or loads with --tokenizer")
     qu.add_argument("--cache-dir", help="Hub cache folder (default: the Hugging Face cache, $HF_HOME)")
     qu.add_argument("--no-progress", action="store_true", help="no progress bar (default when stderr is not a tty)")
     qu.set_defaults(func=cmd_quantize)
@@ -481,7 +484,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     reporter = Reporter(enabled=not args.no_progress)
     with reporter.bar(f"quantizing to {args.type}", total=1, unit=" tensors") as update:
         files = write_gguf(args.source, args.out, qtype=args.type, embeddings=args.embeddings,
-                           split_size=args.split_size, cache_dir=args.cache_dir, progress=update)
+                           split_size=args.split_size, embed_tokenizer=not args.no_tokenizer,
+                           cache_dir=args.cache_dir, progress=update)
     for file in files:
         reporter.info(f"wrote {file} ({file.stat().st_size / 2**20:.1f} MiB)")
     return 0

@@ -15,9 +15,11 @@ A ``q4_0`` file therefore has the Rust project's names and types exactly.
 
 **Metadata** (shard 1): ``general.architecture = "voxtral"``, ``voxtral.params_json`` (the checkpoint's
 params.json, or the equivalent fields for a transformers checkpoint), ``voxtral.tokenizer.tekken_json`` (the
-whole tekken.json), ``voxtral.quantization`` and ``voxtral.embeddings`` (what was asked for).  A file without
-params (the Rust project's) is read as the published model's shapes, checked tensor by tensor; a file without a
-tokenizer needs one passed in (``tokenizer=`` / ``--tokenizer tekken.json``).
+whole tekken.json; with ``embed_tokenizer=False`` only ``voxtral.tokenizer.file = "tekken.json"``, a file looked
+for beside the GGUF), ``voxtral.quantization`` and ``voxtral.embeddings`` (what was asked for).  A file without
+params (the Rust project's) takes ``params.json`` from its folder when there is one, else the published model's
+shapes, checked tensor by tensor; a file without a tokenizer needs one passed in (``tokenizer=`` /
+``--tokenizer tekken.json``).
 
 **Shards** (``split_size``): llama.cpp's split convention, ``NAME-00001-of-0000N.gguf``, every shard a GGUF file of
 at most ``split_size`` bytes with ``split.no`` / ``split.count`` keys; a set is opened by any of its shards, by
@@ -74,6 +76,7 @@ if TYPE_CHECKING:
 ARCHITECTURE: Final = "voxtral"
 KEY_PARAMS: Final = "voxtral.params_json"
 KEY_TOKENIZER: Final = "voxtral.tokenizer.tekken_json"
+KEY_TOKENIZER_FILE: Final = "voxtral.tokenizer.file"  # the pointer written instead of the contents
 KEY_QUANTIZATION: Final = "voxtral.quantization"
 KEY_EMBEDDINGS: Final = "voxtral.embeddings"
 EMBEDDING_TYPES: Final = ("same", "q4_0", "q4_k", "q8_0", "f16", "f32")
@@ -178,6 +181,9 @@ def _shard_overhead(tensors: list[_PlannedTensor], metadata_bytes: int, alignmen
 def _split_plan(planned: list[_PlannedTensor], max_bytes: int, metadata_bytes: int, alignment: int
                 ) -> list[list[_PlannedTensor]]:
     """Tensors in order, cut into shards whose files stay within ``max_bytes`` (metadata in the first)."""
+    if _shard_overhead([], metadata_bytes, alignment) > max_bytes:
+        raise CheckpointError(f"the metadata alone (with the tokenizer) takes {metadata_bytes} bytes, more than the "
+                              f"split size {max_bytes}; give a larger --split-size")
     shards: list[list[_PlannedTensor]] = [[]]
     for tensor in planned:
         current = shards[-1]
@@ -198,8 +204,8 @@ def _metadata_bytes(metadata: dict[str, str]) -> int:
 
 
 def write_gguf(source: str | os.PathLike[str], out: str | os.PathLike[str], *, qtype: str = "q4_0",
-               embeddings: str = "same", split_size: int | None = None, cache_dir: str | None = None,
-               progress: Progress | None = None) -> list[Path]:
+               embeddings: str = "same", split_size: int | None = None, embed_tokenizer: bool = True,
+               cache_dir: str | None = None, progress: Progress | None = None) -> list[Path]:
     """Quantize a checkpoint (Mistral or transformers folder, or Hub id) into GGUF at ``out``; returns the files
     written (one, or the shards ``OUT-0000i-of-0000N.gguf`` when the data exceeds ``split_size`` bytes).
     ``progress(done, total)`` counts tensors."""
@@ -224,8 +230,10 @@ def write_gguf(source: str | os.PathLike[str], out: str | os.PathLike[str], *, q
         planned = _plan(config, source_layout, files, qtype, embeddings, checkpoint.format == "mistral")
         params = json.loads((folder / "params.json").read_text(encoding="utf-8")) \
             if checkpoint.format == "mistral" else params_from_config(config)
-        metadata = {KEY_PARAMS: json.dumps(params), KEY_TOKENIZER: checkpoint.tokenizer_path.read_text("utf-8"),
-                    KEY_QUANTIZATION: qtype, KEY_EMBEDDINGS: embeddings, "general.name": folder.name}
+        tokenizer = {KEY_TOKENIZER: checkpoint.tokenizer_path.read_text("utf-8")} if embed_tokenizer else \
+            {KEY_TOKENIZER_FILE: "tekken.json"}
+        metadata = {KEY_PARAMS: json.dumps(params), **tokenizer, KEY_QUANTIZATION: qtype,
+                    KEY_EMBEDDINGS: embeddings, "general.name": folder.name}
         alignment = gguf.GGUF_DEFAULT_ALIGNMENT
         shards = _split_plan(planned, split_size, _metadata_bytes(metadata), alignment) if split_size else [planned]
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -433,13 +441,14 @@ def _config_and_tokenizer_path(tensors: GGUFTensors, tokenizer: str | os.PathLik
         tekken_path = Path(tokenizer).expanduser()
         if not tekken_path.is_file():
             raise CheckpointError(f"{tekken_path}: tokenizer file not found")
-    else:
-        text = tensors.metadata(KEY_TOKENIZER)
-        if text is None:
-            raise CheckpointError(f"{source}: this GGUF file has no tokenizer; pass one: --tokenizer tekken.json "
-                                  "(Python: tokenizer='tekken.json')")
+    elif (text := tensors.metadata(KEY_TOKENIZER)) is not None:
         tekken_path = scratch / "tekken.json"
         tekken_path.write_text(text, encoding="utf-8")
+    elif (pointer := tensors.metadata(KEY_TOKENIZER_FILE)) is not None and (source.parent / pointer).is_file():
+        tekken_path = source.parent / pointer
+    else:
+        raise CheckpointError(f"{source}: this GGUF file has no tokenizer; pass one: --tokenizer tekken.json "
+                              "(Python: tokenizer='tekken.json')")
     try:
         tekken = json.loads(tekken_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -447,13 +456,16 @@ def _config_and_tokenizer_path(tensors: GGUFTensors, tokenizer: str | os.PathLik
     audio = tekken.get("audio") if isinstance(tekken, dict) else None
     if not isinstance(audio, dict):
         raise CheckpointError(f"{tekken_path}: tokenizer has no 'audio' section; not a Voxtral Realtime tokenizer")
-    params_text = tensors.metadata(KEY_PARAMS)
+    params_text, params_origin = tensors.metadata(KEY_PARAMS), f"{source}: {KEY_PARAMS}"
+    beside = source.parent / "params.json"
+    if params_text is None and beside.is_file():
+        params_text, params_origin = beside.read_text(encoding="utf-8"), str(beside)
     try:
-        # No params (the Rust project's files): the published model's, checked against every tensor below.
+        # No params anywhere (the Rust project's files): the published model's, checked against every tensor below.
         params = json.loads(params_text) if params_text is not None else FULL_SIZE_PARAMS
         config = ModelConfig.from_params_json(params, audio)
-    except (json.JSONDecodeError, CheckpointError) as exc:
-        raise CheckpointError(f"{source}: {KEY_PARAMS}: {first_line(exc)}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, CheckpointError) as exc:
+        raise CheckpointError(f"{params_origin}: {first_line(exc)}") from None
     return config, tekken_path
 
 
