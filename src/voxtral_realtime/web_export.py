@@ -292,14 +292,16 @@ def _export_order(spec: GraphSpec) -> tuple[list[str], list[str]]:
     return names, spec.outputs + [s["output"] for s in spec.state]
 
 
-def _to_fp16_storage(onnx: Any, model: Any) -> None:
-    """Store large float32 initializers as float16, each followed by a Cast back to float32 (computation stays
-    float32: the CPU and WebAssembly backends have few float16 kernels)."""
+def _to_fp16_storage(onnx: Any, model: Any, prefix: str = "") -> None:
+    """Store large float32 initializers (those whose names start with ``prefix``) as float16, each followed by a
+    Cast back to float32 (computation stays float32: the CPU and WebAssembly backends have few float16
+    kernels)."""
     from onnx import numpy_helper
 
     casts = []
     for init in model.graph.initializer:
-        if init.data_type != onnx.TensorProto.FLOAT or _tensor_bytes(init) < INLINE_BYTES:
+        if (init.data_type != onnx.TensorProto.FLOAT or _tensor_bytes(init) < INLINE_BYTES
+                or not init.name.startswith(prefix)):
             continue
         array = numpy_helper.to_array(init).astype(np.float16)
         name = init.name
@@ -394,9 +396,15 @@ def export_web(model: Any, out: str | os.PathLike[str], *, quant: str = "q4", de
     if model.dtype != torch.float32 or model.device.type != "cpu":
         raise VoxtralError("export needs the model loaded in float32 on the CPU (load(..., device='cpu', "
                            "dtype='f32'))")
+    network = model.network
+    # the step graphs read plain float weights; a quantized model (.gguf) replaces these modules
+    linears = [m for layer in [*network.encoder.layers, *network.decoder.layers]
+               for m in (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13, layer.feed_forward.w2)]
+    if type(network.decoder.tok_embeddings) is not nn.Embedding or any(type(m) is not nn.Linear for m in linears):
+        raise VoxtralError("export needs a floating-point checkpoint (safetensors), not an already quantized one "
+                           "(.gguf); pick the precision with --quant")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    network = model.network
     steps = 7
     done = 0
 
@@ -424,6 +432,8 @@ def export_web(model: Any, out: str | os.PathLike[str], *, quant: str = "q4", de
             elif quant in ("q4", "q8"):
                 proto = _quantize(proto, 4 if quant == "q4" else 8)
                 _load_raw(proto)
+                # the token table is read by a Gather, which the quantizer leaves alone: store it in half
+                _to_fp16_storage(onnx, proto, prefix="embedding.")
             report(f"quantized {spec.file} ({quant})")
             for old in out.glob(f"{stem}.weights.*"):  # a previous export's shards would be served stale
                 old.unlink()
@@ -718,7 +728,7 @@ def copy_page(out: Path, onnxruntime_web: str | os.PathLike[str] | None) -> list
     """Copy the page (HTML + JS modules shipped in this package) into ``out`` and, from ``onnxruntime_web``
     (an ``npm pack`` tarball or a ``node_modules/onnxruntime-web`` folder), the onnxruntime-web files it loads;
     return the copied names."""
-    page = Path(__file__).parent / "web"
+    page = Path(__file__).parent / "web_local"
     copied = []
     for f in sorted(page.iterdir()):
         if f.is_file():
