@@ -358,19 +358,22 @@ def test_clients_vanishing_mid_stream_give_their_slots_back(server, tiny_short):
 
 def test_api_key_is_required_everywhere(strict_server, tiny_short):
     base, app = strict_server
-    from websockets.exceptions import InvalidStatus
 
-    async def handshake_status(**kwargs: Any) -> int:
-        try:
-            ws = await connect(base, **kwargs)
-        except InvalidStatus as err:
-            return err.response.status_code
+    async def first_event(**kwargs: Any) -> tuple[dict[str, Any], int | None]:
+        """The first event and, for a refused client, the close code."""
+        ws = await connect(base, **kwargs)
+        event = await receive_event(ws)
+        if event["type"] == "error":
+            await asyncio.wait_for(ws.wait_closed(), 5)
         await ws.close()
-        return 101
+        return event, ws.close_code
 
-    assert asyncio.run(handshake_status()) == 401
-    assert asyncio.run(handshake_status(additional_headers={"Authorization": "Bearer wrong"})) == 401
-    assert asyncio.run(handshake_status(additional_headers={"Authorization": f"Bearer {API_KEY}"})) == 101
+    refused, close_code = asyncio.run(first_event())
+    assert refused["code"] == "unauthorized" and "API key" in refused["error"] and close_code == 1008
+    assert asyncio.run(first_event(additional_headers={"Authorization": "Bearer wrong"}))[0]["code"] == \
+        "unauthorized"
+    assert asyncio.run(first_event(additional_headers={"Authorization": f"Bearer {API_KEY}"}))[0]["type"] == \
+        "session.created"
 
     async def by_subprotocol() -> str | None:
         ws = await connect(base, subprotocols=["voxtral-realtime", f"api-key.{API_KEY}"])
@@ -411,12 +414,12 @@ def test_upload_limits(strict_server):
         big = client.post("/v1/audio/transcriptions", files={"file": ("big.wav", b"\0" * 300_000, "audio/wav")})
         assert big.status_code == 413 and big.json()["error"]["code"] == "upload_too_large"
 
+        body, content_type = _multipart(b"\0" * 300_000)
+
         def chunks():  # no Content-Length: the server counts while reading
-            body, _ = _multipart(b"\0" * 300_000)
             for i in range(0, len(body), 16384):
                 yield body[i:i + 16384]
 
-        _, content_type = _multipart(b"")
         chunked = client.post("/v1/audio/transcriptions", content=chunks(), headers={"content-type": content_type})
         assert chunked.status_code == 413
         long = client.post("/v1/audio/transcriptions",
@@ -498,6 +501,27 @@ def test_fast_sender_is_slowed_not_dropped_and_a_reader_that_never_reads_stalls_
 
     assert asyncio.run(asyncio.wait_for(scenario(), 120)) == expected
     _assert_all_released(app)
+
+
+def test_outbox_of_a_client_that_does_not_read_stays_small():
+    """Text and words of many ticks merge into one event each; an error keeps its place; too many errors mark
+    the client as not reading."""
+    from voxtral_realtime.serving import Outbox
+
+    outbox = Outbox(max_events=3)
+    for tick in range(1000):
+        outbox.put_delta(f"{tick} ")
+        outbox.put_words([{"word": str(tick)}])
+    outbox.put({"type": "error", "code": "invalid_json"})
+    outbox.put_delta("after")
+    events = asyncio.run(outbox.take())
+    assert [e["type"] for e in events] == ["transcription.delta", "transcription.words", "error",
+                                           "transcription.delta"]
+    assert events[0]["delta"] == "".join(f"{t} " for t in range(1000)) and len(events[1]["words"]) == 1000
+    assert not outbox.overflowed
+    for _ in range(4):
+        outbox.put({"type": "error", "code": "invalid_json"})
+    assert outbox.overflowed
 
 
 # -- the command line --------------------------------------------------------------------------------------------

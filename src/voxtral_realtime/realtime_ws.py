@@ -27,7 +27,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketState
 
 from .engine_worker import StreamOptions, StreamUpdate, word_dict
@@ -57,18 +56,18 @@ async def serve_realtime(websocket: WebSocket, state: ServerState) -> None:
     """The WebSocket endpoint: check the key and the connection limit, then run the session."""
     query = dict(websocket.query_params)
     subprotocols = list(websocket.scope.get("subprotocols") or [])
-    if not api_key_accepted(state.api_key, presented_api_key(websocket.headers, query, subprotocols)):
-        state.metrics.errors.labels("unauthorized").inc()
-        await _deny(websocket, 401, "unauthorized", "a valid API key is required (Authorization: Bearer KEY, the "
-                                                    "api-key.KEY subprotocol, or ?api_key=KEY)")
-        return
-    if state.connections >= state.limits.max_connections:
-        state.metrics.errors.labels("busy").inc()
-        await _deny(websocket, 503, "busy", f"the server holds its maximum of {state.limits.max_connections} "
-                                            "realtime connections; try again later")
-        return
     # a browser that offered subprotocols must see one of them selected, or it drops the connection
     chosen = REALTIME_SUBPROTOCOL if REALTIME_SUBPROTOCOL in subprotocols else None
+    if not api_key_accepted(state.api_key, presented_api_key(websocket.headers, query, subprotocols)):
+        await _refuse(websocket, chosen, state, "unauthorized", 1008,
+                      "a valid API key is required (Authorization: Bearer KEY, the api-key.KEY subprotocol, or "
+                      "?api_key=KEY)")
+        return
+    if state.connections >= state.limits.max_connections:
+        await _refuse(websocket, chosen, state, "busy", 1013,
+                      f"the server holds its maximum of {state.limits.max_connections} realtime connections; try "
+                      "again later")
+        return
     await websocket.accept(subprotocol=chosen)
     state.connections += 1
     try:
@@ -77,14 +76,15 @@ async def serve_realtime(websocket: WebSocket, state: ServerState) -> None:
         state.connections -= 1
 
 
-async def _deny(websocket: WebSocket, status: int, code: str, message: str) -> None:
-    """Refuse the handshake with an HTTP status and an OpenAI-style error body (or a policy close when the
-    server cannot send a response body)."""
-    body = {"error": {"message": message, "type": "invalid_request_error", "code": code, "param": None}}
-    try:
-        await websocket.send_denial_response(JSONResponse(body, status_code=status))
-    except RuntimeError:
-        await websocket.close(code=1008, reason=message[:120])
+async def _refuse(websocket: WebSocket, subprotocol: str | None, state: ServerState, code: str, close_code: int,
+                  message: str) -> None:
+    """Accept, say why in an ``error`` event, close.  (Refusing the handshake itself would show a browser only a
+    failed connection, without the reason.)"""
+    state.metrics.errors.labels(code).inc()
+    await websocket.accept(subprotocol=subprotocol)
+    with contextlib.suppress(Exception):
+        await websocket.send_text(json.dumps({"type": "error", "error": message, "code": code}))
+        await websocket.close(code=close_code, reason=code)
 
 
 class RealtimeSession:
@@ -114,7 +114,9 @@ class RealtimeSession:
         receiver = asyncio.create_task(self._receive_loop())
         try:
             done, _ = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
-            if receiver in done and not receiver.exception() and receiver.result() == "closing":
+            if receiver in done and receiver.exception() is not None:
+                log.error("realtime session failed", exc_info=receiver.exception())
+            elif receiver in done and receiver.result() == "closing":
                 # let the sender deliver the last error event and close the socket
                 await asyncio.wait({sender}, timeout=self.state.limits.send_timeout_seconds)
         finally:

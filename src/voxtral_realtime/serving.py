@@ -127,6 +127,9 @@ class SlotPool:
         return self.used < self.total and self.in_use["upload"] < self.upload_limit
 
 
+_MERGEABLE = ("transcription.delta", "transcription.words")
+
+
 class Outbox:
     """Events waiting to be sent to one client.
 
@@ -146,20 +149,30 @@ class Outbox:
         self._ready = asyncio.Event()
 
     def put_delta(self, text: str) -> None:
-        last = self._items[-1] if self._items else None
-        if last is not None and last["type"] == "transcription.delta":
-            last["delta"] += text
+        merged = self._mergeable("transcription.delta")
+        if merged is not None:
+            merged["delta"] += text
         else:
             self._items.append({"type": "transcription.delta", "delta": text})
         self._ready.set()
 
     def put_words(self, words: list[dict[str, Any]]) -> None:
-        last = self._items[-1] if self._items else None
-        if last is not None and last["type"] == "transcription.words":
-            last["words"].extend(words)
+        merged = self._mergeable("transcription.words")
+        if merged is not None:
+            merged["words"].extend(words)
         else:
             self._items.append({"type": "transcription.words", "words": list(words)})
         self._ready.set()
+
+    def _mergeable(self, kind: str) -> dict[str, Any] | None:
+        """The unsent event of ``kind`` that new content can join: one after the last other event (an error or
+        ``done`` must keep its place).  Deltas and words alternate, so both are looked for in that tail."""
+        for item in reversed(self._items):
+            if item["type"] == kind:
+                return item
+            if item["type"] not in _MERGEABLE:
+                return None
+        return None
 
     def put(self, event: dict[str, Any]) -> None:
         self._items.append(event)

@@ -27,7 +27,7 @@ export class RealtimeClient {
     this.socket = null;
   }
 
-  /** Connect; resolves with the session.created event. */
+  /** Connect; resolves with the session.created event, rejects with the server's reason if it refuses. */
   open() {
     const protocols = [SUBPROTOCOL];
     if (this.handlers.apiKey) protocols.push(`api-key.${this.handlers.apiKey}`);
@@ -37,20 +37,20 @@ export class RealtimeClient {
       this.socket = socket;
       socket.onmessage = (message) => {
         const event = JSON.parse(message.data);
-        if (event.type === "session.created") {
+        if (created) {
+          this.#dispatch(event);
+        } else if (event.type === "session.created") {
           created = true;
           resolve(event);
-        } else {
-          this.#dispatch(event);
+        } else if (event.type === "error") {
+          reject(new Error(event.error)); // refused: a wrong API key, or too many connections
         }
       };
       socket.onclose = (close) => {
-        if (!created) {
-          reject(new Error("the server refused the connection (wrong API key, or too many connections)"));
-        }
-        this.handlers.onClose?.(close);
+        if (created) this.handlers.onClose?.(close);
+        else reject(new Error("the server closed the connection"));
       };
-      socket.onerror = () => {}; // onclose follows with the details there are
+      socket.onerror = () => {}; // onclose follows, with the details there are
     });
   }
 
