@@ -433,7 +433,7 @@ def _replace_module(network: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def _config_and_tokenizer_path(tensors: GGUFTensors, tokenizer: str | os.PathLike[str] | None,
-                               scratch: Path) -> tuple[ModelConfig, Path]:
+                               scratch: Path) -> tuple[ModelConfig, Path, str]:
     from .random_weights import FULL_SIZE_PARAMS
 
     source = tensors.files[0]
@@ -466,24 +466,27 @@ def _config_and_tokenizer_path(tensors: GGUFTensors, tokenizer: str | os.PathLik
         config = ModelConfig.from_params_json(params, audio)
     except (json.JSONDecodeError, UnicodeDecodeError, CheckpointError) as exc:
         raise CheckpointError(f"{params_origin}: {first_line(exc)}") from None
-    return config, tekken_path
+    assumed = "" if params_text is not None else \
+        " (the file has no hyperparameters and no params.json is beside it: the published model's were assumed)"
+    return config, tekken_path, assumed
 
 
-def _check_tensors(tensors: GGUFTensors, layout: dict[str, list[Part]], expected: dict[str, tuple[int, ...]]
-                   ) -> None:
+def _check_tensors(tensors: GGUFTensors, layout: dict[str, list[Part]], expected: dict[str, tuple[int, ...]],
+                   assumed: str) -> None:
     source = tensors.files[0]
     used = {p.key for parts in layout.values() for p in parts if p.key}
     missing = sorted(used - set(tensors.tensors))
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise CheckpointError(f"{source}: lacks tensor(s) {', '.join(missing[:3])}{more}; not a Voxtral Realtime "
-                              "GGUF of these dimensions")
+                              f"GGUF of these dimensions{assumed}")
     for name, parts in layout.items():
         shape = expected[name]
         for part in parts:
             want = (part.rows or shape[0], *shape[1:])
             if part.key is not None and (got := tensors.shape(part.key)) != want:
-                raise CheckpointError(f"{source}: tensor {part.key} has shape {list(got)}, expected {list(want)}")
+                raise CheckpointError(f"{source}: tensor {part.key} has shape {list(got)}, expected {list(want)}"
+                                      f"{assumed}")
 
 
 @torch.no_grad()
@@ -499,13 +502,13 @@ def load_gguf(files: list[Path], *, tokenizer: str | os.PathLike[str] | None = N
 
     tensors = GGUFTensors(files)
     with tempfile.TemporaryDirectory(prefix="voxtral-gguf-") as scratch:
-        config, tekken_path = _config_and_tokenizer_path(tensors, tokenizer, Path(scratch))
+        config, tekken_path, assumed = _config_and_tokenizer_path(tensors, tokenizer, Path(scratch))
         tok = Tokenizer(tekken_path)  # reads the whole file now; the scratch copy can go
     with torch.device("meta"):
         network = VoxtralRealtime(config)
     expected = {name: tuple(p.shape) for name, p in network.named_parameters()}
     layout = mistral_layout(config, set(tensors.tensors))
-    _check_tensors(tensors, layout, expected)
+    _check_tensors(tensors, layout, expected, assumed)
     linear_weights = _linear_weight_names(config)
     quantized: dict[str, tuple[list[Part], list[str]]] = {}
     dense: dict[str, torch.Tensor] = {}

@@ -1,0 +1,288 @@
+"""GGUF files on the tiny checkpoint: what ``voxtral quantize`` writes (names, types, bytes, metadata, shards),
+loading ours and a file in the Rust project's conventions, the quantized models' tokens against float32, and
+the command line end to end with its one-line errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import soundfile
+import torch
+from safetensors.torch import load_file
+from signals import speechlike
+
+import voxtral_realtime
+from voxtral_realtime.api import Model
+from voxtral_realtime.benchmark import teacher_forced_logits
+from voxtral_realtime.cli import main, rust_compat_main
+from voxtral_realtime.errors import CheckpointError
+from voxtral_realtime.gguf_file import KEY_PARAMS, KEY_TOKENIZER, gguf_files, parse_size, write_gguf
+from voxtral_realtime.quantization import CpuInt4Linear, Q8Linear, QuantizedEmbedding, quantize_network
+
+LINEAR_SUFFIXES = ("wq.weight", "wk.weight", "wv.weight", "wo.weight", "w1.weight", "w2.weight", "w3.weight",
+                   "ada_rms_norm_t_cond.0.weight", "ada_rms_norm_t_cond.2.weight",
+                   "audio_language_projection.0.weight", "audio_language_projection.2.weight")
+
+
+def is_linear(key: str) -> bool:
+    return key.endswith(LINEAR_SUFFIXES)
+
+
+@pytest.fixture(scope="module")
+def source(checkpoints):
+    return checkpoints["short"].mistral_dir
+
+
+@pytest.fixture(scope="module")
+def written(source, tmp_path_factory) -> dict[str, Path]:
+    """The short tiny checkpoint in each type, tokenizer inside."""
+    root = tmp_path_factory.mktemp("gguf")
+    return {qtype: write_gguf(source, root / f"tiny-{qtype}.gguf", qtype=qtype)[0]
+            for qtype in ("q4_0", "q4_k", "q8_0")}
+
+
+@pytest.fixture(scope="module")
+def audio() -> np.ndarray:
+    return speechlike(4.0, seed=3)
+
+
+def quantized_in_memory(source: Path, qtype: str, **kwargs) -> Model:
+    model = voxtral_realtime.load(source, device="cpu", dtype="f32")
+    quantize_network(model.network, qtype, **kwargs)
+    return model
+
+
+def test_written_file_has_mistral_names_types_reference_bytes_and_metadata(source, written):
+    reader = gguf.GGUFReader(written["q4_0"])
+    stored = {t.name: t for t in reader.tensors}
+    original = load_file(str(source / "consolidated.safetensors"))
+    assert set(stored) == set(original)  # the Mistral names, all of them, nothing else
+    for key, tensor in original.items():
+        t = stored[key]
+        assert tuple(reversed(t.shape.tolist())) == tuple(tensor.shape)  # ggml order on disk
+        if is_linear(key) or key.endswith("tok_embeddings.weight"):
+            assert t.tensor_type == gguf.GGMLQuantizationType.Q4_0, key
+            # byte for byte what ggml's reference quantizer makes of the same rows
+            assert np.array_equal(t.data, gguf.quants.quantize(tensor.float().numpy(), t.tensor_type)), key
+        else:
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32, key
+            assert np.array_equal(t.data, tensor.float().numpy()), key
+    assert reader.get_field("general.architecture").contents() == "voxtral"
+    assert json.loads(reader.get_field(KEY_PARAMS).contents()) == json.loads((source / "params.json").read_text())
+    assert reader.get_field(KEY_TOKENIZER).contents() == (source / "tekken.json").read_text()
+
+
+def test_q4_k_file_uses_q4_k_where_rows_allow(written):
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(written["q4_k"]).tensors}
+    # tiny rows are 64 wide (Q4_0 fallback); the adapter input and the encoder's w2 read 256 values
+    assert types["mm_streams_embeddings.embedding_module.audio_language_projection.0.weight"] == "Q4_K"
+    assert types["layers.0.feed_forward.w1.weight"] == "Q4_0"
+
+
+def test_transformers_source_writes_the_same_tensors(checkpoints, written, tmp_path):
+    """config.json + half-split q/k rows in, the same interleaved Mistral rows out: the RoPE permutation is undone
+    exactly as loading.py does it."""
+    from_hf = write_gguf(checkpoints["short"].hf_dir, tmp_path / "hf.gguf", qtype="q4_0")[0]
+    ours = {t.name: t for t in gguf.GGUFReader(from_hf).tensors}
+    reference = {t.name: t for t in gguf.GGUFReader(written["q4_0"]).tensors}
+    assert set(ours) == set(reference)
+    for name, t in reference.items():
+        assert t.tensor_type == ours[name].tensor_type and np.array_equal(t.data, ours[name].data), name
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_k", "q8_0"])
+def test_gguf_model_is_the_in_memory_quantized_model(source, written, audio, qtype):
+    loaded = voxtral_realtime.load(written[qtype], device="cpu")
+    expected = quantized_in_memory(source, qtype)
+    for path in ("decoder.layers.0.attention.wqkv", "encoder.layers.1.feed_forward.w13", "adapter.w_in"):
+        ours, theirs = loaded.network.get_submodule(path), expected.network.get_submodule(path)
+        assert type(ours) is type(theirs) is (Q8Linear if qtype == "q8_0" else CpuInt4Linear)
+        assert torch.equal(ours.dequantize(), theirs.dequantize()), path
+    assert isinstance(loaded.network.decoder.tok_embeddings, QuantizedEmbedding)
+    assert loaded.transcribe(audio).tokens == expected.transcribe(audio).tokens
+
+
+def test_token_agreement_with_float32(source, audio, record_property):
+    """Q8_0 and Q4 against float32 on the tiny model, with both fed the float32 tokens (teacher-forced top-1 and
+    logits error) and free-running (common prefix of the greedy tokens).
+
+    The tiny model is random and re-randomised so that every term matters: its top-2 logits are often within a
+    few tenths, and even rounding its weights to bf16 (the real checkpoint's precision) changes the greedy
+    tokens after 23 of 110 steps.  So Q8_0 cannot give *identical* free-running tokens here; what is asserted is
+    that it picks the float32 token at (nearly) every teacher-forced step and that its logits error is small,
+    while the Q4 numbers are measured and reported (README), with only their ordering asserted.
+    """
+    base = voxtral_realtime.load(source, device="cpu", dtype="f32")
+    reference = base.transcribe(audio).tokens
+    cfg = base.config.audio
+    delay = cfg.delay_tokens(None)
+    step = cfg.samples_per_token
+    padded = np.concatenate([np.zeros(cfg.n_left_pad_tokens * step, np.float32), audio,
+                             np.zeros((-len(audio)) % step + cfg.n_right_pad_tokens(delay) * step, np.float32)])
+    mel = base.network.mel(torch.from_numpy(padded))
+    prompt = [base.tokenizer.bos_id] + [base.tokenizer.streaming_pad_id] * (cfg.n_left_pad_tokens + delay)
+    exact = teacher_forced_logits(base.network, mel, prompt, reference, delay)
+    results = {}
+    for label, qtype, embeddings in [("q8_0", "q8_0", None), ("q4_0", "q4_0", None), ("q4_k", "q4_k", None),
+                                     ("q4_0+q8_0 table", "q4_0", "q8_0"), ("q4_0+f32 table", "q4_0", "keep")]:
+        network = quantize_network(copy.deepcopy(base.network), qtype, embeddings=embeddings)
+        tokens = Model(network, base.tokenizer, "quantized").transcribe(audio).tokens
+        approx = teacher_forced_logits(network, mel, prompt, reference, delay)
+        prefix = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b),
+                      min(len(tokens), len(reference)))
+        results[label] = {
+            "teacher_forced_top1": (approx.argmax(-1) == exact.argmax(-1)).float().mean().item(),
+            "logits_rel_err_p50": ((approx - exact).norm(dim=-1) / exact.norm(dim=-1)).median().item(),
+            "free_running_prefix": f"{prefix}/{len(reference)}",
+        }
+    print(json.dumps(results, indent=1))
+    record_property("token_agreement", json.dumps(results))
+    assert results["q8_0"]["teacher_forced_top1"] >= 0.9
+    assert results["q8_0"]["logits_rel_err_p50"] < 0.1
+    assert all(results[k]["logits_rel_err_p50"] > results["q8_0"]["logits_rel_err_p50"] for k in ("q4_0", "q4_k"))
+
+
+def _write_rust_style(source: Path, path: Path, *, conv_f16: bool = True) -> None:
+    """A file as the Rust project's writer makes it: only general.architecture, the Mistral names, Q4_0 (ggml's
+    reference quantizer) for linear weights and the token table, F16 conv weights, F32 norms and biases."""
+    writer = gguf.GGUFWriter(path, "voxtral")
+    for key, tensor in load_file(str(source / "consolidated.safetensors")).items():
+        values = tensor.float().numpy()
+        if is_linear(key) or key.endswith("tok_embeddings.weight"):
+            data = gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q4_0)
+            writer.add_tensor(key, data, raw_shape=data.shape, raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+        elif conv_f16 and key.endswith("conv.weight"):
+            writer.add_tensor(key, values.astype(np.float16))
+        else:
+            writer.add_tensor(key, values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_rust_project_file_loads_with_tokenizer_and_params_beside(source, tmp_path, audio, tekken_path):
+    folder = tmp_path / "rust"
+    folder.mkdir()
+    _write_rust_style(source, folder / "voxtral-q4.gguf")
+    with pytest.raises(CheckpointError, match="has no tokenizer; pass one: --tokenizer tekken.json"):
+        voxtral_realtime.load(folder / "voxtral-q4.gguf", device="cpu")
+    # No hyperparameters in the file and none beside it: the published model's, which these tensors are not.
+    with pytest.raises(CheckpointError, match="lacks tensor.* the published model's were assumed"):
+        voxtral_realtime.load(folder / "voxtral-q4.gguf", device="cpu", tokenizer=tekken_path)
+    shutil.copyfile(source / "params.json", folder / "params.json")
+    loaded = voxtral_realtime.load(folder / "voxtral-q4.gguf", device="cpu", tokenizer=tekken_path)
+    expected = voxtral_realtime.load(source, device="cpu", dtype="f32")
+    with torch.no_grad():  # the file's conv weights are f16
+        for conv in (expected.network.encoder.conv_stem.conv1, expected.network.encoder.conv_stem.conv2):
+            conv.weight.copy_(conv.weight.half().float())
+            assert torch.equal(conv.weight, loaded.network.get_submodule(
+                f"encoder.conv_stem.{'conv1' if conv is expected.network.encoder.conv_stem.conv1 else 'conv2'}"
+            ).weight)
+    quantize_network(expected.network, "q4_0")
+    wqkv = "decoder.layers.1.attention.wqkv"  # q/k rows permuted from interleaved RoPE, as for safetensors
+    assert torch.equal(loaded.network.get_submodule(wqkv).dequantize(),
+                       expected.network.get_submodule(wqkv).dequantize())
+    assert loaded.transcribe(audio).tokens == expected.transcribe(audio).tokens
+
+
+def test_shards_round_trip(source, tmp_path, audio, written):
+    folder = tmp_path / "web"
+    limit = parse_size("160K")
+    files = write_gguf(source, folder / "tiny.gguf", qtype="q4_0", split_size=limit, embed_tokenizer=False)
+    assert [f.name for f in files] == [f"tiny-{i:05d}-of-{len(files):05d}.gguf" for i in range(1, len(files) + 1)]
+    assert len(files) >= 3 and all(f.stat().st_size <= limit for f in files)
+    assert sorted(t.name for f in files for t in gguf.GGUFReader(f).tensors) == \
+        sorted(t.name for t in gguf.GGUFReader(written["q4_0"]).tensors)
+    shutil.copyfile(source / "tekken.json", folder / "tekken.json")  # the file names it; it lies beside
+    expected = voxtral_realtime.load(written["q4_0"], device="cpu").transcribe(audio).tokens
+    for way in (files[0], files[-1], folder, folder / "tiny.gguf"):
+        assert gguf_files(way) == files
+    assert voxtral_realtime.load(folder, device="cpu").transcribe(audio).tokens == expected
+    files[1].unlink()
+    with pytest.raises(CheckpointError, match="missing tiny-00002-of"):
+        voxtral_realtime.load(files[0], device="cpu")
+
+
+def test_split_size_smaller_than_a_tensor_is_a_one_line_error(source, tmp_path):
+    with pytest.raises(CheckpointError, match="larger --split-size"):
+        write_gguf(source, tmp_path / "x.gguf", split_size=parse_size("100K"), embed_tokenizer=False)
+
+
+def test_parse_size():
+    assert parse_size("512M") == 512 * 2**20 and parse_size("2G") == 2 * 2**30 and parse_size("1000") == 1000
+    assert parse_size("1.5KiB") == 1536 and parse_size("64kb") == 65536
+    for bad in ("", "12Q", "-5M", "M", "0"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+@pytest.fixture(scope="module")
+def wav(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("audio") / "talk.wav"
+    soundfile.write(path, speechlike(2.0, seed=5), 16000, subtype="FLOAT")
+    return path
+
+
+def test_cli_quantize_then_transcribe(source, tmp_path, wav, capsys, tekken_path):
+    out = tmp_path / "tiny-q4.gguf"
+    assert main(["quantize", str(source), "--out", str(out), "--type", "q4_k", "--no-progress"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().err
+    expected = voxtral_realtime.load(out, device="cpu").transcribe(wav).tokens
+    for args in (["--gguf", str(out)], ["--model", str(out)]):
+        assert main(["transcribe", str(wav), *args, "--device", "cpu", "--output-format", "json",
+                     "--no-progress"]) == 0
+        assert json.loads(capsys.readouterr().out)["tokens"] == expected
+    bare = tmp_path / "bare" / "tiny.gguf"
+    assert main(["quantize", str(source), "--out", str(bare), "--type", "q4_k", "--no-tokenizer",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert rust_compat_main(["--audio", str(wav), "--gguf", str(bare), "--tokenizer", str(tekken_path),
+                             "--device", "cpu", "--output-format", "json", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == expected
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_cli_bad_inputs_are_one_line_errors(source, tmp_path, wav, capsys, written):
+    transcribe = ["transcribe", str(wav), "--device", "cpu", "--no-progress"]
+    assert main([*transcribe, "--gguf", str(tmp_path / "nope.gguf")]) == 1
+    assert "nope.gguf: no such file" in _one_error_line(capsys)
+    text = tmp_path / "notes.gguf"
+    text.write_text("not a model")
+    assert main([*transcribe, "--gguf", str(text)]) == 1
+    assert "not a GGUF file" in _one_error_line(capsys)
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(written["q4_0"].read_bytes()[:200_000])
+    assert main([*transcribe, "--gguf", str(truncated)]) == 1
+    assert "not a readable GGUF file" in _one_error_line(capsys)
+    bare = tmp_path / "bare.gguf"
+    write_gguf(source, bare, qtype="q4_0", embed_tokenizer=False)
+    assert main([*transcribe, "--gguf", str(bare)]) == 1
+    assert "has no tokenizer; pass one: --tokenizer tekken.json" in _one_error_line(capsys)
+    assert main(["quantize", str(tmp_path / "missing"), "--out", str(tmp_path / "m.gguf"), "--no-progress"]) == 1
+    assert "no such folder" in _one_error_line(capsys)
+    assert main(["quantize", str(source), "--out", str(tmp_path / "m.bin"), "--no-progress"]) == 2
+    assert "must end in .gguf" in _one_error_line(capsys)
+    for bad in (["--type", "q5_0"], ["--split-size", "12Q"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["quantize", str(source), "--out", str(tmp_path / "m.gguf"), *bad])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("voxtral quantize: error:")
