@@ -441,10 +441,23 @@ def export_web(model: Any, out: str | os.PathLike[str], *, quant: str = "q4", de
             graphs.append((spec, shards))
             report(f"wrote {spec.file}")
     shutil.copyfile(model.tokenizer.path, out / "tekken.json")
+    _write_vocab(model, out / "vocab.json")
     manifest = _manifest(model, out, graphs, quant, decoder_graph.window)
     report("hashed files")
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
+
+
+def _write_vocab(model: Any, path: Path) -> None:
+    """The bytes of every text token the model can emit, base64, in id order from ``num_special_tokens``: all the
+    page needs to turn ids into text (tekken.json is larger and would need a BPE implementation)."""
+    import base64
+
+    tok = model.tokenizer
+    pieces = [base64.b64encode(tok.token_bytes(i)).decode("ascii")
+              for i in range(tok.num_special_tokens, model.config.decoder.vocab_size)]
+    path.write_text(json.dumps({"first_id": tok.num_special_tokens, "pieces": pieces}, separators=(",", ":")),
+                    encoding="utf-8")
 
 
 def _load_raw(model: Any) -> None:
@@ -462,7 +475,7 @@ def _manifest(model: Any, out: Path, graphs: list[tuple[GraphSpec, list[str]]], 
     files = []
     for spec, shards in graphs:
         files += [spec.file, *shards]
-    files.append("tekken.json")
+    files += ["tekken.json", "vocab.json"]
     return {
         "format": MANIFEST_FORMAT,
         "model": Path(model.source).name,
@@ -476,6 +489,7 @@ def _manifest(model: Any, out: Path, graphs: list[tuple[GraphSpec, list[str]]], 
             "step_window": (audio.mel_frames_per_token - 1) * audio.hop_length + audio.window_size,
         },
         "delay": {"default_ms": audio.transcription_delay_ms,
+                  "right_pad_extra_tokens": audio.n_right_pad_tokens(0),  # right padding = delay + this
                   "default_tokens": audio.delay_tokens(None), "token_ms": audio.token_ms},
         "encoder": {"window": cfg.encoder.sliding_window, "frames_per_step": audio.downsample_factor},
         "decoder": {"window": decoder_window, "model_window": cfg.decoder.sliding_window,
@@ -741,8 +755,7 @@ def copy_page(out: Path, onnxruntime_web: str | os.PathLike[str] | None) -> list
 
 #: The onnxruntime-web files the page imports: the ES module bundle with WebGPU, and its WebAssembly binaries.
 ORT_WEB_FILES = ("ort.webgpu.bundle.min.mjs", "ort-wasm-simd-threaded.jsep.mjs", "ort-wasm-simd-threaded.jsep.wasm",
-                 "ort-wasm-simd-threaded.asyncify.mjs", "ort-wasm-simd-threaded.asyncify.wasm",
-                 "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
+                 "ort-wasm-simd-threaded.asyncify.mjs", "ort-wasm-simd-threaded.asyncify.wasm")
 
 
 def _copy_onnxruntime_web(source: Path, dest: Path) -> list[str]:
