@@ -36,7 +36,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _release(device: torch.device) -> None:
+def release(device: torch.device) -> None:
     """Free what a finished measurement held (sessions and slots reference each other: collect the cycles)."""
     import gc
 
@@ -66,9 +66,27 @@ def copy_bandwidth(device: torch.device, nbytes: int = GIB) -> float | None:
 
 
 def decode_weight_bytes(model: Model) -> int:
-    """Bytes of weights one decoder step reads: the decoder layers, the final norm and the (tied) LM head."""
+    """Bytes of weights one decoder step reads: the decoder layers, the final norm and the (tied) LM head (for a
+    quantized model: its packed weights, scales and offsets)."""
     decoder = model.network.decoder
-    return sum(p.numel() * p.element_size() for p in decoder.parameters())
+    tensors = {id(t): t for t in [*decoder.parameters(), *decoder.buffers()] if t is not None}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def bench_quantized(model: Model, qtype: str, audio: np.ndarray, step_batches: list[int], step_context: int, *,
+                    delay_ms: int | None = None) -> dict[str, Any]:
+    """``model`` quantized in place to ``qtype``, then the one-file and decoder-step measurements."""
+    from .quantization import quantize_network
+
+    device = model.device
+    quantize_network(model.network, qtype)
+    release(device)
+    out: dict[str, Any] = {"qtype": qtype, "decode_weight_gb": decode_weight_bytes(model) / 1e9}
+    if device.type == "cuda":
+        out["model_gpu_gib"] = torch.cuda.memory_allocated(device) / GIB
+    out["file"] = bench_file(model, audio, delay_ms=delay_ms)
+    out["steps"] = [bench_step(model, b, step_context) for b in step_batches]
+    return out
 
 
 def _peak_memory(device: torch.device) -> dict[str, float]:
@@ -157,7 +175,7 @@ def bench_step(model: Model, batch: int, context: int, *, steps: int = 50) -> di
     out["bytes_per_step"] = decode_weight_bytes(model) + kv
     out["gb_per_s"] = out["bytes_per_step"] / (out.get("gpu_ms_per_step", wall_ms) / 1000) / 1e9
     del engine, slots
-    _release(device)
+    release(device)
     return out
 
 
@@ -250,7 +268,7 @@ def bench_streams(model: Model, n_streams: int, *, seconds: float, delay_ms: int
                                and result["steady_tick_ms_p99"] <= result["tick_budget_ms"])
     result["engine_state_gib"] = engine.state_bytes() / GIB
     del engine, streams
-    _release(device)
+    release(device)
     return result
 
 
@@ -365,14 +383,17 @@ def print_report(report: dict[str, Any]) -> None:
     if floor:
         console.print(f"copy bandwidth {report['copy_gb_per_s']:.0f} GB/s; one decoder step reads "
                       f"{report['decode_weight_gb']:.2f} GB of weights: floor {floor:.2f} ms")
+    quantized = report.get("quantized", [])
     table = Table(title="one file")
-    for column in ("audio s", "encode s", "decode s", "steps", "ms/step", "GB/s", "RTF", "tokens/s", "peak GPU GiB"):
+    for column in ("path", "audio s", "encode s", "decode s", "steps", "ms/step", "GB/s", "RTF", "tokens/s",
+                   "peak GPU GiB"):
         table.add_column(column, justify="right")
-    rows = [("voxtral-realtime", report["file"])]
+    rows = [(report["dtype"], report["file"])]
     if "transformers" in report:
         rows.append(("transformers", report["transformers"]))
-    for _, r in rows:
-        table.add_row(f"{r['audio_s']:.1f}", _fmt(r.get("encode_s")), _fmt(r.get("decode_s")),
+    rows += [(q["qtype"], q["file"]) for q in quantized]
+    for label, r in rows:
+        table.add_row(label, f"{r['audio_s']:.1f}", _fmt(r.get("encode_s")), _fmt(r.get("decode_s")),
                       str(r.get("decode_steps", r.get("tokens"))), _fmt(r.get("ms_per_step")),
                       _fmt(r.get("decode_gb_per_s"), 0), _fmt(r["rtf"], 4), _fmt(r["tokens_per_s"], 1),
                       _fmt(r.get("peak_gpu_gib")))
@@ -380,16 +401,26 @@ def print_report(report: dict[str, Any]) -> None:
     if "speedup_vs_transformers" in report:
         console.print(f"speed-up over transformers (same weights, same audio): "
                       f"{report['speedup_vs_transformers']:.1f}x; tokens equal: {report['transformers']['tokens_equal']}")
-    if report.get("steps"):
+    step_rows = [(report["dtype"], r, floor) for r in report.get("steps", [])]
+    bandwidth = report.get("copy_gb_per_s")
+    for q in quantized:
+        q_floor = 1000 * q["decode_weight_gb"] / bandwidth if bandwidth else None
+        step_rows += [(q["qtype"], r, q_floor) for r in q["steps"]]
+    if step_rows:
         table = Table(title="decoder step")
-        for column in ("streams", "context", "ms/step", "gpu ms/step", "GB read", "GB/s", "x floor"):
+        for column in ("weights", "streams", "context", "ms/step", "gpu ms/step", "GB read", "GB/s", "x floor"):
             table.add_column(column, justify="right")
-        for r in report["steps"]:
+        for label, r, row_floor in step_rows:
             ms = r.get("gpu_ms_per_step", r["ms_per_step"])
-            table.add_row(str(r["batch"]), str(r["context"]), _fmt(r["ms_per_step"]), _fmt(r.get("gpu_ms_per_step")),
-                          _fmt(r["bytes_per_step"] / 1e9), _fmt(r["gb_per_s"], 0),
-                          _fmt(ms / floor if floor and r["batch"] == 1 else None))
+            table.add_row(label, str(r["batch"]), str(r["context"]), _fmt(r["ms_per_step"]),
+                          _fmt(r.get("gpu_ms_per_step")), _fmt(r["bytes_per_step"] / 1e9), _fmt(r["gb_per_s"], 0),
+                          _fmt(ms / row_floor if row_floor and r["batch"] == 1 else None))
         console.print(table)
+    for q in quantized:
+        memory = f"; model in GPU memory {q['model_gpu_gib']:.2f} GiB" if "model_gpu_gib" in q else ""
+        console.print(f"{q['qtype']}: decoder step reads {q['decode_weight_gb']:.2f} GB{memory}; RTF "
+                      f"{q['file']['rtf']:.4f} vs {report['file']['rtf']:.4f} unquantized "
+                      f"({report['file']['rtf'] / q['file']['rtf']:.2f}x)")
     if report.get("streams"):
         table = Table(title="concurrent live streams (80 ms ticks)")
         for column in ("streams", "tick p50/p99 ms (all)", "steady tick p50/p99 ms", "token latency p50/p99 ms",
