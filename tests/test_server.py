@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import socket
@@ -26,6 +27,8 @@ from live_server import (
     wav_bytes,
 )
 from signals import speechlike
+from test_eos import AUDIO as EOS_AUDIO
+from test_eos import eos_prone_model  # noqa: F401 - a fixture
 
 from voxtral_realtime.server import create_app
 from voxtral_realtime.serving import ServerLimits
@@ -73,7 +76,8 @@ def _assert_all_released(app, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if (state.worker.free_slots == state.limits.max_streams and state.worker.active_streams == 0
-                and state.pool.used == 0 and state.queued_samples == 0 and state.connections == 0):
+                and state.pool.used == 0 and state.pool.waiting == 0 and state.queued_samples == 0
+                and state.connections == 0):
             return
         time.sleep(0.05)
     raise AssertionError(f"not released: free {state.worker.free_slots}/{state.limits.max_streams}, active "
@@ -189,6 +193,43 @@ def test_bad_messages_get_error_events_and_the_session_goes_on(server, tiny_shor
                      "invalid_audio", "invalid_audio", "invalid_event", "invalid_event"]
     assert done["text"] == tiny_short.transcribe(audio).text
     _assert_all_released(app)
+
+
+def test_an_always_on_stream_goes_on_live_after_the_model_says_eos(eos_prone_model):  # noqa: F811 - the fixture
+    """With a model that says EOS every few seconds, a default session restarts right after each EOS (its text
+    after the EOS arrives before the final commit), and ``continue_after_eos: false`` stops like transcribe."""
+    app = create_app(eos_prone_model, model_name="eos", max_streams=2)
+    always_on = eos_prone_model.stream(continue_after_eos=True)
+    always_on.feed(EOS_AUDIO)
+    always_on.finish()
+    offline = eos_prone_model.transcribe(EOS_AUDIO)
+    assert eos_prone_model.tokenizer.eos_id in offline.tokens and len(always_on.text) > len(offline.text)
+
+    async def live(base: str) -> tuple[str, str]:
+        ws = await connect(base)
+        await receive_event(ws)
+        await ws.send(json.dumps({"type": "session.update", "model": ""}))
+        await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+        for start in range(0, len(EOS_AUDIO), 4000):
+            await ws.send(json.dumps({"type": "input_audio_buffer.append",
+                                      "audio": pcm16_base64(EOS_AUDIO[start:start + 4000])}))
+        before_final = []
+        with contextlib.suppress(asyncio.TimeoutError):  # everything the audio allows, before the final commit
+            while True:
+                before_final.append((await receive_event(ws, timeout=2.0))["delta"])
+        await ws.send(json.dumps({"type": "input_audio_buffer.commit", "final": True}))
+        while (event := await receive_event(ws))["type"] != "transcription.done":
+            pass
+        await ws.close()
+        return "".join(before_final), event["text"]
+
+    with serve_in_thread(app) as base:
+        early, final = asyncio.run(live(base))
+        stopped = asyncio.run(transcribe_over_websocket(base, EOS_AUDIO, session={"continue_after_eos": False}))
+        _assert_all_released(app)
+    assert final == always_on.text
+    assert len(early) > len(offline.text)  # the words after the first EOS came live, not at the end
+    assert stopped.done["text"] == offline.text
 
 
 # -- REST --------------------------------------------------------------------------------------------------------
@@ -351,6 +392,12 @@ def test_clients_vanishing_mid_stream_give_their_slots_back(server, tiny_short):
         client.post("/v1/audio/transcriptions", files={"file": ("a.wav", wav_bytes(speechlike(8, seed=38)),
                                                                 "audio/wav")})
     _assert_all_released(app)
+    # and so is a streamed (server-sent events) upload whose client leaves after the first event
+    with _client(base) as client, client.stream(
+            "POST", "/v1/audio/transcriptions", data={"stream": "true"},
+            files={"file": ("a.wav", wav_bytes(speechlike(20, seed=43)), "audio/wav")}) as response:
+        assert next(response.iter_lines()).startswith("data: ")
+    _assert_all_released(app)
     # and the server still answers correctly
     result = asyncio.run(transcribe_over_websocket(base, audio))
     assert result.done["text"] == tiny_short.transcribe(audio).text
@@ -468,6 +515,25 @@ def test_stream_limits_busy_idle_and_message_size(strict_server, tiny_short):
     assert events["buffer_full"]["code"] == "buffer_full"
     assert events["done"]["text"] == tiny_short.transcribe(audio).text
     assert events["idle"]["code"] == "idle_timeout" and events["close_code"] == 1000
+    _assert_all_released(app)
+
+
+def test_connections_beyond_the_limit_are_told_to_come_back_later(strict_server):
+    base, app = strict_server
+
+    async def scenario() -> tuple[dict[str, Any], int | None]:
+        held = [await _strict_ws(base) for _ in range(_state(app).limits.max_connections)]
+        for ws in held:
+            assert (await receive_event(ws))["type"] == "session.created"
+        extra = await _strict_ws(base)
+        refused = await receive_event(extra)
+        await asyncio.wait_for(extra.wait_closed(), 5)
+        for ws in held:
+            await ws.close()
+        return refused, extra.close_code
+
+    refused, close_code = asyncio.run(scenario())
+    assert refused["code"] == "busy" and close_code == 1013
     _assert_all_released(app)
 
 
