@@ -89,6 +89,17 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _quant_list(text: str) -> list[str]:
+    from .quantization import FORMATS
+
+    types = [t.strip().lower() for t in text.split(",") if t.strip()]
+    unknown = [t for t in types if t not in FORMATS]
+    if unknown or not types:
+        raise argparse.ArgumentTypeError(f"unknown quantization {', '.join(unknown) or text!r}; "
+                                         f"use {', '.join(FORMATS)}")
+    return types
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=os.environ.get("VOXTRAL_MODEL", DEFAULT_MODEL), metavar="REPO_OR_DIR",
                         help="Hub repo id, local checkpoint folder or GGUF file (default: %(default)s)")
@@ -181,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "minute of compilation per batch size)")
     bn.add_argument("--check-precision", action="store_true",
                     help="compare this dtype's logits and tokens with float32 compute on the same weights")
+    bn.add_argument("--quant", type=_quant_list, default=[], metavar="TYPE,...",
+                    help="then also time the model quantized to these GGUF types (q4_0, q4_k, q8_0), each built "
+                         "afresh: one-file and decoder-step rows next to the unquantized ones")
     bn.add_argument("--json", type=Path, metavar="FILE", help="also write every number to FILE")
     bn.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
     bn.set_defaults(func=cmd_bench)
@@ -394,15 +408,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     reporter = Reporter(enabled=not args.no_progress)
     if args.audio is not None and not args.audio.is_file():
         raise VoxtralError(f"{args.audio}: no such file")
-    if args.random_weights:
-        from .random_weights import random_model
 
-        device = torch.device(args.device) if args.device else default_device()
-        reporter.info("building the full-size model with random weights")
-        model = random_model(device=device, dtype=resolve_dtype(args.dtype, device))
-    else:
-        model = _load_model(args, reporter)
-    model.compile = args.compile
+    def build_model() -> Any:
+        if args.random_weights:
+            from .random_weights import random_model
+
+            device = torch.device(args.device) if args.device else default_device()
+            reporter.info("building the full-size model with random weights")
+            built = random_model(device=device, dtype=resolve_dtype(args.dtype, device))
+        else:
+            built = _load_model(args, reporter)
+        built.compile = args.compile
+        return built
+
+    model = build_model()
     audio = load_audio(args.audio) if args.audio else speechlike(args.audio_seconds, seed=1)
     report: dict[str, Any] = benchmark.environment(model, shlex.join(["voxtral", *args.argv]))
     reporter.info(f"{report['device_name']}: {model.dtype}, copy bandwidth "
@@ -427,6 +446,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.check_precision:
         reporter.info("comparing with float32 compute on the same weights")
         report["precision"] = benchmark.bench_precision(model, audio[: 16000 * 10], delay_ms=args.delay_ms)
+    report["quantized"] = []
+    for qtype in args.quant:
+        del model
+        benchmark.release(torch.device(args.device) if args.device else default_device())
+        model = build_model()
+        reporter.info(f"quantizing to {qtype}")
+        report["quantized"].append(benchmark.bench_quantized(model, qtype, audio, args.step_batches,
+                                                             args.step_context, delay_ms=args.delay_ms))
     benchmark.print_report(report)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
