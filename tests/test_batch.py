@@ -135,6 +135,21 @@ def test_local_batch_equals_offline_records_errors_and_resumes(tmp_path, corpus,
     assert (retried.done, retried.failed, retried.skipped) == (1, 1, len(good))
 
 
+
+def test_manifest_of_urls_is_read_through_fsspec(tmp_path, expected, tiny_short, checkpoints) -> None:
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    chosen = sorted(expected)[:3]
+    urls = [f"memory://corpus/{Path(p).name}" for p in chosen]
+    for path, url in zip(chosen, urls):
+        memory.pipe(url, Path(path).read_bytes())
+    memory.pipe("memory://corpus/list.jsonl", "".join(json.dumps({"url": u}) + "\n" for u in urls).encode())
+    output = tmp_path / "out.jsonl"
+    stats = run_batch("memory://corpus/list.jsonl", output, _options(checkpoints), load_model=lambda: tiny_short)
+    assert stats.failed == 0
+    assert {r["path"]: r for r in _records(output)} == {u: {**expected[p], "path": u} for p, u in zip(chosen, urls)}
+
 def test_cli_batch_writes_jsonl_and_reports_throughput(tmp_path, corpus, expected, broken, checkpoints,
                                                        capsys) -> None:
     folder = tmp_path / "in"
