@@ -1,0 +1,25 @@
+#!/bin/bash
+# The speed measurements on the lent GPU machine (bench/results/), in the order of their value if time runs out:
+# GPU and kernel tests; the compiled single stream against transformers in the same run, with the quantized
+# rows; the skinny-matmul tuner (bf16 and 4-bit kernels against cuBLAS); the decoder-step sweep with 64 and 128
+# live streams (CUDA graphs of the eager calls); 256 live streams in a fresh process (a process that has run the
+# sweep first has less free memory).  Writes into $OUT (default bench/results), file names tagged with $TAG
+# (default: the GPU's model, e.g. h100 or h200).  Run from the repository root with the package importable.
+set -u
+OUT=${OUT:-bench/results}
+TAG=${TAG:-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE 'h100|h200|a100|l40s|b200' \
+             | tr '[:upper:]' '[:lower:]')}
+TAG=${TAG:-gpu}
+mkdir -p "$OUT"
+bench() { timeout "$1" python3 -m voxtral_realtime.cli bench --random-weights --no-progress "${@:3}" \
+              --json "$OUT/$2.json" 2>&1 | grep -v Warn | tee "$OUT/$2.txt"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu_$TAG.txt"
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_matmul_kernels.py \
+    tests/test_gpu.py 2>&1 | tail -3 | tee "$OUT/test_gpu_$TAG.txt"
+bench 400 "bench_${TAG}_compiled" --compile --step-batches 1 --compare transformers --check-precision \
+    --quant q4_0,q4_k
+timeout 330 python3 bench/tune_gemv.py --budget-s 270 --json "$OUT/tune_gemv_$TAG.json" 2>&1 | grep -v Warn \
+    | tee "$OUT/tune_gemv_$TAG.txt"
+bench 150 "bench_${TAG}_streams" --audio-seconds 5 --step-batches 1,16,64,128,256 --streams 64,128 \
+    --stream-seconds 20
+bench 120 "bench_${TAG}_256streams" --audio-seconds 2 --streams 256 --stream-seconds 20
