@@ -663,7 +663,7 @@ def _batch_progress(reporter: Reporter) -> Iterator[Any]:
 
         def update(stats: Any) -> None:
             progress.update(task, completed=stats.done, total=stats.todo,
-                            speed=f"{stats.files_per_second:.1f} files/s, {stats.audio_hours_per_hour:.0f} h/h, "
+                            speed=f"{stats.files_per_second:.1f} files/s, {stats.audio_hours_per_hour:.1f} audio h/h, "
                                   f"{stats.failed} failed")
         yield update
 
