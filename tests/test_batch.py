@@ -79,8 +79,10 @@ def test_inputs_from_folder_glob_and_manifests(tmp_path: Path) -> None:
     assert list_inputs(str(tmp_path / "**" / "*.mp3")) == [str(tmp_path / "sub/c.mp3")]
 
     jsonl = tmp_path / "list.jsonl"
-    jsonl.write_text('"b.wav"\n\n{"path": "sub/c.mp3", "speaker": 3}\n{"url": "s3://bucket/x.wav"}\n"b.wav"\n')
-    assert list_inputs(jsonl) == [str(tmp_path / "b.wav"), str(tmp_path / "sub/c.mp3"), "s3://bucket/x.wav"]
+    jsonl.write_text('"b.wav"\n\n{"path": "sub/c.mp3", "speaker": 3}\n{"url": "s3://bucket/x.wav"}\n"b.wav"\n'
+                     '{"audio_filepath": "a.flac", "duration": 1.5, "text": "hi"}\n')
+    assert list_inputs(jsonl) == [str(tmp_path / "b.wav"), str(tmp_path / "sub/c.mp3"), "s3://bucket/x.wav",
+                                  str(tmp_path / "a.flac")]
     with_header = tmp_path / "with_header.csv"
     with_header.write_text("speaker,path\n1,a.flac\n2,/abs/d.wav\n")
     assert list_inputs(with_header) == [str(tmp_path / "a.flac"), "/abs/d.wav"]

@@ -43,8 +43,8 @@ if TYPE_CHECKING:
 AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".wma", ".aif",
                             ".aiff", ".webm", ".mp4", ".mkv", ".mov", ".avi"})
 MANIFEST_SUFFIXES = (".jsonl", ".csv")
-#: Manifest columns / keys naming the audio, in order of preference.
-MANIFEST_KEYS = ("path", "url", "audio", "file")
+#: Manifest columns / keys naming the audio, in order of preference ("audio_filepath": NeMo's manifests).
+MANIFEST_KEYS = ("path", "url", "audio_filepath", "audio", "file", "filename")
 #: Files per engine group (streams computed together) when none is given: enough rows to fill a GPU step.
 DEFAULT_STREAMS_PER_WORKER = 32
 
