@@ -70,7 +70,9 @@ def deployment(model: str | os.PathLike[str], *, replicas: int | None = 1, min_r
     import ray
 
     if gpus_per_replica is None:
-        gpus_per_replica = 1 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0
+        if not ray.is_initialized():  # serve.run would connect anyway; the cluster's GPUs decide the default
+            ray.init()
+        gpus_per_replica = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
     scaling: dict[str, Any]
     if min_replicas is not None or max_replicas is not None:
         low = min_replicas if min_replicas is not None else 1
