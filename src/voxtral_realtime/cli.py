@@ -672,8 +672,7 @@ EPILOG_EXPORT_WEB = """\
 examples:
   voxtral export web --model ./voxtral --out site/ --quant q4
   voxtral export web --model ./tiny --out site/ --quant fp32 --check talk.wav --output-format json
-  npm pack onnxruntime-web@1.30.0 && voxtral export web --model ./voxtral --out site/ \\
-      --onnxruntime-web onnxruntime-web-1.30.0.tgz        # the page and its runtime too
+  voxtral export web --model ./voxtral --out site/ --onnxruntime-web npm   # the page and its runtime too
   cd site && python -m http.server 8000                   # then open http://localhost:8000/
 
 OUT gets audio_step.onnx and decoder_step.onnx (one 80 ms streaming step each, all state as inputs/outputs),
@@ -702,9 +701,10 @@ def _add_export_parser(sub: Any) -> None:
     web.add_argument("--decoder-context", type=_positive_int, metavar="TOKENS",
                      help="cap the decoder's attention window (80 ms tokens) below the model's to shrink the "
                           "page's KV buffers; streams shorter than this are exact (default: the model's)")
-    web.add_argument("--onnxruntime-web", metavar="TGZ_OR_DIR",
-                     help="also copy the page and onnxruntime-web's files from this npm tarball (npm pack "
-                          "onnxruntime-web@VERSION) or node_modules/onnxruntime-web folder")
+    web.add_argument("--onnxruntime-web", metavar="TGZ|DIR|npm",
+                     help="also write the page, with onnxruntime-web's files from this npm tarball (npm pack "
+                          "onnxruntime-web@VERSION), node_modules/onnxruntime-web folder, or 'npm': the pinned "
+                          "version fetched with npm pack into ~/.cache/voxtral-realtime")
     web.add_argument("--check", type=Path, metavar="AUDIO",
                      help="after exporting, transcribe AUDIO with the exported graphs (onnxruntime, CPU)")
     web.add_argument("--delay-ms", type=_delay_ms, help=DELAY_HELP + " (for --check)")

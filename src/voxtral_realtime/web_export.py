@@ -740,14 +740,16 @@ class OnnxEngine:
 
 def copy_page(out: Path, onnxruntime_web: str | os.PathLike[str] | None) -> list[str]:
     """Copy the page (HTML + JS modules shipped in this package) into ``out`` and, from ``onnxruntime_web``
-    (an ``npm pack`` tarball or a ``node_modules/onnxruntime-web`` folder), the onnxruntime-web files it loads;
-    return the copied names."""
+    (an ``npm pack`` tarball, a ``node_modules/onnxruntime-web`` folder, or "npm": the pinned version fetched with
+    npm pack), the onnxruntime-web files it loads; return the copied names."""
     page = Path(__file__).parent / "web_local"
     copied = []
     for f in sorted(page.iterdir()):
         if f.is_file():
             shutil.copyfile(f, out / f.name)
             copied.append(f.name)
+    if onnxruntime_web == "npm":
+        onnxruntime_web = npm_pack_onnxruntime_web()
     if onnxruntime_web is not None:
         copied += _copy_onnxruntime_web(Path(onnxruntime_web), out / "ort")
     return copied
@@ -756,6 +758,31 @@ def copy_page(out: Path, onnxruntime_web: str | os.PathLike[str] | None) -> list
 #: The onnxruntime-web files the page imports: the ES module bundle with WebGPU, and its WebAssembly binaries.
 ORT_WEB_FILES = ("ort.webgpu.bundle.min.mjs", "ort-wasm-simd-threaded.jsep.mjs", "ort-wasm-simd-threaded.jsep.wasm",
                  "ort-wasm-simd-threaded.asyncify.mjs", "ort-wasm-simd-threaded.asyncify.wasm")
+
+
+def npm_pack_onnxruntime_web(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The pinned onnxruntime-web npm tarball, fetched once with ``npm pack`` into ``cache_dir`` (default:
+    ~/.cache/voxtral-realtime)."""
+    import subprocess
+
+    folder = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "voxtral-realtime"
+    tarball = folder / f"onnxruntime-web-{ONNXRUNTIME_WEB_VERSION}.tgz"
+    if tarball.is_file():
+        return tarball
+    if shutil.which("npm") is None:
+        raise VoxtralError("fetching onnxruntime-web needs npm (Debian/Ubuntu: apt install npm), or pass a tarball "
+                           "made elsewhere with `npm pack onnxruntime-web@" + ONNXRUNTIME_WEB_VERSION + "`")
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        subprocess.run(["npm", "pack", f"onnxruntime-web@{ONNXRUNTIME_WEB_VERSION}", "--pack-destination",
+                        str(folder)], check=True, capture_output=True, text=True, timeout=600)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        detail = getattr(exc, "stderr", "") or str(exc)
+        raise VoxtralError(f"npm pack onnxruntime-web@{ONNXRUNTIME_WEB_VERSION} failed "
+                           f"({first_line(detail.strip() or str(exc))})") from None
+    if not tarball.is_file():
+        raise VoxtralError(f"npm pack did not write {tarball}")
+    return tarball
 
 
 def _copy_onnxruntime_web(source: Path, dest: Path) -> list[str]:

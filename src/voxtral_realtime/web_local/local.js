@@ -82,7 +82,9 @@ async function startMic() {
     continueAfterEos: true, // an always-on microphone goes on after a silence the model ends with EOS
     onText: (text) => { captions.textContent += text; },
   });
+  page.captured = []; // the 16 kHz blocks fed to the model, for tests that replay them elsewhere
   capture.port.onmessage = (event) => {
+    page.captured.push(event.data);
     stream.feed(event.data).catch((err) => showError(`transcription failed: ${err.message}`));
   };
   source.connect(capture);
