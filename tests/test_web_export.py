@@ -184,15 +184,20 @@ def test_missing_or_corrupted_files_of_an_export_are_refused(exports, tmp_path):
         read_manifest(tmp_path)
 
 
-def test_page_and_runtime_files_come_from_an_npm_tarball(tmp_path):
-    tarball = tmp_path / "onnxruntime-web-9.9.9.tgz"
-    with tarfile.open(tarball, "w:gz") as tar:
+def _fake_npm_tarball(path: Path) -> Path:
+    """The layout of `npm pack onnxruntime-web` with stand-in contents."""
+    with tarfile.open(path, "w:gz") as tar:
         for name, data in (("package/package.json", b'{"version": "9.9.9"}'),
                            ("package/dist/ort.webgpu.bundle.min.mjs", b"export const x = 1;"),
                            ("package/dist/ort-wasm-simd-threaded.jsep.wasm", b"\0asm")):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_page_and_runtime_files_come_from_an_npm_tarball(tmp_path):
+    tarball = _fake_npm_tarball(tmp_path / "onnxruntime-web-9.9.9.tgz")
     out = tmp_path / "site"
     out.mkdir()
     copied = copy_page(out, tarball)
@@ -202,3 +207,31 @@ def test_page_and_runtime_files_come_from_an_npm_tarball(tmp_path):
     (tmp_path / "junk.tgz").write_bytes(b"not a tarball")
     with pytest.raises(VoxtralError, match="not an onnxruntime-web npm tarball"):
         copy_page(out, tmp_path / "junk.tgz")
+
+
+def test_serve_mounts_the_page_at_local(exports, tmp_path):
+    import shutil
+
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from voxtral_realtime.server import create_app
+    from voxtral_realtime.web_export import mount_local
+
+    site = tmp_path / "site"
+    shutil.copytree(exports["short", "fp32"], site)
+    app = create_app(lambda: None)
+    with pytest.raises(VoxtralError, match="no page in it"):
+        mount_local(app, site)
+    copy_page(site, _fake_npm_tarball(tmp_path / "ort.tgz"))
+    mount_local(app, site)
+    client = TestClient(app)  # not entered: the lifespan (model loading) does not run
+    page = client.get("/local/")
+    assert page.status_code == 200 and "local.js" in page.text
+    assert page.headers["cross-origin-embedder-policy"] == "require-corp"
+    assert client.get("/local/manifest.json").json() == json.loads((site / "manifest.json").read_text())
+    assert client.get("/local/ort/ort.webgpu.bundle.min.mjs").text == "export const x = 1;"
+    redirect = client.get("/local", follow_redirects=False)
+    assert redirect.status_code in (302, 307) and redirect.headers["location"].endswith("/local/")
+    server_page = client.get("/")
+    assert server_page.status_code == 200 and "local.js" not in server_page.text

@@ -551,6 +551,9 @@ def _add_serve_parser(sub: Any) -> None:
                     help="longest accepted uploaded audio (default: %(default)s)")
     sv.add_argument("--idle-timeout", type=_positive_float, default=60.0, metavar="SECONDS",
                     help="close a WebSocket session silent for this long (default: %(default)s)")
+    sv.add_argument("--web-export", type=Path, metavar="DIR",
+                    help="also serve this `voxtral export web --onnxruntime-web` folder at /local: the page that "
+                         "runs the model in the visitor's browser")
     sv.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
     sv.set_defaults(func=cmd_serve)
 
@@ -569,6 +572,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         reporter.info(f"warning: listening on {args.host} without an API key: anyone who can reach it can use it")
     app = create_app(lambda: _load_model(args, reporter), model_name=args.model, max_streams=args.max_streams,
                      decoder_context=args.decoder_context, api_key=args.api_key, limits=limits)
+    if args.web_export is not None:
+        from .web_export import mount_local
+
+        mount_local(app, args.web_export)
     # uvicorn's own frame limit sits above the app's, so an oversized message gets the app's clear error event
     uvicorn.run(app, host=args.host, port=args.port, ws_max_size=2 * limits.max_message_bytes,
                 timeout_graceful_shutdown=5)

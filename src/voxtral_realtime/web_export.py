@@ -735,6 +735,39 @@ class OnnxEngine:
                 slot.stopped = True
 
 
+# -- serving the page from `voxtral serve` ------------------------------------------------------------------------
+
+
+def mount_local(app: Any, folder: str | os.PathLike[str], path: str = "/local") -> None:
+    """Serve an export folder with its page (``--onnxruntime-web``) at ``path`` of a Starlette/FastAPI ``app``,
+    ahead of any catch-all mount.  The responses are cross-origin isolated (COOP/COEP), which lets
+    onnxruntime-web use WebAssembly threads; the page fetches only same-origin files, so nothing breaks."""
+    from starlette.responses import RedirectResponse
+    from starlette.routing import Mount, Route
+    from starlette.staticfiles import StaticFiles
+
+    folder = Path(folder)
+    read_manifest(folder, verify=False)
+    if not (folder / "index.html").is_file() or not (folder / "ort").is_dir():
+        raise VoxtralError(f"{folder}: no page in it; export with --onnxruntime-web to add it")
+    static = StaticFiles(directory=folder, html=True)
+    isolation = [(b"cross-origin-opener-policy", b"same-origin"), (b"cross-origin-embedder-policy", b"require-corp")]
+
+    async def isolated(scope: Any, receive: Any, send: Any) -> None:
+        async def send_isolated(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *isolation]}
+            await send(message)
+
+        await static(scope, receive, send_isolated)
+
+    async def add_slash(request: Any) -> Any:
+        return RedirectResponse(path + "/")
+
+    # routes match in order: in front of the server's own page, which is mounted at "/"
+    app.router.routes[0:0] = [Route(path, add_slash), Mount(path, app=isolated, name="local")]
+
+
 # -- the page's runtime files ------------------------------------------------------------------------------------
 
 
