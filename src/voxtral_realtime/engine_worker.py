@@ -3,12 +3,13 @@
 The engine is not thread-safe, and its whole point is that one ``run()`` computes all streams together.  So a
 single worker thread owns it: the asyncio side only sends commands (open a stream, append audio, finish,
 abandon) through a queue, and the worker hands each stream's new text and words back to the event loop with one
-``loop.call_soon_threadsafe`` per tick, whatever the number of streams.
+``loop.call_soon_threadsafe`` per round, whatever the number of streams.
 
-Each tick the worker pushes at most :data:`PUSH_STEPS_PER_TICK` steps of audio per stream into the engine and
-runs it once.  A client sending faster than real time (or a file upload) therefore advances as fast as the
-compute allows while the live streams still get a tick every few steps, instead of waiting behind one long
-``run()`` over a whole file.  Nothing here waits on a client: a slow reader only makes its own outbox grow (and
+Each round the worker hands every stream with waiting audio a share of :data:`ROUND_STEP_BUDGET` 80 ms steps
+(one each when many streams are busy) and runs the engine once, so the streams advance together in batched
+encoder calls and decoder steps.  A client sending faster than real time (or a file upload) therefore advances
+as fast as the compute allows, while the live streams get a round every few decoder steps instead of waiting
+behind one long ``run()`` over a whole file.  Nothing here waits on a client: a slow reader only makes its own outbox grow (and
 the server coalesces that).
 """
 
@@ -34,12 +35,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Audio steps (80 ms each) handed to the engine per stream and tick: large enough that a file moves in big
-#: batched calls, small enough that a tick stays short for the live streams sharing the engine.
-PUSH_STEPS_PER_TICK = 16
-#: Streams finished per tick.  ``StreamingSession.finish()`` runs the closing silence of one stream at a time,
-#: so finishing many in one tick would hold up every live stream.
-FINISHES_PER_TICK = 4
+#: Audio steps (80 ms each) handed out per round, shared among the streams that have audio waiting, at least one
+#: each.  With many streams every one gets one step, so a round is one batched encoder call and one batched
+#: decoder step over all of them; a stream given several steps is encoded by itself and decoded in steps the
+#: others do not share, which would only make the next round later for everyone.  With few streams (a lone
+#: upload) larger pieces save the per-round overhead; a round then still holds at most this many decoder steps.
+ROUND_STEP_BUDGET = 16
+#: Streams finished per round.  ``StreamingSession.finish()`` runs the closing silence (delay + 11 steps) of one
+#: stream by itself, so each finish holds up every live stream for that long: one per round.
+FINISHES_PER_ROUND = 1
 
 _NO_SAMPLES = np.zeros(0, np.float32)
 
@@ -65,10 +69,10 @@ class StreamUsage:
 
 @dataclass
 class StreamUpdate:
-    """What happened to one stream during one tick (delivered on the event loop)."""
+    """What happened to one stream during one round (delivered on the event loop)."""
 
     text: str = ""
-    #: words completed this tick, as JSON-ready dicts (word, start, end, latency)
+    #: words completed this round, as JSON-ready dicts (word, start, end, latency)
     words: list[dict[str, Any]] = field(default_factory=list)
     #: samples of appended audio the worker took into the engine (the sender's back-pressure accounting)
     consumed_samples: int = 0
@@ -96,7 +100,7 @@ def word_dict(word: Word) -> dict[str, Any]:
 class WorkerStats:
     """Running totals for the metrics endpoint (written by the worker thread, read by anyone)."""
 
-    ticks: int = 0
+    rounds: int = 0
     engine_seconds: float = 0.0
     audio_seconds: float = 0.0
     decode_steps: int = 0
@@ -239,7 +243,7 @@ class EngineWorker:
     def _main(self) -> None:
         try:
             while self._apply_commands(block=not self._has_work()):
-                self._tick()
+                self._round()
         except BaseException as exc:
             log.exception("engine worker failed")
             self.failure = exc
@@ -292,7 +296,7 @@ class EngineWorker:
             return
         self._streams[command.stream_id] = _Stream(command.listener, options, session)
 
-    def _tick(self) -> None:
+    def _round(self) -> None:
         pushed = self._push_audio()
         if pushed:
             self._run_engine(pushed)
@@ -301,12 +305,13 @@ class EngineWorker:
         self._publish()
 
     def _push_audio(self) -> int:
-        """Hand each stream up to PUSH_STEPS_PER_TICK steps of its waiting audio; returns the samples pushed."""
-        quantum = PUSH_STEPS_PER_TICK * self._step_samples
+        """Hand each stream with waiting audio its share of ROUND_STEP_BUDGET; returns the samples pushed."""
+        waiting = [(i, s) for i, s in self._streams.items() if s.pending_samples]
+        if not waiting:
+            return 0
+        quantum = max(1, ROUND_STEP_BUDGET // len(waiting)) * self._step_samples
         pushed = 0
-        for stream_id, stream in list(self._streams.items()):
-            if not stream.pending_samples:
-                continue
+        for stream_id, stream in waiting:
             chunk = _take(stream, quantum)
             try:
                 stream.session.push(chunk)
@@ -333,7 +338,7 @@ class EngineWorker:
 
     def _account(self, seconds: float, steps: int, audio_seconds: float) -> None:
         stats = self.stats
-        stats.ticks += 1
+        stats.rounds += 1
         stats.engine_seconds += seconds
         stats.audio_seconds += audio_seconds
         stats.decode_steps += steps
@@ -365,7 +370,7 @@ class EngineWorker:
 
     def _finish_ready(self) -> None:
         ready = [i for i, s in self._streams.items() if s.final_requested and not s.pending_samples]
-        for stream_id in ready[:FINISHES_PER_TICK]:
+        for stream_id in ready[:FINISHES_PER_ROUND]:
             stream = self._streams.pop(stream_id)
             session = stream.session
             steps_before, started = self.engine.decode_calls if self.engine else 0, time.perf_counter()
@@ -403,7 +408,7 @@ class EngineWorker:
 
         ``words``: the stream's whole word list when the caller has it (at the end); otherwise it is read only
         when there is new text, since a word is completed only when a text token arrives (which, but for a UTF-8
-        character split over tokens, also produces text): a tick stays O(new tokens) per stream.
+        character split over tokens, also produces text): a round stays O(new tokens) per stream.
         """
         session = stream.session
         text = "".join(stream.text) + session.take_text()
@@ -417,7 +422,7 @@ class EngineWorker:
             stream.words_sent = len(words)
         return update
 
-    # -- hand-off to the event loop: one callback per tick -----------------------------------------------------
+    # -- hand-off to the event loop: one callback per round --------------------------------------------------
 
     def _post(self, listener: StreamListener, update: StreamUpdate) -> None:
         self._outgoing.append((listener, update))

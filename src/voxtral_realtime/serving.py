@@ -134,7 +134,7 @@ class Outbox:
     """Events waiting to be sent to one client.
 
     Consecutive text deltas are merged into one delta, and consecutive word lists into one list, so a client that
-    reads slowly costs memory in proportion to its transcript, not to the number of engine ticks.  Other events
+    reads slowly costs memory in proportion to its transcript, not to the number of engine rounds.  Other events
     (errors, ``done``) are counted: a client letting more than ``max_events`` of them pile up is not reading, and
     :attr:`overflowed` tells the sender to disconnect it.
     """
@@ -305,7 +305,7 @@ class ServerMetrics:
             "voxtral_decode_step_seconds", "Wall time of one batched decoder step (engine run time / steps)",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64), registry=r)
         self.run_seconds = Histogram(
-            "voxtral_engine_run_seconds", "Wall time of one engine run (one worker tick)",
+            "voxtral_engine_run_seconds", "Wall time of one engine run (one worker round)",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5), registry=r)
         self.engine_audio = Counter("voxtral_engine_audio_seconds", "Audio handed to the engine", registry=r)
         self.engine_time = Counter("voxtral_engine_busy_seconds", "Time the engine spent computing", registry=r)
