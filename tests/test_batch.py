@@ -138,6 +138,20 @@ def test_local_batch_equals_offline_records_errors_and_resumes(tmp_path, corpus,
 
 
 
+
+def test_a_group_shares_its_decoder_steps_closing_silence_included(expected, tiny_short) -> None:
+    from voxtral_realtime.audio import load_audio
+    from voxtral_realtime.batch import GroupTranscriber
+
+    chosen = sorted(expected)[:16]
+    transcriber = GroupTranscriber(tiny_short, streams=16)
+    records = transcriber.transcribe([(p, load_audio(p)) for p in chosen])
+    assert records == [expected[p] for p in chosen]
+    engine = transcriber.engine
+    # one file at a time would take a decoder call per row; even the closing steps (delay + 11 per file) are
+    # shared, so 16 files need about as many calls as the longest one has steps
+    assert engine.decode_calls * 8 < engine.decode_rows, (engine.decode_calls, engine.decode_rows)
+
 def test_manifest_of_urls_is_read_through_fsspec(tmp_path, expected, tiny_short, checkpoints) -> None:
     import fsspec
 
