@@ -152,6 +152,20 @@ def test_a_group_shares_its_decoder_steps_closing_silence_included(expected, tin
     # shared, so 16 files need about as many calls as the longest one has steps
     assert engine.decode_calls * 8 < engine.decode_rows, (engine.decode_calls, engine.decode_rows)
 
+
+def test_a_file_failing_in_the_engine_is_recorded_and_its_group_still_done(expected, tiny_short) -> None:
+    from voxtral_realtime.audio import load_audio
+    from voxtral_realtime.batch import GroupTranscriber
+
+    first, second = sorted(expected)[:2]
+    not_samples = np.array(["not", "audio"])  # fails inside the session, after decoding
+    transcriber = GroupTranscriber(tiny_short, streams=4)
+    records = transcriber.transcribe([(first, load_audio(first)), ("bad", not_samples), (second, load_audio(second))])
+    assert [r["path"] for r in records] == [first, "bad", second]
+    assert records[0] == expected[first] and records[2] == expected[second]
+    assert records[1]["error"].startswith("ValueError") and records[1]["text"] is None
+    assert transcriber.engine.free_slots == 4  # the abandoned sessions gave their rows back
+
 def test_manifest_of_urls_is_read_through_fsspec(tmp_path, expected, tiny_short, checkpoints) -> None:
     import fsspec
 
