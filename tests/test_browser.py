@@ -97,7 +97,9 @@ def test_microphone_captions_equal_the_offline_transcript_of_the_audio_sent(page
     page.wait_for_selector("body[data-state=live]", timeout=30_000)
     # captions appear while the microphone is still on
     page.wait_for_function("document.querySelector('#transcript').textContent.length > 0", timeout=30_000)
-    page.wait_for_timeout(SPEECH_SECONDS * 1000 + 500)
+    page.wait_for_timeout(SPEECH_SECONDS * 500)
+    _screenshot(page, tmp_path, "browser-live-captions-in-progress.png")
+    page.wait_for_timeout(SPEECH_SECONDS * 500 + 500)
     page.click("#mic-stop")
     page.wait_for_selector("body[data-state=done]", timeout=60_000)
     shown = page.text_content("#transcript")

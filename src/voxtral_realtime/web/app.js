@@ -29,6 +29,8 @@ class TranscriptView {
   reset() {
     this.text = "";
     this.words = [];
+    this.finalLength = 0; // characters of text covered by completed words
+    this.unplaced = []; // completed words not yet found in the text
     $("final-text").textContent = "";
     $("tail-text").textContent = "";
     $("words").replaceChildren();
@@ -37,28 +39,40 @@ class TranscriptView {
 
   addText(delta) {
     this.text += delta;
-    // the last word can still grow (its next token may continue it): shown apart until a space follows it
-    const split = Math.max(this.text.search(/\s\S*$/u) + 1, 0);
-    $("final-text").textContent = this.text.slice(0, split);
-    $("tail-text").textContent = this.text.slice(split);
+    this.#render();
   }
 
+  /** Completed words: everything up to the last of them is final; the text after it is the word in progress
+   * (its next token may still continue it), shown apart. */
   addWords(words) {
     this.words.push(...words);
+    this.unplaced.push(...words);
     $("words").append(...words.map((w) => this.#wordItem(w)));
     this.#summarize();
+    this.#render();
   }
 
   /** The final text and words of a finished transcription replace the live ones. */
   complete(text, words) {
     this.text = text;
-    $("final-text").textContent = text;
-    $("tail-text").textContent = "";
+    this.finalLength = text.length;
+    this.unplaced = [];
     if (words) {
       this.words = words;
       $("words").replaceChildren(...words.map((w) => this.#wordItem(w)));
       this.#summarize();
     }
+    this.#render();
+  }
+
+  #render() {
+    while (this.unplaced.length) {
+      const at = this.text.indexOf(this.unplaced[0].word, this.finalLength);
+      if (at < 0) break; // its text has not arrived yet
+      this.finalLength = at + this.unplaced.shift().word.length;
+    }
+    $("final-text").textContent = this.text.slice(0, this.finalLength);
+    $("tail-text").textContent = this.text.slice(this.finalLength);
   }
 
   #wordItem(word) {
