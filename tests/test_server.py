@@ -569,6 +569,28 @@ def test_fast_sender_is_slowed_not_dropped_and_a_reader_that_never_reads_stalls_
     _assert_all_released(app)
 
 
+def test_a_dead_engine_is_reported_not_waited_for(tiny_short):
+    app = create_app(tiny_short, model_name="tiny", max_streams=1)
+    with serve_in_thread(app) as base:
+        _state(app).worker.stop()  # as if the engine thread had died
+        with _client(base) as client:
+            assert client.get("/health").status_code == 503
+            upload = client.post("/v1/audio/transcriptions",
+                                 files={"file": ("a.wav", wav_bytes(speechlike(1.0, seed=44)), "audio/wav")})
+            assert upload.status_code == 503 and upload.json()["error"]["code"] == "processing_error"
+
+        async def commit() -> dict[str, Any]:
+            ws = await connect(base)
+            await receive_event(ws)
+            await ws.send(json.dumps({"type": "session.update", "model": ""}))
+            await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+            event = await receive_event(ws)
+            await ws.close()
+            return event
+
+        assert asyncio.run(commit())["code"] == "processing_error"
+
+
 def test_outbox_of_a_client_that_does_not_read_stays_small():
     """Text and words of many ticks merge into one event each; an error keeps its place; too many errors mark
     the client as not reading."""

@@ -254,6 +254,8 @@ class RealtimeSession:
             self.stream.finish()
 
     def _start(self) -> None:
+        if not self.state.worker.alive:
+            raise ProtocolError("processing_error", "the engine has stopped; the server needs a restart")
         if not self.state.pool.try_acquire_live():
             raise ProtocolError("busy", f"all {self.state.pool.total} streams are in use; try again later")
         self.stream = EngineStream(self.state, _SessionSink(self), self.options, "live")

@@ -200,6 +200,8 @@ async def create_transcription(request: Request) -> Response:
     form = await _read_form(request)
     params = _parse_transcription_form(form, state)
     samples = await _decode_upload(params.upload, state)
+    if not state.worker.alive:
+        raise ApiError(503, "processing_error", "the engine has stopped; the server needs a restart")
     try:
         await state.pool.acquire_upload(state.limits.upload_wait_seconds)
     except Busy as err:
