@@ -263,6 +263,7 @@ class SharedRun:
         self._changed = threading.Condition()
         self._waiting = 0
         self._round = 0
+        self._failure: BaseException | None = None
 
     def __getattr__(self, name: str) -> Any:  # attach, reset, push, end, release: straight to the engine
         return getattr(self.engine, name)
@@ -274,6 +275,8 @@ class SharedRun:
             self._changed.notify_all()
             while self._round == round_waited:
                 self._changed.wait()
+            if self._failure is not None:
+                raise RuntimeError("the group's shared engine run failed") from self._failure
 
     def finish_all(self, sessions: list[StreamingSession], pool: ThreadPoolExecutor) -> None:
         """``finish()`` every session, their engine runs shared; re-raises the first error of any of them."""
@@ -288,17 +291,25 @@ class SharedRun:
                     finished += 1
                     self._changed.notify_all()
 
+        self._failure = None
         futures = [pool.submit(finish, session) for session in sessions]
         with self._changed:
             while finished < len(sessions):
                 self._changed.wait_for(lambda: finished + self._waiting == len(sessions))
                 if self._waiting:
-                    self.engine.run()
+                    try:
+                        if self._failure is None:
+                            self.engine.run()
+                    except BaseException as exc:  # noqa: BLE001 - re-raised below, once no thread waits
+                        self._failure = exc
                     self._waiting = 0
                     self._round += 1
                     self._changed.notify_all()
         for future in futures:
-            future.result()
+            if self._failure is None:
+                future.result()
+        if self._failure is not None:
+            raise self._failure
 
 
 class GroupTranscriber:
