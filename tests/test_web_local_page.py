@@ -126,6 +126,26 @@ def test_file_upload_gives_the_models_tokens(site, browser, wav, tiny_short, tmp
         server.close()
 
 
+def test_q4_export_runs_in_the_page_as_in_onnxruntime(browser, wav, tiny_short, tmp_path):
+    from voxtral_realtime.web_export import WebExport
+
+    folder = tmp_path / "site-q4"
+    export_web(tiny_short, folder, quant="q4")
+    copy_page(folder, _onnxruntime_web())
+    server = _Server(folder)
+    try:
+        page, errors = _open(browser, server.url)
+        assert page.evaluate("voxtralPage.status") == "ready", page.evaluate("voxtralPage.error")
+        page.set_input_files("#file", str(wav))
+        page.wait_for_function("['done', 'failed'].includes(voxtralPage.status)", timeout=LOAD_TIMEOUT_MS)
+        tokens = page.evaluate("voxtralPage.result.tokens")
+        assert not errors
+    finally:
+        server.close()
+    # MatMulNBits and the token lookup from the packed head: the same kernels in WebAssembly as natively
+    assert tokens == WebExport(folder).transcribe(wav).tokens
+
+
 def test_fake_microphone_is_resampled_and_captioned_live(site, browser, wav, tiny_short, tmp_path):
     server = _Server(site)
     try:

@@ -167,8 +167,9 @@ class DecoderStepGraph(nn.Module):
     in and out.
 
     The LM head (the tied embedding) is cut into blocks of rows of at most ``block_bytes`` in float32 so that no
-    single weight exceeds a shard.  ``separate_embedding``: keep the lookup table as its own weight (the quantizer
-    replaces the head's matmul weights, so the lookup cannot read them); otherwise the lookup reads the head.
+    single weight exceeds a shard.  ``separate_embedding``: the lookup reads a table of its own (for quantized
+    exports, where :func:`_embed_from_quantized_head` then points it at the quantized head); otherwise it reads
+    the head's float weight directly.
     """
 
     def __init__(self, network: nn.Module, *, context: int | None = None, block_bytes: int = SHARD_BYTES,
@@ -312,6 +313,80 @@ def _to_fp16_storage(onnx: Any, model: Any, prefix: str = "") -> None:
         model.graph.node.insert(0, node)
 
 
+def _embed_from_quantized_head(onnx: Any, model: Any) -> None:
+    """Make the token lookup read the quantized LM head (the tied weight) instead of a table of its own.
+
+    The quantizer turns each head block's MatMul into MatMulNBits with ``head.{b}_Q{bits}`` [N, blocks, bytes]
+    (values packed low bits first) and ``head.{b}_scales`` [N, blocks], symmetric, so the implicit zero point is
+    ``2 ** (bits - 1)``; row ``t`` of that weight is token ``t``'s embedding.  Each ``Gather(embedding.{b}, i)``
+    becomes a gather of the packed row and its scales and a dequantization in standard ops, and the float table
+    is dropped: the download carries the embedding once, quantized.
+    """
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes, new_nodes, dropped = list(model.graph.node), [], set()
+    for node in nodes:
+        table = node.input[0] if node.op_type == "Gather" and node.input else ""
+        if not table.startswith("embedding."):
+            new_nodes.append(node)
+            continue
+        block = table.removeprefix("embedding.")
+        head = next((n for n in nodes if n.op_type == "MatMulNBits" and n.input[1].startswith(f"head.{block}_Q")),
+                    None)
+        if head is None:
+            raise VoxtralError(f"internal error: no quantized head block {block} for the token lookup")
+        attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
+        bits, size, k = attrs["bits"], attrs["block_size"], attrs["K"]
+        packed, scales = head.input[1], head.input[2]
+        blocks = inits[packed].dims[1]
+        p = f"embed{block}_"
+        c = {  # small constants of the dequantization
+            "levels": numpy_helper.from_array(np.array(1 << bits, np.int32), p + "levels"),
+            "zero": numpy_helper.from_array(np.array(1 << (bits - 1), np.int32), p + "zero"),
+            "shape": numpy_helper.from_array(np.array([-1, blocks, size], np.int64), p + "shape"),
+            "flat": numpy_helper.from_array(np.array([-1, blocks * size], np.int64), p + "flat"),
+            "last": numpy_helper.from_array(np.array([-1], np.int64), p + "last"),
+            "start": numpy_helper.from_array(np.array([0], np.int64), p + "start"),
+            "end": numpy_helper.from_array(np.array([k], np.int64), p + "end"),
+        }
+        index = node.input[1]
+        steps = [helper.make_node("Gather", [packed, index], [p + "bytes"], axis=0),
+                 helper.make_node("Cast", [p + "bytes"], [p + "ints"], to=onnx.TensorProto.INT32)]
+        digits = [p + "ints"]
+        if bits < 8:  # unpack: value j of a byte is (byte // levels**j) % levels, lowest first
+            digits = []
+            current = p + "ints"
+            for j in range(8 // bits):
+                steps.append(helper.make_node("Mod", [current, c["levels"].name], [f"{p}d{j}"]))
+                steps.append(helper.make_node("Unsqueeze", [f"{p}d{j}", c["last"].name], [f"{p}u{j}"]))
+                digits.append(f"{p}u{j}")
+                if j + 1 < 8 // bits:
+                    steps.append(helper.make_node("Div", [current, c["levels"].name], [f"{p}r{j}"]))
+                    current = f"{p}r{j}"
+            steps.append(helper.make_node("Concat", digits, [p + "digits"], axis=-1))
+            digits = [p + "digits"]
+        steps += [
+            helper.make_node("Reshape", [digits[0], c["shape"].name], [p + "q"]),
+            helper.make_node("Sub", [p + "q", c["zero"].name], [p + "centred"]),
+            helper.make_node("Cast", [p + "centred"], [p + "values"], to=onnx.TensorProto.FLOAT),
+            helper.make_node("Gather", [scales, index], [p + "row_scales"], axis=0),
+            helper.make_node("Unsqueeze", [p + "row_scales", c["last"].name], [p + "scale"]),
+            helper.make_node("Mul", [p + "values", p + "scale"], [p + "scaled"]),
+            helper.make_node("Reshape", [p + "scaled", c["flat"].name], [p + "padded"]),
+            helper.make_node("Slice", [p + "padded", c["start"].name, c["end"].name, c["last"].name], list(node.output)),
+        ]
+        new_nodes += steps
+        used = {name for step in steps for name in step.input}
+        model.graph.initializer.extend(t for t in c.values() if t.name in used)
+        dropped.add(table)
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    kept = [i for i in model.graph.initializer if i.name not in dropped]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+
+
 def _tensor_bytes(init: Any) -> int:
     from onnx import helper
 
@@ -432,8 +507,7 @@ def export_web(model: Any, out: str | os.PathLike[str], *, quant: str = "q4", de
             elif quant in ("q4", "q8"):
                 proto = _quantize(proto, 4 if quant == "q4" else 8)
                 _load_raw(proto)
-                # the token table is read by a Gather, which the quantizer leaves alone: store it in half
-                _to_fp16_storage(onnx, proto, prefix="embedding.")
+                _embed_from_quantized_head(onnx, proto)
             report(f"quantized {spec.file} ({quant})")
             for old in out.glob(f"{stem}.weights.*"):  # a previous export's shards would be served stale
                 old.unlink()
@@ -505,6 +579,60 @@ def _graph_entry(graph: tuple[GraphSpec, list[str]]) -> dict:
     spec, shards = graph
     return {"file": spec.file, "weights": shards, "inputs": spec.inputs, "outputs": spec.outputs,
             "state": spec.state}
+
+
+# -- size arithmetic ---------------------------------------------------------------------------------------------
+
+
+def estimate_export_bytes(config: Any, quant: str, *, decoder_context: int | None = None) -> dict[str, int]:
+    """What :func:`export_web` writes for ``config`` (bytes of graphs + weights, without the tokenizer files) and
+    the page's state buffers, computed from the shapes alone: for checkpoints too large to export on this machine.
+
+    Rules, as the exporter applies them: every linear is a MatMul, stored as float32, float16, or MatMulNBits
+    (per block of 32 values: 32 * bits / 8 bytes + one float32 scale, symmetric so no zero points); other
+    weights (norms, biases, convolutions) stay float32 (float16 in an fp16 export when at least 4 KB); the token
+    lookup reads the LM head's weight (tied), so the table is stored once; the front end's DFT and mel matrices
+    are constants of the audio graph.
+    """
+    if quant not in QUANTS:
+        raise VoxtralError(f"unknown quantization {quant!r}; use one of {', '.join(QUANTS)}")
+    from .model import VoxtralRealtime
+
+    with torch.device("meta"):
+        network = VoxtralRealtime(config)
+    bits = {"q4": 4, "q8": 8}.get(quant)
+
+    def matmul(k: int, n: int) -> int:
+        if bits:
+            return n * -(-k // QUANT_BLOCK) * (QUANT_BLOCK * bits // 8 + 4)
+        return k * n * (2 if quant == "fp16" else 4)
+
+    def other(count: int) -> int:
+        return 2 * count if quant == "fp16" and 4 * count >= INLINE_BYTES else 4 * count
+
+    def stack(modules: list[nn.Module]) -> int:
+        total = 0
+        for module in modules:
+            for sub in module.modules():
+                for name, param in sub.named_parameters(recurse=False):
+                    if isinstance(sub, nn.Linear) and name == "weight":
+                        total += matmul(sub.in_features, sub.out_features)
+                    elif not isinstance(sub, nn.Embedding):
+                        total += other(param.numel())
+        return total
+
+    audio, dec = config.audio, config.decoder
+    n_freq = 1 + audio.window_size // 2
+    constants = 4 * (audio.window_size * 2 * n_freq + n_freq * audio.num_mel_bins) + 8 * (
+        audio.mel_frames_per_token * audio.window_size)
+    audio_bytes = stack([network.encoder, network.adapter]) + constants
+    decoder_bytes = stack([network.decoder]) + matmul(dec.dim, dec.vocab_size)
+    enc = config.encoder
+    window = min(dec.sliding_window, decoder_context or dec.sliding_window)
+    state = 4 * (2 * enc.n_layers * enc.n_heads * (enc.sliding_window + audio.downsample_factor - 1) * enc.head_dim
+                 + 2 * dec.n_layers * dec.n_kv_heads * window * dec.head_dim)
+    return {"audio_graph": audio_bytes, "decoder_graph": decoder_bytes, "download": audio_bytes + decoder_bytes,
+            "state": state}
 
 
 # -- running an export (the parity check; the page does the same in JavaScript) -------------------------------
