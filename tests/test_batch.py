@@ -98,6 +98,18 @@ def test_inputs_from_folder_glob_and_manifests(tmp_path: Path) -> None:
         list_inputs(tmp_path / "missing")
 
 
+
+def test_work_is_ordered_missing_then_longest_first_then_urls(tmp_path: Path) -> None:
+    from voxtral_realtime.batch import longest_first
+
+    for name, size in (("short.wav", 10), ("long.wav", 1000), ("mid.wav", 100)):
+        (tmp_path / name).write_bytes(b"x" * size)
+    named = {n: str(tmp_path / n) for n in ("short.wav", "long.wav", "mid.wav", "gone.wav")}
+    paths = ["s3://b/1.wav", named["short.wav"], named["long.wav"], "https://h/2.wav", named["gone.wav"],
+             named["mid.wav"]]
+    assert longest_first(paths) == [named["gone.wav"], named["long.wav"], named["mid.wav"], named["short.wav"],
+                                    "s3://b/1.wav", "https://h/2.wav"]
+
 # -- in-process ---------------------------------------------------------------------------------------------------
 
 

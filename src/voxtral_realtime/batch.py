@@ -200,6 +200,24 @@ def decode(path: str) -> np.ndarray:
     return load_audio(data)
 
 
+
+def longest_first(paths: list[str]) -> list[str]:
+    """Missing local files first (their error lines come at once), then local files by size, largest first, then
+    URLs (sizes unknown) in their order.
+
+    A group of files runs until its longest file is done, so files of similar length belong together; and with
+    several workers, handing out the long files first keeps one long file from running alone at the end."""
+    def key(path: str) -> tuple[int, int]:
+        if _is_url(path):
+            return (2, 0)
+        try:
+            return (1, -os.path.getsize(path.removeprefix("file://")))
+        except OSError:
+            return (0, 0)
+
+    return sorted(paths, key=key)
+
+
 # -- output -------------------------------------------------------------------------------------------------------
 
 
@@ -445,7 +463,7 @@ def run_batch(inputs: str | os.PathLike[str] | Iterable[str], output: str | os.P
     paths = list_inputs(inputs) if isinstance(inputs, (str, os.PathLike)) else list(dict.fromkeys(inputs))
     output = Path(output)
     done = read_done(output, retry_errors=options.retry_errors)
-    todo = [p for p in paths if p not in done]
+    todo = longest_first([p for p in paths if p not in done])
     stats = BatchStats(inputs=len(paths), skipped=len(paths) - len(todo))
     if progress:
         progress(stats)
