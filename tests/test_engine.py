@@ -81,3 +81,44 @@ def test_abandoned_session_frees_its_row(tiny_short):
     b.finish()
     assert b.transcription.tokens == tiny_short.transcribe(audio).tokens
     assert np.isfinite(engine.decoder_cache.keys[0].float()).all()
+
+
+
+def test_streams_ending_together_share_their_closing_runs(tiny_short):
+    """end_input() + engine.run() + complete(): the closing silence of several streams is computed in batches."""
+    plan = [(speechlike(1.5, seed=31), 480), (speechlike(2.2, seed=32), 240), (speechlike(0.9, seed=33), 960)]
+    engine = tiny_short.engine(3)
+    sessions = [tiny_short.stream(delay_ms=delay_ms, engine=engine) for _, delay_ms in plan]
+    for session, (audio, _) in zip(sessions, plan):
+        session.push(audio)
+    engine.run()
+    texts = [session.take_text() for session in sessions]
+    for session in sessions:
+        session.end_input()
+    calls, rows = engine.decode_calls, engine.decode_rows
+    pending = set(range(len(sessions)))
+    while pending:
+        engine.run()
+        for i in sorted(pending):
+            if sessions[i].complete():
+                pending.discard(i)
+            texts[i] += sessions[i].take_text()
+    assert engine.decode_rows - rows > engine.decode_calls - calls  # closing steps were batched
+    assert engine.free_slots == 3
+    for session, text, (audio, delay_ms) in zip(sessions, texts, plan):
+        solo = tiny_short.transcribe(audio, delay_ms=delay_ms)
+        assert session.transcription.tokens == solo.tokens
+        assert text == solo.text
+
+
+def test_complete_needs_end_input_and_the_run(tiny_short):
+    audio = speechlike(0.5, seed=34)
+    session = tiny_short.stream(engine=tiny_short.engine(1))
+    session.push(audio)
+    with pytest.raises(RuntimeError, match="before end_input"):
+        session.complete()
+    session.end_input()
+    assert not session.complete()  # the audio and its closing silence are not computed yet
+    session.engine.run()
+    assert session.complete()
+    assert session.transcription.tokens == tiny_short.transcribe(audio).tokens

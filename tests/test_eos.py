@@ -73,3 +73,22 @@ def test_always_on_stream_is_chunking_invariant(eos_prone_model):
     b, _ = _stream(eos_prone_model, AUDIO, 33_333, continue_after_eos=True)
     assert a.transcription.tokens == b.transcription.tokens
     assert np.isclose(a.duration, b.duration)
+
+
+def test_always_on_stream_on_a_shared_engine_resumes_at_its_next_push(eos_prone_model):
+    """With a shared engine (push + engine.run(), no feed()), the segment after an EOS starts at the next push
+    or at end_input(): same tokens as the stream fed on its own."""
+    engine = eos_prone_model.engine(2)
+    session = eos_prone_model.stream(engine=engine, continue_after_eos=True)
+    for i in range(0, len(AUDIO), 1280):
+        session.push(AUDIO[i:i + 1280])
+        engine.run()
+    live = session.transcription.tokens
+    assert live.count(2) >= 2 and len(live) > live.index(2) + 20  # it went on after its first EOS, live
+    session.end_input()
+    engine.run()
+    while not session.complete():
+        engine.run()
+    alone, _ = _stream(eos_prone_model, AUDIO, 1280, continue_after_eos=True)
+    assert session.transcription.tokens.count(2) >= 2
+    assert session.transcription.tokens == alone.transcription.tokens

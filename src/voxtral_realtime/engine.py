@@ -220,6 +220,10 @@ class Engine:
         slot.samples = np.concatenate([slot.samples, samples.astype(np.float32, copy=False)])
         slot.samples_pushed += len(samples)
 
+    def has_work(self, slot: Slot) -> bool:
+        """Whether :meth:`run` would still compute something for ``slot``."""
+        return self._ready_steps(slot) > 0 or slot.decodable() > 0
+
     def end(self, slot: Slot) -> None:
         """No more audio for ``slot`` (its pushes end on a step boundary): complete the last mel frames; like the
         reference, the final audio embedding is not consumed."""

@@ -103,11 +103,15 @@ class StreamingSession:
         return self.take_text()
 
     def push(self, pcm: np.ndarray | torch.Tensor) -> None:
-        """Add samples without running the network (an engine shared by many sessions runs them all at once)."""
+        """Add samples without running the network (an engine shared by many sessions runs them all at once).
+
+        An always-on stream whose model said EOS in the last run starts its next segment here (:meth:`feed`
+        does so right after the run)."""
         if self.finished:
             raise RuntimeError("feed() after finish(): start a new session with Model.stream()")
         samples = (pcm.detach().cpu().numpy() if torch.is_tensor(pcm) else np.asarray(pcm))
         samples = samples.reshape(-1).astype(np.float32, copy=False)
+        self._restart_if_needed()
         self.samples_fed += samples.shape[0]
         if self._track_latency:
             self._arrivals.append((self.samples_fed, time.perf_counter()))
@@ -130,23 +134,41 @@ class StreamingSession:
         if self.finished:
             return ""
         started = time.perf_counter()
-        self.finished = True
-        audio = self.model.config.audio
-        while not self._ended_by_eos:
-            self._restart_if_needed()
-            segment_samples = self.samples_fed - self._segment_start
-            right = (-segment_samples) % self._step + audio.n_right_pad_tokens(self.delay_tokens) * self._step
-            self.engine.push(self._live_slot, np.zeros(right, np.float32))
-            self.engine.end(self._live_slot)
+        self.end_input()
+        self.engine.run()
+        while not self.complete():
             self.engine.run()
-            if self._restart_at is None or self._restart_at >= self.samples_fed:
-                break  # no EOS, or an EOS in the closing silence: the audio is all transcribed
-        self._emit(self._text.flush())
-        self._words.finish(self.duration)
-        self.close()
         self.compute_seconds += time.perf_counter() - started
         return self.take_text()
 
+    def end_input(self) -> None:
+        """No more audio: queue the right padding that brings out the last words, without running the network.
+
+        With a shared engine, sessions ending together end their input, share the engine runs, and each calls
+        :meth:`complete` after every run until it returns True (:meth:`finish` does all of it for one session)."""
+        if self.finished:
+            return
+        self.finished = True
+        self._queue_closing()
+
+    def complete(self) -> bool:
+        """After :meth:`end_input` and an engine run: finish the transcription (the last text then waits in
+        :meth:`take_text`) and give the engine slot back, or return False if the stream needs another run (its
+        closing audio is not all computed yet, or an always-on stream said EOS before the end and goes on with a
+        new segment)."""
+        if self._slot is None:
+            return True
+        if not self.finished:
+            raise RuntimeError("complete() before end_input()")
+        if self.engine.has_work(self._slot):
+            return False
+        if self._restart_at is not None and self._restart_at < self.samples_fed:
+            self._queue_closing()  # an EOS before the end of the audio: the rest is transcribed as a new segment
+            return False
+        self._emit(self._text.flush())
+        self._words.finish(self.duration)
+        self.close()
+        return True
     def close(self) -> None:
         """Give the engine slot back (done by :meth:`finish`; call it to abandon a stream early)."""
         if self._slot is not None:
@@ -193,6 +215,17 @@ class StreamingSession:
         self._segment_start = first_sample
         self._segment_tokens = 0
         self._restart_at: int | None = None
+
+    def _queue_closing(self) -> None:
+        """Push the right padding of the current segment (a new one first if an EOS called for it)."""
+        if self._ended_by_eos:
+            return
+        self._restart_if_needed()
+        audio = self.model.config.audio
+        segment_samples = self.samples_fed - self._segment_start
+        right = (-segment_samples) % self._step + audio.n_right_pad_tokens(self.delay_tokens) * self._step
+        self.engine.push(self._live_slot, np.zeros(right, np.float32))
+        self.engine.end(self._live_slot)
 
     def _run(self) -> None:
         self.engine.run()
