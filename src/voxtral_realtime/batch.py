@@ -255,9 +255,21 @@ def _open_for_append(output: Path):
     output.parent.mkdir(parents=True, exist_ok=True)
     if output.exists() and output.stat().st_size:
         with open(output, "rb+") as f:
-            data = f.read()
-            if not data.endswith(b"\n"):
-                f.truncate(data.rfind(b"\n") + 1)
+            end = f.seek(0, os.SEEK_END)
+            f.seek(end - 1)
+            if f.read(1) != b"\n":
+                # read backwards, a block at a time: the output of a large corpus need not fit in memory
+                position = end
+                while position > 0:
+                    block = min(position, 1 << 16)
+                    position -= block
+                    f.seek(position)
+                    newline = f.read(block).rfind(b"\n")
+                    if newline >= 0:
+                        f.truncate(position + newline + 1)
+                        break
+                else:
+                    f.truncate(0)
     return open(output, "a", encoding="utf-8")
 
 
