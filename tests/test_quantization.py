@@ -210,6 +210,14 @@ def test_cpu_int4_kernel_equals_dequantize_then_matmul(name):
     assert torch.equal(cpu.dequantize(), weight)
 
 
+def test_cpu_packing_in_row_chunks_equals_packing_whole(monkeypatch):
+    """The loader packs big tables a few thousand rows at a time; torch's layout must not notice."""
+    monkeypatch.setattr(Q, "_PACK_ROWS", 128)
+    layer = Q.QuantizedLinear.from_float(weights(304, 96, seed=15), "q4_0")  # 2 chunks and a 48-row rest
+    whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(Q._unpack_qweight(layer.qweight).to(torch.int32), 1)
+    assert torch.equal(Q._pack_for_cpu(layer.qweight), whole)
+
+
 def test_quantized_embedding_rows_and_tied_head():
     table = weights(64, 96, seed=14)
     for name in ["q4_0", "q8_0"]:

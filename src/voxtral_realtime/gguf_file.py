@@ -149,7 +149,7 @@ def params_from_config(config: ModelConfig) -> dict[str, Any]:
     }
 
 
-def _plan(config: ModelConfig, source_layout: dict[str, list[Part]], files: TensorFiles, qtype: str,
+def _plan(config: ModelConfig, source_layout: dict[str, list[Part]], files: Any, qtype: str,
           embeddings: str, source_is_mistral: bool) -> list[_PlannedTensor]:
     target = mistral_layout(config, set())
     linear_weights = _linear_weight_names(config)
@@ -203,75 +203,135 @@ def _metadata_bytes(metadata: dict[str, str]) -> int:
     return sum(8 + len(k.encode()) + 4 + 8 + len(v.encode()) for k, v in metadata.items()) + 64  # + architecture
 
 
+def _checked_options(qtype: str, embeddings: str, out: str | os.PathLike[str]) -> tuple[str, Path]:
+    if qtype not in FORMATS:
+        raise ValueError(f"unknown quantization type {qtype!r}; use one of {', '.join(FORMATS)}")
+    if embeddings not in EMBEDDING_TYPES:
+        raise ValueError(f"unknown embeddings type {embeddings!r}; use one of {', '.join(EMBEDDING_TYPES)}")
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise ValueError(f"{out}: the output file name must end in .gguf")
+    if out.is_dir():
+        raise ValueError(f"{out}: is a folder; give the file to write")
+    return (qtype if embeddings == "same" else embeddings), out
+
+
 def write_gguf(source: str | os.PathLike[str], out: str | os.PathLike[str], *, qtype: str = "q4_0",
                embeddings: str = "same", split_size: int | None = None, embed_tokenizer: bool = True,
                cache_dir: str | None = None, progress: Progress | None = None) -> list[Path]:
     """Quantize a checkpoint (Mistral or transformers folder, or Hub id) into GGUF at ``out``; returns the files
     written (one, or the shards ``OUT-0000i-of-0000N.gguf`` when the data exceeds ``split_size`` bytes).
     ``progress(done, total)`` counts tensors."""
-    import gguf
-
-    if qtype not in FORMATS:
-        raise ValueError(f"unknown quantization type {qtype!r}; use one of {', '.join(FORMATS)}")
-    if embeddings not in EMBEDDING_TYPES:
-        raise ValueError(f"unknown embeddings type {embeddings!r}; use one of {', '.join(EMBEDDING_TYPES)}")
-    embeddings = qtype if embeddings == "same" else embeddings
-    out = Path(out)
-    if out.suffix != ".gguf":
-        raise ValueError(f"{out}: the output file name must end in .gguf")
-    if out.is_dir():
-        raise ValueError(f"{out}: is a folder; give the file to write")
+    embeddings, out = _checked_options(qtype, embeddings, out)
     folder = resolve_model_dir(source, cache_dir=cache_dir)
     checkpoint = inspect_checkpoint(folder)
     config = checkpoint.config
     files = TensorFiles(checkpoint.weight_files, torch.device("cpu"))
     try:
-        source_layout = checkpoint.layout(config, files.keys())
-        planned = _plan(config, source_layout, files, qtype, embeddings, checkpoint.format == "mistral")
         params = json.loads((folder / "params.json").read_text(encoding="utf-8")) \
             if checkpoint.format == "mistral" else params_from_config(config)
         tokenizer = {KEY_TOKENIZER: checkpoint.tokenizer_path.read_text("utf-8")} if embed_tokenizer else \
             {KEY_TOKENIZER_FILE: "tekken.json"}
         metadata = {KEY_PARAMS: json.dumps(params), **tokenizer, KEY_QUANTIZATION: qtype,
                     KEY_EMBEDDINGS: embeddings, "general.name": folder.name}
-        alignment = gguf.GGUF_DEFAULT_ALIGNMENT
-        shards = _split_plan(planned, split_size, _metadata_bytes(metadata), alignment) if split_size else [planned]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        writer = gguf.GGUFWriter(out, ARCHITECTURE)
-        for key, value in metadata.items():
-            writer.add_string(key, value)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        types = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-                 **{name: gguf.GGMLQuantizationType(fmt.ggml_type) for name, fmt in FORMATS.items()}}
-        for shard_no, shard in enumerate(shards):
-            if shard_no:
-                # The writer starts a new shard when its list of per-shard tensor tables grows; we decide the cuts
-                # ourselves (above) because its own rule counts tensor data only, not headers or padding.
-                writer.tensors.append({})
-            for t in shard:
-                byte_shape = (*t.shape[:-1], t.nbytes // max(1, int(np.prod(t.shape[:-1]))))
-                if t.ggml_type in FORMATS:
-                    writer.add_tensor_info(t.out_key, byte_shape, np.dtype(np.uint8), t.nbytes, types[t.ggml_type])
-                else:
-                    writer.add_tensor_info(t.out_key, t.shape, np.dtype(np.float16 if t.ggml_type == "f16"
-                                                                        else np.float32), t.nbytes)
-        written = writer.format_shard_names(out)
-        try:
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            for done, t in enumerate(planned):
-                writer.write_tensor_data(_tensor_bytes(files, t))
-                if progress:
-                    progress(done + 1, len(planned))
-        finally:
-            writer.close()
+        planned = _plan(config, checkpoint.layout(config, files.keys()), files, qtype, embeddings,
+                        checkpoint.format == "mistral")
+        return _write(files, planned, metadata, out, split_size, progress)
     finally:
         files.close()
+
+
+def write_random_gguf(config: ModelConfig, params: dict[str, Any], tekken_path: Path, out: str | os.PathLike[str],
+                      *, qtype: str = "q4_0", embeddings: str = "same", seed: int = 0,
+                      progress: Progress | None = None) -> list[Path]:
+    """A GGUF of ``config``'s shapes with random weights (as :func:`random_weights.random_network` draws them),
+    made one tensor at a time: a full-size quantized file for memory and speed measurements without the real
+    checkpoint and without ever holding the float model."""
+    embeddings, out = _checked_options(qtype, embeddings, out)
+    tensors = _RandomTensors(config, seed)
+    metadata = {KEY_PARAMS: json.dumps(params), KEY_TOKENIZER: tekken_path.read_text("utf-8"),
+                KEY_QUANTIZATION: qtype, KEY_EMBEDDINGS: embeddings, "general.name": "random weights"}
+    planned = _plan(config, mistral_layout(config, set()), tensors, qtype, embeddings, True)
+    return _write(tensors, planned, metadata, out, None, progress)
+
+
+class _RandomTensors:
+    """Random stand-ins for a Mistral checkpoint's tensors, by name (norm gains ~1, biases small, embeddings
+    N(0, 1), other weights N(0, 1/fan_in)); each tensor is drawn when asked for, from a seed of its own."""
+
+    def __init__(self, config: ModelConfig, seed: int) -> None:
+        with torch.device("meta"):
+            network = VoxtralRealtime(config)
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        params = {name: tuple(p.shape) for name, p in network.named_parameters()}
+        for name, parts in mistral_layout(config, set()).items():
+            for part in parts:
+                if part.key is not None:
+                    self._shapes[part.key] = (part.rows or params[name][0], *params[name][1:])
+        self._seed = seed
+
+    def keys(self) -> set[str]:
+        return set(self._shapes)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def get(self, key: str) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self._seed * 1_000_003 + sum(map(ord, key)) * 7919 + len(key))
+        shape = self._shapes[key]
+        if key.endswith("norm.weight"):
+            return torch.randn(shape, generator=generator).mul_(0.1).add_(1.0)
+        if key.endswith("bias"):
+            return torch.randn(shape, generator=generator).mul_(0.1)
+        if key.endswith("tok_embeddings.weight"):
+            return torch.randn(shape, generator=generator)
+        fan_in = int(np.prod(shape[1:]))
+        return torch.randn(shape, generator=generator).mul_(fan_in ** -0.5)
+
+    def close(self) -> None:
+        pass
+
+
+def _write(tensors: Any, planned: list[_PlannedTensor], metadata: dict[str, str], out: Path,
+           split_size: int | None, progress: Progress | None) -> list[Path]:
+    import gguf
+
+    alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+    shards = _split_plan(planned, split_size, _metadata_bytes(metadata), alignment) if split_size else [planned]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(out, ARCHITECTURE)
+    for key, value in metadata.items():
+        writer.add_string(key, value)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    types = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+             **{name: gguf.GGMLQuantizationType(fmt.ggml_type) for name, fmt in FORMATS.items()}}
+    for shard_no, shard in enumerate(shards):
+        if shard_no:
+            # The writer starts a new shard when its list of per-shard tensor tables grows; we decide the cuts
+            # ourselves (above) because its own rule counts tensor data only, not headers or padding.
+            writer.tensors.append({})
+        for t in shard:
+            byte_shape = (*t.shape[:-1], t.nbytes // max(1, int(np.prod(t.shape[:-1]))))
+            if t.ggml_type in FORMATS:
+                writer.add_tensor_info(t.out_key, byte_shape, np.dtype(np.uint8), t.nbytes, types[t.ggml_type])
+            else:
+                writer.add_tensor_info(t.out_key, t.shape, np.dtype(np.float16 if t.ggml_type == "f16"
+                                                                    else np.float32), t.nbytes)
+    written = writer.format_shard_names(out)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for done, t in enumerate(planned):
+            writer.write_tensor_data(_tensor_bytes(tensors, t))
+            if progress:
+                progress(done + 1, len(planned))
+    finally:
+        writer.close()
     return written
 
 
-def _tensor_bytes(files: TensorFiles, t: _PlannedTensor) -> np.ndarray:
+def _tensor_bytes(files: Any, t: _PlannedTensor) -> np.ndarray:
     tensor = files.get(t.source_key)
     if t.interleave_heads:
         tensor = half_split_to_interleaved(tensor, t.interleave_heads)
@@ -362,6 +422,7 @@ class GGUFTensors:
                 raise CheckpointError(f"{file}: not a readable GGUF file ({first_line(exc)}); it may be truncated"
                                       ) from None
         self.tensors = {t.name: t for reader in self.readers for t in reader.tensors}
+        self._file_of = {t.name: file for file, reader in zip(files, self.readers) for t in reader.tensors}
         expected = self.metadata("split.count")
         if expected is not None and int(expected) != len(files):
             raise CheckpointError(f"{files[0]}: says it is one of {expected} shards, but {len(files)} were found")
@@ -378,8 +439,17 @@ class GGUFTensors:
         return self.tensors[name].tensor_type.name.lower()
 
     def raw(self, name: str) -> torch.Tensor:
-        """The stored data as a torch tensor: float for F32/F16, uint8 block bytes [rows, row_bytes] otherwise."""
-        data = np.array(self.tensors[name].data, copy=True)  # a private copy of the memory-mapped bytes
+        """The stored data as a torch tensor: float for F32/F16, uint8 block bytes [rows, row_bytes] otherwise.
+
+        Read with plain file reads rather than through the reader's memory map: mapped pages that have been
+        touched count as this process's resident memory until the map goes, i.e. the whole file during a load.
+        """
+        info = self.tensors[name]
+        data = np.empty(info.data.shape, dtype=info.data.dtype)
+        with open(self._file_of[name], "rb") as f:
+            f.seek(info.data_offset)
+            if f.readinto(memoryview(data).cast("B")) != data.nbytes:
+                raise CheckpointError(f"{self._file_of[name]}: truncated inside tensor {name}")
         tensor = torch.from_numpy(data)
         if self.type_name(name) == "bf16":
             return tensor.view(torch.int16).view(torch.bfloat16).reshape(self.shape(name))
@@ -548,8 +618,24 @@ def load_gguf(files: list[Path], *, tokenizer: str | os.PathLike[str] | None = N
             progress(done, total)
     unexpected = network.load_state_dict(dense, strict=False, assign=True).unexpected_keys
     network.rebuild_buffers()
+    _return_freed_memory()
     left = [n for n, t in [*network.named_parameters(), *network.named_buffers()] if t.is_meta]
     if left or unexpected:  # a gap in the tables above, not a user error
         raise AssertionError(f"GGUF load left tensors unset: {left[:5]}, unused: {unexpected[:5]}")
     network.eval()
     return Model(network, tok, source=str(files[0]))
+
+
+def _return_freed_memory() -> None:
+    """Hand the load's freed temporaries back to the OS (glibc keeps freed heap pages mapped, so they would go
+    on counting as resident memory)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:  # not glibc: nothing to do
+        pass

@@ -469,9 +469,7 @@ class CpuInt4Linear(nn.Module):
 
     @classmethod
     def from_quantized(cls, module: QuantizedLinear) -> CpuInt4Linear:
-        q = _unpack_qweight(module.qweight.cpu()).to(torch.int32)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        del q
+        packed = _pack_for_cpu(module.qweight.cpu())
         scales = module.scales.cpu().float()
         # The kernel computes (q - 8) * scale + zero; ours is scales * q + offsets, so zero = offsets + 8 scales.
         zeros = module.offsets.cpu().float() + 8 * scales
@@ -507,6 +505,20 @@ class CpuInt4Linear(nn.Module):
         zeros = self.scales_and_zeros[..., 1].float().t()
         groups = q.reshape(n, k // GROUP, GROUP)
         return ((groups - 8) * scales[..., None] + zeros[..., None]).reshape(n, k)
+
+
+# Rows packed per call: the packer needs int32 levels (4 bytes per weight), so a whole token table at once would
+# take 1.6 GB.  Torch packs blocks of 64 (AVX-512), 32 (AVX2, scalar) or 16 rows independently, each block's
+# bytes contiguous in row order, so packing a multiple of 64 rows at a time gives the same bytes (tested).
+_PACK_ROWS: Final = 4096
+
+
+def _pack_for_cpu(qweight: torch.Tensor) -> torch.Tensor:
+    pieces = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+        _unpack_qweight(qweight[start:start + _PACK_ROWS]).to(torch.int32), 1)
+        for start in range(0, qweight.shape[0], _PACK_ROWS)]
+    return pieces[0] if len(pieces) == 1 else torch.cat([p.reshape(-1) for p in pieces]).reshape(
+        qweight.shape[0], -1)
 
 
 QuantizedWeightModule = QuantizedLinear | Q8Linear | CpuInt4Linear
