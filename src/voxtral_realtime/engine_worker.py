@@ -41,9 +41,6 @@ log = logging.getLogger(__name__)
 #: others do not share, which would only make the next round later for everyone.  With few streams (a lone
 #: upload) larger pieces save the per-round overhead; a round then still holds at most this many decoder steps.
 ROUND_STEP_BUDGET = 16
-#: Streams finished per round.  ``StreamingSession.finish()`` runs the closing silence (delay + 11 steps) of one
-#: stream by itself, so each finish holds up every live stream for that long: one per round.
-FINISHES_PER_ROUND = 1
 
 _NO_SAMPLES = np.zeros(0, np.float32)
 
@@ -149,6 +146,8 @@ class _Stream:
     pending: deque[np.ndarray] = field(default_factory=deque)
     pending_samples: int = 0
     final_requested: bool = False
+    #: its input has ended (``end_input()``): its closing silence is computed with the others' rounds
+    ending: bool = False
     tokens_seen: int = 0
     words_sent: int = 0
     # produced since the last publish
@@ -179,6 +178,7 @@ class EngineWorker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._outgoing: list[tuple[StreamListener, StreamUpdate]] = []
+        self._resumed = False  # a stream restarted after EOS last round: its replayed audio needs a run
         self._step_samples = model.config.audio.samples_per_token
         self._sample_rate = model.config.audio.sample_rate
 
@@ -256,7 +256,7 @@ class EngineWorker:
             self._streams.clear()
 
     def _has_work(self) -> bool:
-        return any(s.pending_samples or s.final_requested for s in self._streams.values())
+        return self._resumed or any(s.pending_samples or s.final_requested for s in self._streams.values())
 
     def _apply_commands(self, block: bool) -> bool:
         """Apply every queued command (waiting for one when there is nothing else to do); False on stop."""
@@ -298,10 +298,11 @@ class EngineWorker:
 
     def _round(self) -> None:
         pushed = self._push_audio()
-        if pushed:
+        ending = self._end_inputs()
+        if pushed or ending or self._resumed:
             self._run_engine(pushed)
-        self._restart_after_eos()
-        self._finish_ready()
+        self._resume_after_eos()
+        self._complete_ended()
         self._publish()
 
     def _push_audio(self) -> int:
@@ -347,41 +348,50 @@ class EngineWorker:
         if stats.on_run is not None:
             stats.on_run(seconds, steps, audio_seconds)
 
-    def _restart_after_eos(self) -> None:
-        """An always-on stream whose model said EOS starts its next segment now, not at finish().
+    def _end_inputs(self) -> bool:
+        """Streams whose final commit has arrived and whose audio is all in the engine end their input now;
+        their closing silence then runs in the same rounds as everybody's audio.  Returns whether any is ending."""
+        for stream_id, stream in list(self._streams.items()):
+            if stream.final_requested and not stream.pending_samples and not stream.ending:
+                try:
+                    stream.session.end_input()
+                except Exception as exc:  # noqa: BLE001
+                    self._drop(stream_id, error=f"processing failed: {exc}")
+                    continue
+                stream.ending = True
+        return any(s.ending for s in self._streams.values())
 
-        With a shared engine the session only restarts inside ``feed()``/``finish()``; ``feed()`` of no samples
-        does exactly the restart (and its replay of the audio held since the EOS), so we call it for the streams
-        that just produced an EOS.
-        """
+    def _resume_after_eos(self) -> None:
+        """An always-on stream whose model just said EOS starts its next segment now rather than at its next
+        append: ``push()`` of no samples does the restart and replays the audio held since the EOS, which the
+        next round computes."""
         eos = self.model.tokenizer.eos_id
+        self._resumed = False
         for stream_id, stream in list(self._streams.items()):
             tokens = stream.session.tokens
             new_eos = stream.options.continue_after_eos and eos in tokens[stream.tokens_seen:]
             stream.tokens_seen = len(tokens)
-            if not new_eos or stream.session.finished:
+            if not new_eos or stream.ending:  # an ending stream's complete() restarts it itself
                 continue
             try:
-                stream.text.append(stream.session.feed(_NO_SAMPLES))
+                stream.session.push(_NO_SAMPLES)
             except Exception as exc:  # noqa: BLE001
                 self._drop(stream_id, error=f"processing failed: {exc}")
                 continue
-            stream.tokens_seen = len(stream.session.tokens)
+            self._resumed = True
 
-    def _finish_ready(self) -> None:
-        ready = [i for i, s in self._streams.items() if s.final_requested and not s.pending_samples]
-        for stream_id in ready[:FINISHES_PER_ROUND]:
-            stream = self._streams.pop(stream_id)
-            session = stream.session
-            steps_before, started = self.engine.decode_calls if self.engine else 0, time.perf_counter()
-            try:
-                stream.text.append(session.finish())
-            except Exception as exc:  # noqa: BLE001
-                session.close()
-                self._post(stream.listener, StreamUpdate(error=f"processing failed: {exc}", released=True))
+    def _complete_ended(self) -> None:
+        for stream_id, stream in list(self._streams.items()):
+            if not stream.ending:
                 continue
-            if self.engine is not None:  # the closing silence is engine time too (no new audio)
-                self._account(time.perf_counter() - started, self.engine.decode_calls - steps_before, 0.0)
+            session = stream.session
+            try:
+                if not session.complete():
+                    continue
+            except Exception as exc:  # noqa: BLE001
+                self._drop(stream_id, error=f"processing failed: {exc}")
+                continue
+            del self._streams[stream_id]
             result = session.transcription
             update = self._collect(stream, words=result.words)
             update.result = result
