@@ -395,8 +395,12 @@ def _tensor_bytes(init: Any) -> int:
 
 
 def _quantize(model: Any, bits: int) -> Any:
+    import logging
+
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    # the quantizer logs every node at INFO level: a line per weight on the user's terminal
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=QUANT_BLOCK, is_symmetric=True,
                                      op_types_to_quantize=("MatMul",))
     quantizer.process()
@@ -648,7 +652,10 @@ def read_manifest(folder: str | os.PathLike[str], *, verify: bool = True) -> dic
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
         files = manifest["files"]
-        manifest["graphs"]["audio"]["file"], manifest["graphs"]["decoder"]["file"]
+        for key in ("audio", "decoder"):
+            graph = manifest["graphs"][key]
+            if not isinstance(graph["file"], str) or not isinstance(graph["state"], list):
+                raise TypeError(f"graphs.{key} lacks its file or state")
     except (ValueError, KeyError, TypeError) as exc:
         raise VoxtralError(f"{path}: not a valid manifest ({first_line(exc)})") from None
     for entry in files:
@@ -819,6 +826,10 @@ class OnnxEngine:
         slot.embedding_limit = slot.samples_pushed // self.step_samples - 1
         half = self.export.config.audio.window_size // 2
         slot.samples = np.concatenate([slot.samples, np.zeros(half, np.float32)])
+
+    def has_work(self, slot: _OnnxSlot) -> bool:
+        """Whether :meth:`run` would still compute something for ``slot``."""
+        return len(slot.samples) >= self.step_window or self._decodable(slot)
 
     def run(self) -> None:
         slot = self.slot
