@@ -114,7 +114,7 @@ def test_token_agreement_with_float32(source, audio, record_property):
 
     The tiny model is random and re-randomised so that every term matters: its top-2 logits are often within a
     few tenths, and even rounding its weights to bf16 (the real checkpoint's precision) changes the greedy
-    tokens after 23 of 110 steps.  So Q8_0 cannot give *identical* free-running tokens here; what is asserted is
+    tokens after 23 of these 60 steps.  So Q8_0 cannot give *identical* free-running tokens here; what is asserted is
     that it picks the float32 token at (nearly) every teacher-forced step and that its logits error is small,
     while the Q4 numbers are measured and reported (README), with only their ordering asserted.
     """
@@ -129,9 +129,16 @@ def test_token_agreement_with_float32(source, audio, record_property):
     prompt = [base.tokenizer.bos_id] + [base.tokenizer.streaming_pad_id] * (cfg.n_left_pad_tokens + delay)
     exact = teacher_forced_logits(base.network, mel, prompt, reference, delay)
     results = {}
-    for label, qtype, embeddings in [("q8_0", "q8_0", None), ("q4_0", "q4_0", None), ("q4_k", "q4_k", None),
+    for label, qtype, embeddings in [("bf16-rounded weights", None, None), ("q8_0", "q8_0", None),
+                                     ("q4_0", "q4_0", None), ("q4_k", "q4_k", None),
                                      ("q4_0+q8_0 table", "q4_0", "q8_0"), ("q4_0+f32 table", "q4_0", "keep")]:
-        network = quantize_network(copy.deepcopy(base.network), qtype, embeddings=embeddings)
+        network = copy.deepcopy(base.network)
+        if qtype is None:  # the scale of things: the real checkpoint's own precision, computed in float32
+            with torch.no_grad():
+                for p in network.parameters():
+                    p.copy_(p.bfloat16().float())
+        else:
+            quantize_network(network, qtype, embeddings=embeddings)
         tokens = Model(network, base.tokenizer, "quantized").transcribe(audio).tokens
         approx = teacher_forced_logits(network, mel, prompt, reference, delay)
         prefix = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b),
