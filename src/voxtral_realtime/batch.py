@@ -23,7 +23,6 @@ import glob
 import io
 import json
 import os
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,8 +37,6 @@ from .errors import AudioError, VoxtralError, first_line
 
 if TYPE_CHECKING:
     from .api import Model
-    from .engine import Engine
-    from .streaming import StreamingSession
     from .transcription import Transcription
 
 #: Suffixes taken from a folder (a manifest or a glob lists files explicitly and is not filtered).
@@ -276,81 +273,20 @@ def _open_for_append(output: Path):
 # -- transcription ------------------------------------------------------------------------------------------------
 
 
-class SharedRun:
-    """The engine as the sessions of one group see it, so that their ``finish()`` calls share engine runs.
-
-    ``StreamingSession.finish()`` queues the session's closing silence (the delay plus 11 steps) and runs the
-    engine at once; called one session after the other, those closing steps would run one stream at a time,
-    which for short files is most of the work.  So each session's ``finish()`` runs on its own thread with this
-    proxy as its engine: everything is forwarded to the real engine except ``run()``, which only waits.  Once
-    every session still finishing is waiting, :meth:`finish_all` (on the calling thread, the only one that
-    computes) runs the real engine once for all of them and lets them go on.  While it runs, every other thread
-    of the group is blocked, so the engine and the sessions are never used by two threads at a time.
-    """
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self._changed = threading.Condition()
-        self._waiting = 0
-        self._round = 0
-        self._failure: BaseException | None = None
-
-    def __getattr__(self, name: str) -> Any:  # attach, reset, push, end, release: straight to the engine
-        return getattr(self.engine, name)
-
-    def run(self) -> None:
-        with self._changed:
-            self._waiting += 1
-            round_waited = self._round
-            self._changed.notify_all()
-            while self._round == round_waited:
-                self._changed.wait()
-            if self._failure is not None:
-                raise RuntimeError("the group's shared engine run failed") from self._failure
-
-    def finish_all(self, sessions: list[StreamingSession], pool: ThreadPoolExecutor) -> None:
-        """``finish()`` every session, their engine runs shared; re-raises the first error of any of them."""
-        finished = 0
-
-        def finish(session: StreamingSession) -> None:
-            nonlocal finished
-            try:
-                session.finish()
-            finally:
-                with self._changed:
-                    finished += 1
-                    self._changed.notify_all()
-
-        self._failure = None
-        futures = [pool.submit(finish, session) for session in sessions]
-        with self._changed:
-            while finished < len(sessions):
-                self._changed.wait_for(lambda: finished + self._waiting == len(sessions))
-                if self._waiting:
-                    try:
-                        if self._failure is None:
-                            self.engine.run()
-                    except BaseException as exc:  # noqa: BLE001 - re-raised below, once no thread waits
-                        self._failure = exc
-                    self._waiting = 0
-                    self._round += 1
-                    self._changed.notify_all()
-        for future in futures:
-            if self._failure is None:
-                future.result()
-        if self._failure is not None:
-            raise self._failure
-
-
 class GroupTranscriber:
-    """Transcribes groups of decoded files through one batched engine kept for the model's lifetime."""
+    """Transcribes groups of decoded files through one batched engine kept for the model's lifetime.
+
+    A group is one session per file on the shared engine: every file's audio is pushed and its input ended
+    (``end_input()`` queues the closing silence, the delay plus 11 steps), then each ``engine.run()`` computes all
+    of them together, the closing steps included, until every session's ``complete()`` says it is done.  Calling
+    ``finish()`` one session after the other would run those closing steps one stream at a time instead, which
+    for short files is most of the work.
+    """
 
     def __init__(self, model: Model, *, streams: int, delay_ms: int | None = None) -> None:
         self.model = model
         self.delay_ms = delay_ms
         self.engine = model.engine(max_streams=streams)
-        self._shared_run = SharedRun(self.engine)
-        self._finishers = ThreadPoolExecutor(max_workers=streams, thread_name_prefix="voxtral-finish")
 
     def transcribe(self, items: list[tuple[str, np.ndarray]]) -> list[dict[str, Any]]:
         records = []
@@ -362,11 +298,14 @@ class GroupTranscriber:
         sessions = []
         try:
             for _, samples in items:
-                session = self.model.stream(delay_ms=self.delay_ms, engine=self._shared_run)
+                session = self.model.stream(delay_ms=self.delay_ms, engine=self.engine)
                 sessions.append(session)
                 session.push(samples)
-            self.engine.run()  # every file's audio in batched encoder calls and decoder steps
-            self._shared_run.finish_all(sessions, self._finishers)  # and every file's closing steps
+                session.end_input()
+            running = sessions
+            while running:
+                self.engine.run()
+                running = [s for s in running if not s.complete()]
             return [result_record(path, s.transcription) for (path, _), s in zip(items, sessions)]
         except Exception as exc:  # noqa: BLE001 - one bad file must not fail the others: find it alone
             for session in sessions:
