@@ -162,7 +162,7 @@ def bench_step(model: Model, batch: int, context: int, *, steps: int = 50) -> di
     out: dict[str, Any] = {"batch": batch, "context": context, "ms_per_step": wall_ms}
     graphs = engine._graphs
     if graphs is not None:
-        graph = graphs.graph(("decode", engine._rows(slots)))
+        graph = graphs.graph(("decode", engine._rows(slots), 1))
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(steps):

@@ -3,9 +3,11 @@
 Streams join (:meth:`Engine.attach`) and leave (:meth:`Engine.release`) at any time; a stream only pushes audio
 and receives tokens.  Each :meth:`Engine.run` does all the work the pushed audio allows, for every stream:
 
-* audio -> log-mel -> encoder -> adapter, always in whole 80 ms steps.  A stream with many steps waiting (a file,
-  the silence that opens every stream) is encoded by itself in large chunks, which is compute-bound and fast;
-  the streams with exactly one step waiting (live audio) are encoded together in one batched call.
+* audio -> log-mel -> encoder -> adapter, always in whole 80 ms steps.  In an engine for one stream, a stream
+  with many steps waiting (a file, the silence that opens every stream) is encoded by itself in large chunks,
+  which is compute-bound and fast.  In an engine for many streams (whose encoder rings only hold a few steps
+  beyond the window) the streams with audio waiting are encoded together, one batched call of 1, 2 or 4 steps
+  per stream at a time (live audio: one step; a stream catching up or closing: several).
 * decoder: a stream with a run of prompt tokens ready prefills them in one call; every other stream with an
   audio embedding waiting takes part in one batched step, one token each, at its own position.
 
@@ -108,8 +110,12 @@ class Engine:
         self._step_samples = self.audio.samples_per_token
         # samples one step's mel frames read: the last frame's window reaches past the step's end
         self._step_window = (self._frames_per_step - 1) * self.audio.hop_length + self.audio.window_size
+        self.shared = shared
         # inputs of the two batched calls, in fixed buffers so that captured graphs can read them
-        self._tick_samples = torch.zeros(max_streams, self._step_window, device=device)
+        # steps per stream of one batched encoder call: 1, 2, 4... up to what the encoder ring takes at once
+        max_steps = max(1, self.encoder_state.cache.max_chunk // self.audio.downsample_factor)
+        self._tick_steps = [2 ** i for i in range(max_steps.bit_length() - 1, -1, -1)] if shared else [1]
+        self._tick_samples = torch.zeros(max_streams, self._window(self._tick_steps[0]), device=device)
         self._tick_positions = torch.zeros(max_streams, dtype=torch.long, device=device)
         self._tick_enabled = torch.zeros(max_streams, dtype=torch.bool, device=device)
         # a step's per-row inputs go to the device in one copy, from (on CUDA) page-locked host memory: rows
@@ -241,8 +247,9 @@ class Engine:
         with torch.no_grad():
             for rows in self._buckets:
                 for _ in range(3):  # eager warm-up calls, then the capture
-                    self._call(("encode", rows), lambda rows=rows: self._encode_fn(rows))
-                    self._call(("decode", rows), lambda rows=rows: self._decode_fn(rows))
+                    for steps in self._tick_steps:
+                        self._call(("encode", rows, steps), lambda rows=rows, n=steps: self._encode_fn(rows, n))
+                    self._call(("decode", rows, 1), lambda rows=rows: self._decode_fn(rows))
 
     def _ffn_rows(self, delay_tokens: int) -> torch.Tensor:
         if delay_tokens not in self._ffn_cache:
@@ -274,26 +281,32 @@ class Engine:
         return 1 + (n - self._step_window) // self._step_samples
 
     def _take_samples(self, slot: Slot, steps: int) -> np.ndarray:
-        need = (steps - 1) * self._step_samples + self._step_window
+        need = self._window(steps)
         window = slot.samples[:need]
         slot.samples = slot.samples[steps * self._step_samples:]
         return window
 
+    def _window(self, steps: int) -> int:
+        """Samples the mel frames of ``steps`` steps read (the last frame's window reaches past the last step)."""
+        return (steps - 1) * self._step_samples + self._step_window
+
     def _encode(self) -> bool:
-        tick: list[Slot] = []
         progressed = False
-        for slot in self.slots:
-            if slot is None:
+        while True:
+            ready = [(slot, steps) for slot in self.slots if slot is not None and (steps := self._ready_steps(slot))]
+            if not ready:
+                return progressed
+            progressed = True
+            if not self.shared:
+                slot, steps = ready[0]
+                if steps >= 2:
+                    self._encode_alone(slot, steps)
+                else:
+                    self._encode_tick([slot], 1)
                 continue
-            steps = self._ready_steps(slot)
-            if steps >= 2:
-                self._encode_alone(slot, steps)
-                progressed = True
-            elif steps == 1:
-                tick.append(slot)
-        if tick:
-            self._encode_tick(tick)
-        return progressed or bool(tick)
+            most = max(steps for _, steps in ready)
+            steps = next(n for n in self._tick_steps if n <= most)
+            self._encode_tick([slot for slot, ready_steps in ready if ready_steps >= steps], steps)
 
     def _encode_alone(self, slot: Slot, steps: int) -> None:
         network, cache = self.network, self.encoder_state.cache
@@ -312,30 +325,31 @@ class Engine:
             steps -= chunk
 
     @torch.no_grad()
-    def _encode_tick(self, slots: list[Slot]) -> None:
-        factor = self.audio.downsample_factor
+    def _encode_tick(self, slots: list[Slot], steps: int) -> None:
+        """``steps`` steps of each of ``slots`` in one batched call."""
+        frames = steps * self.audio.downsample_factor
         rows = self._rows(slots)
-        self.encoder_state.cache.reserve(max(s.encoder_position for s in slots) + factor)
-        windows = np.stack([self._take_samples(s, 1) for s in slots])
+        self.encoder_state.cache.reserve(max(s.encoder_position for s in slots) + frames)
+        windows = np.stack([self._take_samples(s, steps) for s in slots])
         index = torch.tensor([s.index for s in slots], device=self._tick_samples.device)
         self._tick_enabled.zero_()
         self._tick_enabled[index] = True
-        self._tick_samples.index_copy_(0, index, torch.from_numpy(windows).to(self._tick_samples.device))
+        self._tick_samples[:, :windows.shape[1]].index_copy_(
+            0, index, torch.from_numpy(windows).to(self._tick_samples.device))
         self._tick_positions.index_copy_(
             0, index, torch.tensor([s.encoder_position for s in slots], device=index.device))
-        out = self._call(("encode", rows), lambda: self._encode_fn(rows)).clone()
+        out = self._call(("encode", rows, steps), lambda: self._encode_fn(rows, steps)).clone()
         for slot in slots:
-            slot.encoder_position += factor
-            slot.embeddings.append(out[slot.index])
+            slot.encoder_position += frames
+            slot.embeddings.extend(out[slot.index])
 
-    def _encode_rows(self, rows: int) -> torch.Tensor:
+    def _encode_rows(self, rows: int, steps: int) -> torch.Tensor:
         network = self.network
-        mel = network.mel.frames(self._tick_samples[:rows])
-        frames = self.audio.downsample_factor
+        mel = network.mel.frames(self._tick_samples[:rows, :self._window(steps)])
+        frames = steps * self.audio.downsample_factor
         positions = self._tick_positions[:rows, None] + torch.arange(frames, device=mel.device)
-        embeddings = network.embed_audio(mel, self.encoder_state, positions, rows=slice(0, rows),
-                                         enabled=self._tick_enabled[:rows])
-        return embeddings[:, 0]
+        return network.embed_audio(mel, self.encoder_state, positions, rows=slice(0, rows),
+                                   enabled=self._tick_enabled[:rows])
 
     def _decode(self) -> bool:
         progressed = False
@@ -404,7 +418,7 @@ class Engine:
         self._step_inputs.copy_(host_tensor, non_blocking=True)
         self._step_audio.index_copy_(0, self._step_inputs[3, :len(slots)],
                                      torch.stack([s.embeddings.popleft() for s in slots]))
-        self._call(("decode", rows), lambda: self._decode_fn(rows))
+        self._call(("decode", rows, 1), lambda: self._decode_fn(rows))
         tokens = self._chosen_host[buffer]
         tokens[:rows].copy_(self._chosen[:rows], non_blocking=True)
         done = torch.cuda.Event() if self.network.device.type == "cuda" else None
@@ -445,7 +459,7 @@ class Engine:
             return highest
         return next(b for b in self._buckets if b >= highest)
 
-    def _call(self, key: tuple[str, int], fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def _call(self, key: CallKey, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         if self._graphs is None:
             return fn()
         versions = (self.encoder_state.cache.version, self.decoder_cache.version)
@@ -457,6 +471,10 @@ class _LaunchedStep:
     slots: list[Slot]  # the streams whose token this step decides (those past their prompt)
     tokens: torch.Tensor  # host buffer the step's chosen tokens are copied into, per engine row
     done: torch.cuda.Event | None  # recorded after that copy (CUDA)
+
+
+#: a batched call's kind ("encode" / "decode"), rows and steps per row: one CUDA graph each
+CallKey = tuple[str, int, int]
 
 
 def _buckets(max_streams: int) -> list[int]:
@@ -477,12 +495,12 @@ class _GraphedCalls:
 
     def __init__(self, eager_calls: int = 1) -> None:
         self._pool = torch.cuda.graph_pool_handle()
-        self._graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[CallKey, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._eager_calls = eager_calls
-        self._seen: dict[tuple[str, int], int] = {}
+        self._seen: dict[CallKey, int] = {}
         self._versions: tuple[int, int] | None = None
 
-    def __call__(self, key: tuple[str, int], versions: tuple[int, int],
+    def __call__(self, key: CallKey, versions: tuple[int, int],
                  fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         if versions != self._versions:
             # a memory pool dies with its last graph: the new graphs get a new one
@@ -504,5 +522,5 @@ class _GraphedCalls:
         graph.replay()
         return out
 
-    def graph(self, key: tuple[str, int]) -> torch.cuda.CUDAGraph:
+    def graph(self, key: CallKey) -> torch.cuda.CUDAGraph:
         return self._graphs[key][0]
