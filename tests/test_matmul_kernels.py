@@ -107,3 +107,18 @@ def test_leading_dimensions_and_bias():
     expected = x @ dequantize(q, scales, offsets).T + bias
     assert out.shape == (2, 3, 32)
     assert _relative_error(out, expected) <= (1e-2 if CUDA else 1e-5)
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_k"])
+def test_kernel_reads_what_the_quantizer_writes(qtype):
+    """A QuantizedLinear made by the GGUF quantizer, through the kernel: equals its own dequantized weight."""
+    from voxtral_realtime.quantization import QuantizedLinear
+
+    generator = torch.Generator(device=DEVICE).manual_seed(4)
+    weight = torch.randn(32, 256, device=DEVICE, generator=generator)
+    bias = torch.randn(32, device=DEVICE, generator=generator)
+    layer = QuantizedLinear.from_float(weight, qtype, bias)
+    x = torch.randn(3, 256, device=DEVICE, generator=generator)
+    out = kernels.quantized_matmul(x, layer.qweight, layer.scales, layer.offsets, layer.bias)
+    assert _relative_error(out, x @ layer.dequantize().T + bias) <= (1e-2 if CUDA else 1e-5)
+    assert _relative_error(out, x @ weight.T + bias) <= 0.2  # and it is the weight, to 4 bits
