@@ -70,6 +70,17 @@ def test_other_delays_and_teacher_forced_agreement_of_fp32(exports, audio, tiny_
     assert step_agreement(export, audio, expected.tokens, delay_ms=160) == 1.0
 
 
+def test_decoder_context_cap_equals_the_engines(tiny_long, audio, tmp_path):
+    # a capped decoder ring attends to the last N tokens exactly as an engine built with decoder_context=N
+    export_web(tiny_long, tmp_path, quant="fp32", decoder_context=10)
+    session = tiny_long.stream(engine=tiny_long.engine(1, decoder_context=10))
+    session.feed(audio)
+    session.finish()
+    expected = session.transcription.tokens
+    assert expected != tiny_long.transcribe(audio).tokens  # the cap matters on this audio
+    assert WebExport(tmp_path).transcribe(audio).tokens == expected
+
+
 def test_quantized_exports_are_smaller_and_their_agreement_is_reported(exports, audio, tiny_short, record_property):
     import onnx
 
