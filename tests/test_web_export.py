@@ -133,6 +133,17 @@ def test_weights_are_split_into_shards_of_at_most_the_limit(tmp_path, tiny_short
     assert WebExport(tmp_path).transcribe(audio).tokens == tiny_short.transcribe(audio).tokens
 
 
+def test_q4_head_and_lookup_split_in_blocks_equal_one_block(exports, tmp_path, tiny_short, audio):
+    # quantization blocks run along the input dimension, so cutting the head's rows into several MatMulNBits (and
+    # the lookup into several dequantizing gathers) must not change a single token
+    export_web(tiny_short, tmp_path, quant="q4", shard_bytes=256 * 1024)
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "decoder_step.onnx"), load_external_data=False).graph
+    assert len([i for i in graph.initializer if i.name.startswith("head.") and i.name.endswith("_Q4")]) >= 2
+    assert WebExport(tmp_path).transcribe(audio).tokens == WebExport(exports["short", "q4"]).transcribe(audio).tokens
+
+
 def test_manifest_describes_the_step_graphs(exports, tiny_short):
     manifest = read_manifest(exports["short", "fp32"])
     cfg, tok = tiny_short.config, tiny_short.tokenizer
