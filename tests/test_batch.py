@@ -258,8 +258,8 @@ def ray_cluster():
 
 def _ray_options(checkpoints, **overrides) -> BatchOptions:
     # two actors at half a CPU each leave one of the two CPUs to the decoding tasks
-    return _options(checkpoints, ray_address="auto", workers=2, cpus_per_worker=0.5, streams_per_worker=16,
-                    **overrides)
+    settings = {"ray_address": "auto", "workers": 2, "cpus_per_worker": 0.5, "streams_per_worker": 16}
+    return _options(checkpoints, **{**settings, **overrides})
 
 
 def test_ray_batch_of_200_files_equals_offline(ray_cluster, tmp_path, corpus, expected, broken,
@@ -312,3 +312,27 @@ def test_ray_worker_killed_mid_run_loses_no_file(ray_cluster, tmp_path, expected
     assert sorted(r["path"] for r in records) == inputs  # each file exactly once
     assert {r["path"]: r for r in records} == {p: expected[p] for p in inputs}
     assert stats.done == len(inputs) and stats.failed == 0
+
+
+
+def _make_always_dying_transcriber():
+    from voxtral_realtime.batch import RayTranscriber
+
+    class AlwaysDyingTranscriber(RayTranscriber):
+        """A file that kills the worker process every time (a crashing decoder library, say)."""
+
+        def __call__(self, batch):
+            os._exit(1)
+
+    return AlwaysDyingTranscriber
+
+
+def test_ray_run_that_keeps_killing_its_actor_stops_with_a_clear_error(ray_cluster, tmp_path, expected,
+                                                                      checkpoints, monkeypatch) -> None:
+    import voxtral_realtime.batch
+
+    monkeypatch.setattr(voxtral_realtime.batch, "ACTOR_TASK_RETRIES", 1)  # each retry restarts the actor: slow
+    output = tmp_path / "out.jsonl"
+    options = _ray_options(checkpoints, workers=1, ray_transcriber=_make_always_dying_transcriber())
+    with pytest.raises(VoxtralError, match="run the same command again to resume"):
+        run_batch(sorted(expected)[:2], output, options)

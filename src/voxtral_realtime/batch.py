@@ -47,6 +47,8 @@ MANIFEST_SUFFIXES = (".jsonl", ".csv")
 MANIFEST_KEYS = ("path", "url", "audio_filepath", "audio", "file", "filename")
 #: Files per engine group (streams computed together) when none is given: enough rows to fill a GPU step.
 DEFAULT_STREAMS_PER_WORKER = 32
+#: Times a group is retried on Ray after its actor died (not after an exception: those become error lines).
+ACTOR_TASK_RETRIES = 3
 
 
 @dataclass
@@ -394,9 +396,16 @@ def ray_results(paths: list[str], options: BatchOptions) -> Iterator[dict[str, A
         options.ray_transcriber or RayTranscriber, batch_size=size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=options.workers), num_gpus=gpus, num_cpus=options.cpus_per_worker,
         fn_constructor_kwargs={"model": os.fspath(options.model), "device": options.device, "dtype": options.dtype,
-                               "delay_ms": options.delay_ms, "streams": size})
-    for row in dataset.iter_rows():
-        yield json.loads(row["record"])
+                               "delay_ms": options.delay_ms, "streams": size},
+        # a dead actor is restarted and its group retried, but not forever: a file that kills the process each
+        # time would otherwise keep the run going round in circles
+        max_task_retries=ACTOR_TASK_RETRIES)
+    try:
+        for row in dataset.iter_rows():
+            yield json.loads(row["record"])
+    except Exception as exc:  # what was written stays; the message says how to go on
+        raise VoxtralError(f"the Ray pipeline stopped ({first_line(exc)}); the files done so far are in the "
+                           "output: run the same command again to resume") from exc
 
 
 # -- the run ------------------------------------------------------------------------------------------------------
