@@ -1,5 +1,5 @@
 """The in-browser page of ``voxtral export web`` in Debian's Chromium, driven by Playwright, on the WebAssembly
-backend: file upload gives the tokens of ``Model.transcribe``; the fake microphone (a WAV) is resampled to 16 kHz
+backend (and once on WebGPU, through Chromium's software Vulkan): file upload gives the tokens of ``Model.transcribe``; the fake microphone (a WAV) is resampled to 16 kHz
 in the page and captioned live with the tokens our streaming session gives for the same captured samples; shards
 are cached for the next visit; a missing or corrupted shard and a denied microphone give a clear message.
 
@@ -228,6 +228,32 @@ def test_a_bad_shard_is_reported_in_the_page(damage, site, browser, tmp_path):
         expected = "missing from the export (HTTP 404)" if damage == "missing" else "sha256 mismatch"
         assert message.startswith("decoder_step.weights.0: ") and expected in message, message
     finally:
+        server.close()
+
+
+def test_webgpu_backend_gives_the_models_tokens(site, playwright, tiny_short, tmp_path):
+    """WebGPU on SwiftShader (Chromium's software Vulkan): slow, but the same graphs through the WebGPU kernels,
+    with the state kept in GPU buffers between steps."""
+    import soundfile
+
+    wav = tmp_path / "short.wav"
+    soundfile.write(wav, speechlike(1.0, seed=22), 16000, subtype="PCM_16")
+    server = _Server(site)
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+        "--enable-unsafe-webgpu", "--use-webgpu-adapter=swiftshader", "--enable-features=Vulkan"])
+    try:
+        page = browser.new_page()
+        page.goto(server.url + "manifest.json")
+        if not page.evaluate("async () => !!(navigator.gpu && await navigator.gpu.requestAdapter())"):
+            pytest.skip("this Chromium has no WebGPU adapter (SwiftShader)")
+        page, errors = _open(browser, server.url)
+        assert page.text_content("#backend").endswith("on WebGPU")
+        page.set_input_files("#file", str(wav))
+        page.wait_for_function("['done', 'failed'].includes(voxtralPage.status)", timeout=LOAD_TIMEOUT_MS)
+        assert page.evaluate("voxtralPage.result.tokens") == tiny_short.transcribe(wav).tokens
+        assert not errors
+    finally:
+        browser.close()
         server.close()
 
 
