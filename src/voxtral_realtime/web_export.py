@@ -947,7 +947,7 @@ def npm_pack_onnxruntime_web(cache_dir: str | os.PathLike[str] | None = None) ->
     folder.mkdir(parents=True, exist_ok=True)
     try:
         subprocess.run(["npm", "pack", f"onnxruntime-web@{ONNXRUNTIME_WEB_VERSION}", "--pack-destination",
-                        str(folder)], check=True, capture_output=True, text=True, timeout=600)
+                        str(folder)], check=True, capture_output=True, text=True, timeout=180)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
         detail = getattr(exc, "stderr", "") or str(exc)
         raise VoxtralError(f"npm pack onnxruntime-web@{ONNXRUNTIME_WEB_VERSION} failed "
