@@ -271,3 +271,12 @@ def test_serve_mounts_the_page_at_local(exports, tmp_path):
     assert redirect.status_code in (302, 307) and redirect.headers["location"].endswith("/local/")
     server_page = client.get("/")
     assert server_page.status_code == 200 and "local.js" not in server_page.text
+
+
+def test_missing_onnx_is_one_line(monkeypatch, capsys, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnx", None)  # what an environment without the package looks like
+    assert main(["export", "web", "--model", str(tmp_path), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: exporting for the web needs onnx") and err.count("\n") == 1, err
