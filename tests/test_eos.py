@@ -92,3 +92,19 @@ def test_always_on_stream_on_a_shared_engine_resumes_at_its_next_push(eos_prone_
     alone, _ = _stream(eos_prone_model, AUDIO, 1280, continue_after_eos=True)
     assert session.transcription.tokens.count(2) >= 2
     assert session.transcription.tokens == alone.transcription.tokens
+
+
+def test_always_on_stream_replays_after_eos_even_when_the_engine_lags(eos_prone_model):
+    """Runs bounded to a few decoder calls leave the decoder far behind the pushes: an EOS found late must still
+    replay all the audio after it."""
+    engine = eos_prone_model.engine(1)
+    session = eos_prone_model.stream(engine=engine, continue_after_eos=True)
+    for i in range(0, len(AUDIO), 12_800):
+        session.push(AUDIO[i:i + 12_800])
+        engine.run(max_decoder_calls=3)
+    session.end_input()
+    engine.run()
+    while not session.complete():
+        engine.run()
+    alone, _ = _stream(eos_prone_model, AUDIO, 1280, continue_after_eos=True)
+    assert session.transcription.tokens == alone.transcription.tokens

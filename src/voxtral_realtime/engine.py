@@ -153,6 +153,7 @@ class Engine:
         #: decoder steps and batched rows so far (for statistics)
         self.decode_calls = 0
         self.decode_rows = 0
+        self._decoder_calls_left: int | None = None  # what run() still allows
 
     # -- slots ------------------------------------------------------------------------------------------------
 
@@ -226,8 +227,10 @@ class Engine:
         slot.samples = np.concatenate([slot.samples, samples.astype(np.float32, copy=False)])
         slot.samples_pushed += len(samples)
 
-    def has_work(self, slot: Slot) -> bool:
-        """Whether :meth:`run` would still compute something for ``slot``."""
+    def has_work(self, slot: Slot | None = None) -> bool:
+        """Whether :meth:`run` would still compute something for ``slot`` (default: for any stream)."""
+        if slot is None:
+            return any(s is not None and self.has_work(s) for s in self.slots)
         return self._ready_steps(slot) > 0 or slot.decodable() > 0
 
     def end(self, slot: Slot) -> None:
@@ -259,10 +262,14 @@ class Engine:
     # -- work -------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def run(self) -> None:
-        """Do everything the pushed audio allows for every stream (tokens go to the slots' clients)."""
+    def run(self, max_decoder_calls: int | None = None) -> None:
+        """Do everything the pushed audio allows for every stream (tokens go to the slots' clients), or stop after
+        ``max_decoder_calls`` decoder calls (steps and prefills): a server bounds its rounds so that the streams
+        closing with a burst of silence do not hold up the live ones; :meth:`has_work` says what is left."""
+        self._decoder_calls_left = max_decoder_calls
         while self._timed("encode", self._encode) | self._timed("decode", self._decode):
-            pass
+            if self._decoder_calls_left == 0:
+                break
 
     def _timed(self, stage: str, work: Callable[[], bool]) -> bool:
         if self.stage_seconds is None:
@@ -354,20 +361,26 @@ class Engine:
     def _decode(self) -> bool:
         progressed = False
         pending: _LaunchedStep | None = None
-        while True:
+        while self._decoder_calls_left != 0:
             batch: list[Slot] = []
             for slot in self.slots:
                 if slot is None or not (available := slot.decodable()):
                     continue
                 forced = len(slot.prompt) - slot.position
                 if forced >= 2 and available >= 2:
+                    if self._decoder_calls_left == 0:
+                        break
                     self._prefill(slot, min(forced, available))
+                    self._count_decoder_call()
                     progressed = True
                 else:
                     batch.append(slot)
             if not batch:
                 break
+            if self._decoder_calls_left == 0:
+                break
             launched = self._launch_step(batch)
+            self._count_decoder_call()
             if pending is not None:
                 self._complete_step(pending)
             pending = launched
@@ -375,6 +388,10 @@ class Engine:
         if pending is not None:
             self._complete_step(pending)
         return progressed
+
+    def _count_decoder_call(self) -> None:
+        if self._decoder_calls_left is not None:
+            self._decoder_calls_left -= 1
 
     @torch.no_grad()
     def _prefill(self, slot: Slot, length: int) -> None:

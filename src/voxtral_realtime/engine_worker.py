@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 #: others do not share, which would only make the next round later for everyone.  With few streams (a lone
 #: upload) larger pieces save the per-round overhead; a round then still holds at most this many decoder steps.
 ROUND_STEP_BUDGET = 16
+#: Decoder calls per round at most: streams that end push their closing silence (the delay + 11 steps) at once,
+#: and live streams must not wait for all of it; what is left is computed in the next rounds.
+ROUND_DECODER_CALLS = 8
 
 _NO_SAMPLES = np.zeros(0, np.float32)
 
@@ -256,7 +259,8 @@ class EngineWorker:
             self._streams.clear()
 
     def _has_work(self) -> bool:
-        return self._resumed or any(s.pending_samples or s.final_requested for s in self._streams.values())
+        return self._resumed or any(s.pending_samples or s.final_requested for s in self._streams.values()) or \
+            (self.engine is not None and self.engine.has_work())
 
     def _apply_commands(self, block: bool) -> bool:
         """Apply every queued command (waiting for one when there is nothing else to do); False on stop."""
@@ -299,7 +303,7 @@ class EngineWorker:
     def _round(self) -> None:
         pushed = self._push_audio()
         ending = self._end_inputs()
-        if pushed or ending or self._resumed:
+        if pushed or ending or self._resumed or (self.engine is not None and self.engine.has_work()):
             self._run_engine(pushed)
         self._resume_after_eos()
         self._complete_ended()
@@ -328,7 +332,7 @@ class EngineWorker:
         steps_before = self.engine.decode_calls
         started = time.perf_counter()
         try:
-            self.engine.run()
+            self.engine.run(max_decoder_calls=ROUND_DECODER_CALLS)
         except Exception as exc:
             log.exception("engine run failed")  # the batch is suspect: every stream in it is dropped
             for stream_id in list(self._streams):

@@ -116,10 +116,11 @@ class StreamingSession:
         if self._track_latency:
             self._arrivals.append((self.samples_fed, time.perf_counter()))
         if self.continue_after_eos:
-            keep = (self.delay_tokens + 2) * self._step + samples.shape[0]
-            if self._restart_at is not None:  # a restart is pending: everything from its start will be replayed
-                keep = max(keep, self.samples_fed - self._restart_at)
-            self._recent = np.concatenate([self._recent, samples])[-keep:]
+            # an EOS can only come at a step not decided yet, however far the engine lags behind the pushes: keep
+            # the audio from there on, to replay after it
+            undecided = self._segment_start + self._segment_tokens * self._step
+            joined = np.concatenate([self._recent, samples])
+            self._recent = joined[max(0, len(joined) - (self.samples_fed - undecided)):]
         if not self._ended_by_eos and self._restart_at is None:
             self.engine.push(self._live_slot, samples)
 
@@ -197,7 +198,7 @@ class StreamingSession:
                 self._ended_by_eos = True
         piece = None if tokenizer.is_special(token) else tokenizer.token_bytes(token)
         latency = self._latency(step)
-        self._words.push(step, token, piece, latency if piece else None)
+        self._words.push(step, token, piece, latency if piece else None, self.duration)
         self._emit(self._text.push(token))
         return keep_going
 

@@ -86,7 +86,8 @@ class WordBuilder:
     """Groups a stream of (step, token bytes or None for a special token) into timed words.
 
     A word starts at a text token whose text begins with whitespace, after ``[STREAMING_WORD]``, or at the first
-    text token; other text tokens continue the current word.
+    text token; other text tokens continue the current word.  Times never pass the audio's end: ``push`` is told
+    how much audio there is so far, so a word closed during the closing silence is final when it is closed.
     """
 
     def __init__(self, step_s: float, word_marker_id: int) -> None:
@@ -97,8 +98,12 @@ class WordBuilder:
         self._first = self._last = 0
         self._latency: float | None = None
         self._boundary = True
+        self._duration: float | None = None
 
-    def push(self, step: int, token_id: int, piece: bytes | None, latency: float | None) -> None:
+    def push(self, step: int, token_id: int, piece: bytes | None, latency: float | None,
+             duration: float | None = None) -> None:
+        """``duration``: seconds of audio received so far (the closing silence not counted)."""
+        self._duration = duration
         if piece is None:  # a special token
             if token_id == self.word_marker_id:
                 self._boundary = True
@@ -123,5 +128,8 @@ class WordBuilder:
         text = self._bytes.decode("utf-8", errors="replace").strip()
         end_step = self._last + 1 if next_start is None else min(self._last + 1, next_start)
         if text:
-            self.words.append(Word(text, self._first * self.step_s, end_step * self.step_s, self._latency))
+            start, end = self._first * self.step_s, end_step * self.step_s
+            if self._duration is not None:
+                start, end = min(start, self._duration), min(end, self._duration)
+            self.words.append(Word(text, start, end, self._latency))
         self._bytes = b""
