@@ -22,7 +22,7 @@ from voxtral_realtime.writers import to_srt, to_txt, to_vtt
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 NODE = shutil.which("node")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-WEB = Path(__file__).resolve().parent.parent / "src" / "voxtral_realtime" / "web"
+WEB = Path(__file__).resolve().parent.parent / "src" / "voxtral_realtime" / "server" / "web"
 SPEECH_SECONDS = 3.0
 
 

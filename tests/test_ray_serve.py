@@ -37,7 +37,7 @@ def entry_point(checkpoints):
     import ray
     from ray import serve
 
-    from voxtral_realtime.ray_serve import deployment
+    from voxtral_realtime.server.replicas import deployment
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = _free_port()

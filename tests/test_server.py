@@ -31,7 +31,7 @@ from test_eos import AUDIO as EOS_AUDIO
 from test_eos import eos_prone_model  # noqa: F401 - a fixture
 
 from voxtral_realtime.server import create_app
-from voxtral_realtime.serving import ServerLimits
+from voxtral_realtime.server.state import ServerLimits
 from voxtral_realtime.writers import to_srt, to_txt, to_vtt
 
 LOAD_LIVE_CLIENTS = 50
@@ -594,7 +594,7 @@ def test_a_dead_engine_is_reported_not_waited_for(tiny_short):
 def test_outbox_of_a_client_that_does_not_read_stays_small():
     """Text and words of many ticks merge into one event each; an error keeps its place; too many errors mark
     the client as not reading."""
-    from voxtral_realtime.serving import Outbox
+    from voxtral_realtime.server.state import Outbox
 
     outbox = Outbox(max_events=3)
     for tick in range(1000):

@@ -563,7 +563,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .server import create_app
-    from .serving import ServerLimits
+    from .server.state import ServerLimits
 
     reporter = Reporter(enabled=not args.no_progress)
     limits = ServerLimits(max_streams=args.max_streams, max_upload_bytes=int(args.max_upload_mb * 2**20),

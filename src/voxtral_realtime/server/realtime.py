@@ -29,8 +29,7 @@ from typing import Any
 import numpy as np
 from starlette.websockets import WebSocket, WebSocketState
 
-from .engine_worker import StreamOptions, StreamUpdate, word_dict
-from .serving import (
+from .state import (
     REALTIME_SUBPROTOCOL,
     EngineStream,
     Outbox,
@@ -38,6 +37,7 @@ from .serving import (
     api_key_accepted,
     presented_api_key,
 )
+from .worker import StreamOptions, StreamUpdate, word_dict
 
 log = logging.getLogger(__name__)
 

@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 if TYPE_CHECKING:
-    from .api import Model
-    from .engine import Engine
-    from .streaming import StreamingSession
-    from .transcription import Transcription, Word
+    from ..api import Model
+    from ..engine import Engine
+    from ..streaming import StreamingSession
+    from ..transcription import Transcription, Word
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ session counts as an ongoing request, which is also what autoscaling counts.
 
 From the command line (Ray's own)::
 
-    serve run voxtral_realtime.ray_serve:build model=./voxtral replicas=4 max_streams=128
-    serve run voxtral_realtime.ray_serve:build model=./voxtral min_replicas=1 max_replicas=8
+    serve run voxtral_realtime.server.replicas:build model=./voxtral replicas=4 max_streams=128
+    serve run voxtral_realtime.server.replicas:build model=./voxtral min_replicas=1 max_replicas=8
 
 Every response carries an ``x-voxtral-replica`` header naming the replica that served it (HTTP responses and
 the WebSocket handshake), so logs and clients can tell replicas apart.
@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .errors import VoxtralError
+from ..errors import VoxtralError
 
 REPLICA_HEADER = b"x-voxtral-replica"
 
@@ -98,8 +98,8 @@ class VoxtralReplica:
     def __serve_build_asgi_app__(self) -> Any:
         from ray import serve
 
-        from .api import load
-        from .server import create_app
+        from ..api import load
+        from .app import create_app
 
         s = self.settings
         app = create_app(lambda: load(s["model"], device=s["device"], dtype=s["dtype"]),
@@ -110,10 +110,10 @@ class VoxtralReplica:
 
 
 def build(args: dict[str, str]) -> Any:
-    """Application builder for ``serve run voxtral_realtime.ray_serve:build key=value ...``; keys: model,
+    """Application builder for ``serve run voxtral_realtime.server.replicas:build key=value ...``; keys: model,
     model_name, replicas, min_replicas, max_replicas, max_streams, decoder_context, api_key (default
     $VOXTRAL_API_KEY), device, dtype, gpus_per_replica, cpus_per_replica."""
-    from .loading import DEFAULT_MODEL
+    from ..loading import DEFAULT_MODEL
 
     known = {"model", "model_name", "replicas", "min_replicas", "max_replicas", "max_streams", "decoder_context", "api_key",
              "device", "dtype", "gpus_per_replica", "cpus_per_replica"}

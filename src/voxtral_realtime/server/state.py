@@ -1,8 +1,8 @@
 """The event-loop side of the server: limits, stream slots, outgoing event queues, metrics, and the handle through
-which a WebSocket session or an upload drives one stream of the :class:`~.engine_worker.EngineWorker`.
+which a WebSocket session or an upload drives one stream of the :class:`~.worker.EngineWorker`.
 
 Nothing here blocks the event loop and nothing here touches the engine: every computation happens on the
-worker's thread, and its results arrive as :class:`~.engine_worker.StreamUpdate` callbacks on the loop.
+worker's thread, and its results arrive as :class:`~.worker.StreamUpdate` callbacks on the loop.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
-from .engine_worker import EngineWorker, StreamOptions, StreamUpdate
+from .worker import EngineWorker, StreamOptions, StreamUpdate
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from .api import Model
+    from ..api import Model
 
 SlotKind = Literal["live", "upload"]
 

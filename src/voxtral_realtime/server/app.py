@@ -4,14 +4,14 @@
     app = create_app(lambda: voxtral_realtime.load("mistralai/Voxtral-Mini-4B-Realtime-2602"))
     # uvicorn.run(app) -- or: voxtral serve
 
-Endpoints: ``/v1/realtime`` (WebSocket, vLLM's realtime protocol: :mod:`.realtime_ws`),
+Endpoints: ``/v1/realtime`` (WebSocket, vLLM's realtime protocol: :mod:`.realtime`),
 ``POST /v1/audio/transcriptions`` (OpenAI's multipart shape; json, text, srt, vtt, verbose_json; ``stream=true``
 for server-sent events in vLLM's chunk shape), ``GET /v1/models``, ``GET /health``, ``GET /metrics``
 (Prometheus), and the browser page at ``/``.
 
 Importing this module does no work; :func:`create_app` only builds routes.  The model is loaded once, in the
 lifespan hook, and every stream (live or upload) runs on one batched engine owned by one worker thread
-(:mod:`.engine_worker`).
+(:mod:`.worker`).
 """
 
 from __future__ import annotations
@@ -35,15 +35,15 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .engine_worker import EngineWorker, StreamOptions, StreamUpdate, word_dict
-from .errors import AudioError, VoxtralError
-from .realtime_ws import serve_realtime
-from .serving import Busy, EngineStream, ServerLimits, ServerState, api_key_accepted, presented_api_key
-from .writers import to_srt, to_txt, to_vtt
+from ..errors import AudioError, VoxtralError
+from ..writers import to_srt, to_txt, to_vtt
+from .realtime import serve_realtime
+from .state import Busy, EngineStream, ServerLimits, ServerState, api_key_accepted, presented_api_key
+from .worker import EngineWorker, StreamOptions, StreamUpdate, word_dict
 
 if TYPE_CHECKING:
-    from .api import Model
-    from .transcription import Transcription
+    from ..api import Model
+    from ..transcription import Transcription
 
 WEB_DIR = Path(__file__).parent / "web"
 TRANSCRIPTIONS_PATH = "/v1/audio/transcriptions"
@@ -132,7 +132,7 @@ def _with_streams(limits: ServerLimits, max_streams: int) -> ServerLimits:
 
 
 def _resolve_model(model_or_loader: Model | Callable[[], Model]) -> Model:
-    from .api import Model
+    from ..api import Model
 
     return model_or_loader if isinstance(model_or_loader, Model) else model_or_loader()
 
@@ -327,7 +327,7 @@ def _form_delay(form: Any, state: ServerState) -> int | None:
 
 
 async def _decode_upload(upload: UploadFile, state: ServerState) -> np.ndarray:
-    from .audio import load_audio
+    from ..audio import load_audio
 
     data = await upload.read()
     if not data:
