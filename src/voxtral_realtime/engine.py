@@ -231,7 +231,16 @@ class Engine:
         """Whether :meth:`run` would still compute something for ``slot`` (default: for any stream)."""
         if slot is None:
             return any(s is not None and self.has_work(s) for s in self.slots)
-        return self._ready_steps(slot) > 0 or slot.decodable() > 0
+        return self._encodable(slot) > 0 or slot.decodable() > 0
+
+    def _encodable(self, slot: Slot) -> int:
+        """Steps of ``slot`` the encoder would compute now.  A shared engine encodes no further ahead of the decoder
+        than one call's worth (or the prompt's prefill): a bounded run (a server round) then also bounds the
+        encoder work of a burst of audio (a stream's closing silence)."""
+        steps = self._ready_steps(slot)
+        if not self.shared or len(slot.embeddings) < max(self._tick_steps[0], len(slot.prompt) - slot.position):
+            return steps
+        return 0
 
     def end(self, slot: Slot) -> None:
         """No more audio for ``slot`` (its pushes end on a step boundary): complete the last mel frames; like the
@@ -301,16 +310,20 @@ class Engine:
         progressed = False
         while True:
             ready = [(slot, steps) for slot in self.slots if slot is not None and (steps := self._ready_steps(slot))]
-            if not ready:
-                return progressed
-            progressed = True
             if not self.shared:
+                if not ready:
+                    return progressed
                 slot, steps = ready[0]
                 if steps >= 2:
                     self._encode_alone(slot, steps)
                 else:
                     self._encode_tick([slot], 1)
+                progressed = True
                 continue
+            ready = [(slot, steps) for slot, steps in ready if self._encodable(slot)]
+            if not ready:
+                return progressed
+            progressed = True
             most = max(steps for _, steps in ready)
             steps = next(n for n in self._tick_steps if n <= most)
             self._encode_tick([slot for slot, ready_steps in ready if ready_steps >= steps], steps)

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 ROUND_STEP_BUDGET = 16
 #: Decoder calls per round at most: streams that end push their closing silence (the delay + 11 steps) at once,
 #: and live streams must not wait for all of it; what is left is computed in the next rounds.
-ROUND_DECODER_CALLS = 8
+ROUND_DECODER_CALLS = 2
 
 _NO_SAMPLES = np.zeros(0, np.float32)
 
