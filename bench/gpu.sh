@@ -1,7 +1,8 @@
 #!/bin/bash
 # The speed measurements on the lent GPU machine (bench/results/), in the order of their value if time runs out:
 # GPU and kernel tests; the compiled single stream against transformers in the same run, with the quantized
-# rows; the skinny-matmul tuner (bf16 and 4-bit kernels against cuBLAS); the decoder-step sweep with 64 and 128
+# rows; the skinny-matmul tuner (bf16 and 4-bit kernels against cuBLAS); `voxtral batch` throughput over 256
+# files; the decoder-step sweep with 64 and 128
 # live streams (CUDA graphs of the eager calls); 256 live streams in a fresh process (a process that has run the
 # sweep first has less free memory).  Writes into $OUT (default bench/results), file names tagged with $TAG
 # (default: the GPU's model, e.g. h100 or h200).  Run from the repository root with the package importable.
@@ -20,6 +21,21 @@ bench 400 "bench_${TAG}_compiled" --compile --step-batches 1 --compare transform
     --quant q4_0,q4_k
 timeout 330 python3 bench/tune_gemv.py --budget-s 270 --json "$OUT/tune_gemv_$TAG.json" 2>&1 | grep -v Warn \
     | tee "$OUT/tune_gemv_$TAG.txt"
+# issue 7: corpus throughput of `voxtral batch` (one process, one GPU): 256 synthetic files of 30 s
+python3 - <<'PY'
+import pathlib, wave
+import numpy as np
+from voxtral_realtime.signals import speechlike
+folder = pathlib.Path("/tmp/batch_audio")
+folder.mkdir(exist_ok=True)
+for i in range(256):
+    pcm = (np.clip(speechlike(30.0, seed=i), -1, 1) * 32767).astype("<i2")
+    with wave.open(str(folder / f"{i:03d}.wav"), "wb") as out:
+        out.setnchannels(1), out.setsampwidth(2), out.setframerate(16000), out.writeframes(pcm.tobytes())
+PY
+rm -f /tmp/batch_out.jsonl
+timeout 400 python3 -m voxtral_realtime.cli batch /tmp/batch_audio --output /tmp/batch_out.jsonl --random-weights \
+    --streams-per-worker 128 --no-progress 2>&1 | grep -v Warn | tee "$OUT/batch_$TAG.txt"
 bench 150 "bench_${TAG}_streams" --audio-seconds 5 --step-batches 1,16,64,128,256 --streams 64,128 \
     --stream-seconds 20
 bench 120 "bench_${TAG}_256streams" --audio-seconds 2 --streams 256 --stream-seconds 20

@@ -242,6 +242,16 @@ def test_ray_address_without_ray_is_a_clear_error(tmp_path, corpus, checkpoints,
         run_batch(str(corpus), tmp_path / "out.jsonl", _options(checkpoints, ray_address="auto"))
 
 
+def test_random_weights_run_in_process_only(tmp_path, corpus, capsys) -> None:
+    from voxtral_realtime.cli import main
+
+    code = main(["batch", str(corpus), "--output", str(tmp_path / "out.jsonl"), "--random-weights",
+                 "--ray-address", "auto", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "--random-weights runs in this process" in err and "Traceback" not in err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 # -- Ray ----------------------------------------------------------------------------------------------------------
 
 

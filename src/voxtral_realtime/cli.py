@@ -11,7 +11,7 @@ import json
 import os
 import shlex
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -401,7 +401,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from . import benchmark
-    from .api import default_device, resolve_dtype
+    from .api import default_device
     from .audio import load_audio
     from .signals import speechlike
 
@@ -410,14 +410,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise VoxtralError(f"{args.audio}: no such file")
 
     def build_model() -> Any:
-        if args.random_weights:
-            from .random_weights import random_model
-
-            device = torch.device(args.device) if args.device else default_device()
-            reporter.info("building the full-size model with random weights")
-            built = random_model(device=device, dtype=resolve_dtype(args.dtype, device))
-        else:
-            built = _load_model(args, reporter)
+        built = _random_model_loader(args, reporter)() if args.random_weights else _load_model(args, reporter)
         built.compile = args.compile
         return built
 
@@ -619,6 +612,9 @@ def _add_batch_parser(sub: Any) -> None:
     bt.add_argument("--output", required=True, type=Path, metavar="OUT.jsonl",
                     help="results, one JSON line per file (appended to; created if missing)")
     _add_model_options(bt)
+    bt.add_argument("--random-weights", action="store_true",
+                    help="the real model's shapes with random values instead of --model, in this process (a "
+                         "throughput benchmark: the transcripts are noise)")
     bt.add_argument("--delay-ms", type=_delay_ms, help=DELAY_HELP)
     bt.add_argument("--streams-per-worker", type=_positive_int, default=DEFAULT_STREAMS_PER_WORKER, metavar="N",
                     help="files computed together in one engine (default: %(default)s)")
@@ -637,6 +633,22 @@ def _add_batch_parser(sub: Any) -> None:
     bt.set_defaults(func=cmd_batch)
 
 
+def _random_model_loader(args: argparse.Namespace, reporter: Reporter) -> Callable[[], Any]:
+    """Builds the full-size network with random weights on ``--device`` in ``--dtype`` (benchmarks)."""
+
+    def build() -> Any:
+        import torch
+
+        from .api import default_device, resolve_dtype
+        from .random_weights import random_model
+
+        device = torch.device(args.device) if args.device else default_device()
+        reporter.info("building the full-size model with random weights")
+        return random_model(device=device, dtype=resolve_dtype(args.dtype, device))
+
+    return build
+
+
 def cmd_batch(args: argparse.Namespace) -> int:
     from .batch import BatchOptions, BatchStats, run_batch
 
@@ -645,12 +657,17 @@ def cmd_batch(args: argparse.Namespace) -> int:
         raise VoxtralError("--gpus-per-worker must be 0 or more")
     if args.ray_address is None and (args.workers != 1 or args.gpus_per_worker is not None):
         reporter.info("note: --workers and --gpus-per-worker apply on Ray only (add --ray-address)")
+    load_model = None
+    if args.random_weights:
+        if args.ray_address is not None:
+            raise VoxtralError("--random-weights runs in this process: leave out --ray-address")
+        load_model = _random_model_loader(args, reporter)
     options = BatchOptions(model=args.model, device=args.device, dtype=args.dtype, delay_ms=args.delay_ms,
                            streams_per_worker=args.streams_per_worker, ray_address=args.ray_address,
                            workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                            cpus_per_worker=args.cpus_per_worker, retry_errors=args.retry_errors)
     with _batch_progress(reporter) as update:
-        stats: BatchStats = run_batch(args.input, args.output, options, progress=update)
+        stats: BatchStats = run_batch(args.input, args.output, options, progress=update, load_model=load_model)
     reporter.info(stats.summary())
     return 1 if stats.failed else 0
 
