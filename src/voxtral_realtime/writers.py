@@ -10,8 +10,14 @@ from .transcription import Transcription
 FORMATS = ("txt", "json", "srt", "vtt")
 
 
+def milliseconds(seconds: float) -> int:
+    """The whole millisecond every written time is rounded to (subtitles, and the server's word events, so that
+    subtitles built from those events equal ours)."""
+    return max(0, round(seconds * 1000))
+
+
 def timestamp(seconds: float, decimal_marker: str) -> str:
-    millis = max(0, round(seconds * 1000))
+    millis = milliseconds(seconds)
     hours, millis = divmod(millis, 3_600_000)
     minutes, millis = divmod(millis, 60_000)
     secs, millis = divmod(millis, 1000)

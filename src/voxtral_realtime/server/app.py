@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import AudioError, VoxtralError
-from ..writers import to_srt, to_txt, to_vtt
+from ..writers import milliseconds, to_srt, to_txt, to_vtt
 from .realtime import serve_realtime
 from .state import Busy, EngineStream, ServerLimits, ServerState, api_key_accepted, presented_api_key
 from .worker import EngineWorker, StreamOptions, StreamUpdate, word_dict
@@ -410,7 +410,7 @@ def _verbose_json(result: Transcription, params: TranscriptionRequest, usage: di
     body: dict[str, Any] = {"task": "transcribe", "duration": round(result.duration, 3), "text": result.text,
                             "delay_ms": result.delay_ms}
     if params.segment_timestamps:
-        body["segments"] = [{"id": i, "seek": 0, "start": round(s.start, 3), "end": round(s.end, 3),
+        body["segments"] = [{"id": i, "seek": 0, "start": milliseconds(s.start) / 1000, "end": milliseconds(s.end) / 1000,
                              "text": s.text, "temperature": 0.0} for i, s in enumerate(result.segments)]
     if params.word_timestamps:
         body["words"] = [{k: v for k, v in word_dict(w).items() if k != "latency"} for w in result.words]

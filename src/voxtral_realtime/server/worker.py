@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from ..writers import milliseconds
+
 if TYPE_CHECKING:
     from ..api import Model
     from ..engine import Engine
@@ -93,7 +95,10 @@ class StreamListener(Protocol):
 def word_dict(word: Word) -> dict[str, Any]:
     """A word as the server sends it (OpenAI's verbose_json word keys, plus our latency)."""
     latency = None if word.latency is None else round(word.latency, 4)
-    return {"word": word.text, "start": round(word.start, 3), "end": round(word.end, 3), "latency": latency}
+    # times in whole milliseconds rounded as our subtitle writers round them (round(x, 3) can differ by one
+    # on a half millisecond, e.g. an end clamped to 70744 samples = 4.4215 s)
+    return {"word": word.text, "start": milliseconds(word.start) / 1000, "end": milliseconds(word.end) / 1000,
+            "latency": latency}
 
 
 @dataclass
