@@ -309,21 +309,17 @@ class Engine:
     def _encode(self) -> bool:
         progressed = False
         while True:
-            ready = [(slot, steps) for slot in self.slots if slot is not None and (steps := self._ready_steps(slot))]
+            ready = [(slot, steps) for slot in self.slots if slot is not None and (steps := self._encodable(slot))]
+            if not ready:
+                return progressed
+            progressed = True
             if not self.shared:
-                if not ready:
-                    return progressed
                 slot, steps = ready[0]
                 if steps >= 2:
                     self._encode_alone(slot, steps)
                 else:
                     self._encode_tick([slot], 1)
-                progressed = True
                 continue
-            ready = [(slot, steps) for slot, steps in ready if self._encodable(slot)]
-            if not ready:
-                return progressed
-            progressed = True
             most = max(steps for _, steps in ready)
             steps = next(n for n in self._tick_steps if n <= most)
             self._encode_tick([slot for slot, ready_steps in ready if ready_steps >= steps], steps)
