@@ -1,11 +1,14 @@
 #!/bin/bash
-# The speed measurements on the lent GPU machine (bench/results/), in the order of their value if time runs out:
-# GPU and kernel tests; the compiled single stream against transformers in the same run, with the quantized
-# rows; the skinny-matmul tuner (bf16 and 4-bit kernels against cuBLAS); `voxtral batch` throughput over 256
-# files; the decoder-step sweep with 64 and 128
-# live streams (CUDA graphs of the eager calls); 256 live streams in a fresh process (a process that has run the
-# sweep first has less free memory).  Writes into $OUT (default bench/results), file names tagged with $TAG
-# (default: the GPU's model, e.g. h100 or h200).  Run from the repository root with the package importable.
+# The speed measurements on the lent GPU machine (bench/results/).  Parts, run in the order given (default: all,
+# in the order of their value if time runs out):
+#   tests    GPU and kernel tests (tiny model on CUDA, compiled engines, the matmul kernels on every model shape)
+#   tune     the skinny-matmul tuner: 4-bit kernel configs (M = 1, 16) and bf16 M = 1 against cuBLAS
+#   bench    the compiled single stream against transformers in the same run, bf16 vs f32, q4_0 and q4_k rows
+#   batch    `voxtral batch` throughput over 256 synthetic 30 s files (issue 7)
+#   streams  the decoder-step sweep and 64 / 128 live streams
+#   streams256  256 live streams in a fresh process (a process that has run the sweep has less free memory)
+# Writes into $OUT (default bench/results), file names tagged with $TAG (default: the GPU's model, e.g. h200).
+# Run from the repository root with the package importable:  bash bench/gpu.sh tests tune
 set -u
 OUT=${OUT:-bench/results}
 TAG=${TAG:-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE 'h100|h200|a100|l40s|b200' \
@@ -14,15 +17,21 @@ TAG=${TAG:-gpu}
 mkdir -p "$OUT"
 bench() { timeout "$1" python3 -m voxtral_realtime.cli bench --random-weights --no-progress "${@:3}" \
               --json "$OUT/$2.json" 2>&1 | grep -v Warn | tee "$OUT/$2.txt"; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu_$TAG.txt"
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_matmul_kernels.py \
-    tests/test_gpu.py 2>&1 | tail -3 | tee "$OUT/test_gpu_$TAG.txt"
-bench 400 "bench_${TAG}_compiled" --compile --step-batches 1 --compare transformers --check-precision \
-    --quant q4_0,q4_k
-timeout 330 python3 bench/tune_gemv.py --budget-s 270 --json "$OUT/tune_gemv_$TAG.json" 2>&1 | grep -v Warn \
-    | tee "$OUT/tune_gemv_$TAG.txt"
-# issue 7: corpus throughput of `voxtral batch` (one process, one GPU): 256 synthetic files of 30 s
-python3 - <<'PY'
+
+part_tests() {
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_matmul_kernels.py \
+        tests/test_gpu.py 2>&1 | tail -15 | tee "$OUT/test_gpu_$TAG.txt"
+}
+part_tune() {
+    timeout 330 python3 bench/tune_gemv.py --seconds-per-case "${TUNE_SECONDS:-12}" --json "$OUT/tune_gemv_$TAG.json" \
+        2>&1 | grep -v Warn | tee "$OUT/tune_gemv_$TAG.txt"
+}
+part_bench() {
+    bench 420 "bench_${TAG}_compiled" --compile --step-batches 1 --compare transformers --check-precision \
+        --quant "${QUANT:-q4_0,q4_k}"
+}
+part_batch() {
+    python3 - <<'PY'
 import pathlib, wave
 import numpy as np
 from voxtral_realtime.signals import speechlike
@@ -33,9 +42,19 @@ for i in range(256):
     with wave.open(str(folder / f"{i:03d}.wav"), "wb") as out:
         out.setnchannels(1), out.setsampwidth(2), out.setframerate(16000), out.writeframes(pcm.tobytes())
 PY
-rm -f /tmp/batch_out.jsonl
-timeout 400 python3 -m voxtral_realtime.cli batch /tmp/batch_audio --output /tmp/batch_out.jsonl --random-weights \
-    --streams-per-worker 128 --no-progress 2>&1 | grep -v Warn | tee "$OUT/batch_$TAG.txt"
-bench 150 "bench_${TAG}_streams" --audio-seconds 5 --step-batches 1,16,64,128,256 --streams 64,128 \
-    --stream-seconds 20
-bench 120 "bench_${TAG}_256streams" --audio-seconds 2 --streams 256 --stream-seconds 20
+    rm -f /tmp/batch_out.jsonl
+    timeout 300 python3 -m voxtral_realtime.cli batch /tmp/batch_audio --output /tmp/batch_out.jsonl \
+        --random-weights --streams-per-worker 128 --no-progress 2>&1 | grep -v Warn | tee "$OUT/batch_$TAG.txt"
+}
+part_streams() {
+    bench 150 "bench_${TAG}_streams" --audio-seconds 5 --step-batches 1,16,64,128,256 --streams 64,128 \
+        --stream-seconds 20
+}
+part_streams256() {
+    bench 120 "bench_${TAG}_256streams" --audio-seconds 2 --streams 256 --stream-seconds 20
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu_$TAG.txt"
+for part in "${@:-tests tune bench batch streams streams256}"; do
+    for p in $part; do echo "=== $p"; "part_$p"; done
+done

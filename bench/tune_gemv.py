@@ -4,7 +4,7 @@ Each timing replays a CUDA graph of 20 calls that rotate over enough weight copi
 served from L2, as in a real decoder step, where every weight is read once.  Prints, per shape and M, the best
 configurations and their GB/s; ``--json`` writes everything.
 
-    python3 bench/tune_gemv.py --json bench/results/tune_gemv_h100.json
+    python3 bench/tune_gemv.py --json bench/results/tune_gemv_h200.json --seconds-per-case 12
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import argparse
 import itertools
 import json
 import math
+import random
 import time
 
 import torch
@@ -92,71 +93,97 @@ def q4_configs(n: int, k: int, m: int):
                 yield MatmulConfig(bn, bk, split, True, warps, stages)
 
 
+def _sampled(configs, first: MatmulConfig | None, seed: int) -> list[MatmulConfig]:
+    """The kernel's current choice first, then the rest in a seeded random order, so that a time budget that
+    ends the search early has still sampled the whole space rather than one corner of it."""
+    rest = [c for c in configs if c != first]
+    random.Random(seed).shuffle(rest)
+    return ([first] if first is not None else []) + rest
+
+
+def _search(label: str, nbytes: int, configs: list[MatmulConfig], run, check, budget_s: float,
+            baseline: tuple[str, float] | None = None) -> list[tuple[str, float, float]]:
+    """Time ``configs`` (``run(cfg, i)`` one call on weight copy i, ``check(cfg)`` its error) for at most
+    ``budget_s`` seconds; print and return the ranking."""
+    began = time.perf_counter()
+    rows = [(baseline[0], baseline[1], 0.0)] if baseline else []
+    tried = 0
+    for cfg in configs:
+        if time.perf_counter() - began > budget_s:
+            break
+        tried += 1
+        try:
+            err = check(cfg)
+            t = timed(lambda i, cfg=cfg: run(cfg, i))
+        except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
+            print(f"  {cfg}: {type(exc).__name__} {str(exc)[:160]}")
+            continue
+        rows.append((str(cfg), t, err))
+    rows.sort(key=lambda r: r[1])
+    print(f"{label}: {tried}/{len(configs)} configs in {time.perf_counter() - began:.0f} s")
+    for name, t, err in rows[:4]:
+        print(f"   {t * 1e6:7.1f} us {nbytes / t / 1e9:6.0f} GB/s err {err:.2e} {name}")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json")
-    parser.add_argument("--rows", default="1,4")
-    parser.add_argument("--q4-rows", default="1,16,64")
-    parser.add_argument("--budget-s", type=float, default=420)
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="which of " + ", ".join(SHAPES))
+    parser.add_argument("--rows", default="1", help="bf16 rows (M) to tune; empty: none")
+    parser.add_argument("--q4-rows", default="1,16", help="4-bit rows (M) to tune; empty: none")
+    parser.add_argument("--seconds-per-case", type=float, default=12, help="search budget per shape and M")
     args = parser.parse_args()
-    began = time.perf_counter()
+    rows_of = lambda text: [int(m) for m in text.split(",") if m]
     results = {"device_name": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
-    for name, (n, k) in SHAPES.items():
+    for name in args.shapes.split(","):
+        n, k = SHAPES[name]
         nbytes = 2 * n * k
-        copies = max(2, math.ceil(400e6 / nbytes))
-        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
-        for m in map(int, args.rows.split(",")):
+        if rows_of(args.rows):
+            copies = max(2, math.ceil(400e6 / nbytes))
+            weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        for m in rows_of(args.rows):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            ref = (x.float() @ weights[0].float().T)
+            ref = x.float() @ weights[0].float().T
             base = timed(lambda i, x=x, w=weights: F.linear(x, w[i % len(w)]))
-            rows = [("cublas", base, 0.0)]
-            for cfg in skinny_configs(n, k, m):
-                if time.perf_counter() - began > args.budget_s:
-                    break
-                try:
-                    err = (kernels.skinny_matmul(x, weights[0], cfg).float() - ref).abs().max().item()
-                    t = timed(lambda i, cfg=cfg, x=x, w=weights: kernels.skinny_matmul(x, w[i % len(w)], cfg))
-                except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
-                    print(f"  {cfg}: {type(exc).__name__}")
-                    continue
-                rows.append((str(cfg), t, err))
-            rows.sort(key=lambda r: r[1])
-            print(f"bf16 {name} N={n} K={k} M={m}: cublas {base * 1e6:.1f} us ({nbytes / base / 1e9:.0f} GB/s)")
-            for label, t, err in rows[:4]:
-                print(f"   {t * 1e6:7.1f} us {nbytes / t / 1e9:6.0f} GB/s err {err:.2e} {label}")
+            ranked = _search(
+                f"bf16 {name} N={n} K={k} M={m} (cublas {base * 1e6:.1f} us, {nbytes / base / 1e9:.0f} GB/s)",
+                nbytes, _sampled(skinny_configs(n, k, m), None, n + m),
+                lambda cfg, i, x=x, w=weights: kernels.skinny_matmul(x, w[i % len(w)], cfg),
+                lambda cfg, x=x, ref=ref, w=weights[0]: (kernels.skinny_matmul(x, w, cfg).float() - ref).abs().max().item(),
+                args.seconds_per_case, baseline=("cublas", base))
             results["rows"].append({"kind": "bf16", "name": name, "n": n, "k": k, "m": m, "bytes": nbytes,
-                                    "cublas_s": base, "ranked": rows[:8]})
-        del weights
+                                    "cublas_s": base, "ranked": ranked[:8]})
+        if rows_of(args.rows):
+            del weights
         qbytes = n * k // 2 + 4 * n * k // 32
         copies = max(2, math.ceil(400e6 / qbytes))
         packed = random_q4(n, k, copies)
         w0 = dequantize_q4(*packed[0])
-        for m in map(int, args.q4_rows.split(",")):
+        for m in rows_of(args.q4_rows):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = x.float() @ w0.T
             scale = ref.abs().max().item()
-            rows = []
-            for cfg in q4_configs(n, k, m):
-                if time.perf_counter() - began > args.budget_s:
-                    break
-                try:
-                    err = (kernels.q4_matmul(x, *packed[0], cfg).float() - ref).abs().max().item() / scale
-                    t = timed(lambda i, cfg=cfg, x=x, p=packed: kernels.q4_matmul(x, *p[i % len(p)], cfg))
-                except Exception as exc:  # noqa: BLE001
-                    print(f"  {cfg}: {type(exc).__name__} {str(exc)[:200]}")
-                    continue
-                rows.append((str(cfg), t, err))
-            rows.sort(key=lambda r: r[1])
-            print(f"q4 {name} N={n} K={k} M={m}: {qbytes / 1e6:.0f} MB")
-            for label, t, err in rows[:4]:
-                print(f"   {t * 1e6:7.1f} us {qbytes / t / 1e9:6.0f} GB/s rel err {err:.2e} {label}")
+            block_m = 16 if m <= 16 else 64
+            ranked = _search(
+                f"q4 {name} N={n} K={k} M={m} ({qbytes / 1e6:.0f} MB)", qbytes,
+                _sampled(q4_configs(n, k, m), kernels.q4_config(m, n, k), n + m),
+                lambda cfg, i, x=x, p=packed, bm=block_m: kernels.q4_matmul(x, *p[i % len(p)], cfg, bm),
+                lambda cfg, x=x, ref=ref, bm=block_m, p=packed[0], s=scale: (
+                    kernels.q4_matmul(x, *p, cfg, bm).float() - ref).abs().max().item() / s,
+                args.seconds_per_case)
             results["rows"].append({"kind": "q4", "name": name, "n": n, "k": k, "m": m, "bytes": qbytes,
-                                    "ranked": rows[:8]})
+                                    "ranked": ranked[:8]})
         del packed, w0
         torch.cuda.empty_cache()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        if args.json:  # after every shape: a timeout keeps what was measured
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+    print("best per case:")
+    for r in results["rows"]:
+        if r["ranked"]:
+            name, t, _ = r["ranked"][0]
+            print(f"  {r['kind']} {r['name']} M={r['m']}: {t * 1e6:.1f} us {r['bytes'] / t / 1e9:.0f} GB/s {name}")
 
 
 if __name__ == "__main__":

@@ -58,3 +58,20 @@ def test_bench_runs_on_cuda(checkpoints, tmp_path):
     report = json.loads(out.read_text())
     assert report["steps"][0]["gpu_ms_per_step"] > 0
     assert report["precision"]["steps"] > 0
+
+
+def test_compiled_engine_and_compiled_q4_engine(checkpoints, tiny_short):
+    """torch.compile'd decode (the benchmark's path) gives the eager tokens, unquantized and with the 4-bit kernel
+    inside the compiled graph."""
+    import voxtral_realtime
+    from voxtral_realtime.quantization import quantize_network
+
+    audio = speechlike(4.0, seed=5)
+    gpu = voxtral_realtime.load(checkpoints["short"].mistral_dir, device="cuda", dtype="f32")
+    gpu.compile = True
+    assert gpu.transcribe(audio).tokens == tiny_short.transcribe(audio).tokens
+    quantize_network(gpu.network, "q4_0")
+    gpu.compile = False
+    eager = gpu.transcribe(audio).tokens
+    gpu.compile = True
+    assert gpu.transcribe(audio).tokens == eager

@@ -383,7 +383,8 @@ def print_report(report: dict[str, Any]) -> None:
     if floor:
         console.print(f"copy bandwidth {report['copy_gb_per_s']:.0f} GB/s; one decoder step reads "
                       f"{report['decode_weight_gb']:.2f} GB of weights: floor {floor:.2f} ms")
-    quantized = report.get("quantized", [])
+    failed = [q for q in report.get("quantized", []) if "error" in q]
+    quantized = [q for q in report.get("quantized", []) if "error" not in q]
     table = Table(title="one file")
     for column in ("path", "audio s", "encode s", "decode s", "steps", "ms/step", "GB/s", "RTF", "tokens/s",
                    "peak GPU GiB"):
@@ -421,6 +422,8 @@ def print_report(report: dict[str, Any]) -> None:
         console.print(f"{q['qtype']}: decoder step reads {q['decode_weight_gb']:.2f} GB{memory}; RTF "
                       f"{q['file']['rtf']:.4f} vs {report['file']['rtf']:.4f} unquantized "
                       f"({report['file']['rtf'] / q['file']['rtf']:.2f}x)")
+    for q in failed:
+        console.print(f"{q['qtype']}: failed: {q['error']}")
     if report.get("streams"):
         table = Table(title="concurrent live streams (80 ms ticks)")
         for column in ("streams", "tick p50/p99 ms (all)", "steady tick p50/p99 ms", "token latency p50/p99 ms",

@@ -414,6 +414,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         built.compile = args.compile
         return built
 
+    def save_report() -> None:  # after every part, so a later failure or timeout keeps what was measured
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
     model = build_model()
     audio = load_audio(args.audio) if args.audio else speechlike(args.audio_seconds, seed=1)
     report: dict[str, Any] = benchmark.environment(model, shlex.join(["voxtral", *args.argv]))
@@ -421,6 +426,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   f"{report['copy_gb_per_s'] or 0:.0f} GB/s, step floor {report['step_floor_ms'] or 0:.2f} ms")
     report["file"] = benchmark.bench_file(model, audio, delay_ms=args.delay_ms)
     report["steps"] = [benchmark.bench_step(model, b, args.step_context) for b in args.step_batches]
+    save_report()
     report["streams"] = []
     for n in args.streams:
         reporter.info(f"simulating {n} live streams of {args.stream_seconds:g} s")
@@ -440,17 +446,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
         reporter.info("comparing with float32 compute on the same weights")
         report["precision"] = benchmark.bench_precision(model, audio[: 16000 * 10], delay_ms=args.delay_ms)
     report["quantized"] = []
+    save_report()
     for qtype in args.quant:
         del model
         benchmark.release(torch.device(args.device) if args.device else default_device())
         model = build_model()
         reporter.info(f"quantizing to {qtype}")
-        report["quantized"].append(benchmark.bench_quantized(model, qtype, audio, args.step_batches,
-                                                             args.step_context, delay_ms=args.delay_ms))
+        try:
+            report["quantized"].append(benchmark.bench_quantized(model, qtype, audio, args.step_batches,
+                                                                 args.step_context, delay_ms=args.delay_ms))
+        except Exception as exc:  # noqa: BLE001 - one failing path must not lose the rows measured before it
+            reporter.error(f"{qtype}: {type(exc).__name__}: {exc}")
+            report["quantized"].append({"qtype": qtype, "error": f"{type(exc).__name__}: {exc}"})
+        save_report()
     benchmark.print_report(report)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return 0
 
 
