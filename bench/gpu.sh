@@ -4,6 +4,7 @@
 #   tests    GPU and kernel tests (tiny model on CUDA, compiled engines, the matmul kernels on every model shape)
 #   tune     the skinny-matmul tuner: 4-bit kernel configs (M = 1, 16) and bf16 M = 1 against cuBLAS
 #   bench    the compiled single stream against transformers in the same run, bf16 vs f32, q4_0 and q4_k rows
+#   q4       the 4-bit kernel alone: its tests, the tuner on M = 1, the compiled bf16 and q4_0 single stream
 #   batch    `voxtral batch` throughput over 256 synthetic 30 s files (issue 7)
 #   streams  the decoder-step sweep and 64 / 128 live streams
 #   streams256  256 live streams in a fresh process (a process that has run the sweep has less free memory)
@@ -30,6 +31,13 @@ part_bench() {
     bench 420 "bench_${TAG}_compiled" --compile --step-batches 1 --compare transformers --check-precision \
         --quant "${QUANT:-q4_0,q4_k}"
 }
+part_q4() {
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_matmul_kernels.py 2>&1 | tail -2
+    timeout 150 python3 bench/tune_gemv.py --rows "" --q4-rows 1 --seconds-per-case "${TUNE_SECONDS:-12}" \
+        --json "$OUT/tune_q4_$TAG.json" 2>&1 | grep -v Warn > "$OUT/tune_q4_$TAG.txt"
+    grep -A8 "best per case" "$OUT/tune_q4_$TAG.txt"
+    bench 250 "bench_${TAG}_q4" --compile --step-batches 1 --quant q4_0
+}
 part_batch() {
     python3 - <<'PY'
 import pathlib, wave
@@ -45,6 +53,7 @@ PY
     rm -f /tmp/batch_out.jsonl
     timeout 300 python3 -m voxtral_realtime.cli batch /tmp/batch_audio --output /tmp/batch_out.jsonl \
         --random-weights --streams-per-worker 128 --no-progress 2>&1 | grep -v Warn | tee "$OUT/batch_$TAG.txt"
+    head -c 600 /tmp/batch_out.jsonl; echo
 }
 part_streams() {
     bench 150 "bench_${TAG}_streams" --audio-seconds 5 --step-batches 1,16,64,128,256 --streams 64,128 \

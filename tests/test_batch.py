@@ -232,6 +232,7 @@ def test_cli_batch_writes_jsonl_and_reports_throughput(tmp_path, corpus, expecte
         assert {**records[Path(path).name], "path": path} == expected[path]
     err = capsys.readouterr().err
     assert "4 files transcribed (1 failed)" in err and "files/s" in err and "audio hours per wall hour" in err
+    assert "first error: " in err and "corrupt.wav" in err
     assert main(argv) == 0  # the rerun has nothing to do
     assert "0 files transcribed (0 failed), 4 already done" in capsys.readouterr().err
 

@@ -122,3 +122,27 @@ def test_kernel_reads_what_the_quantizer_writes(qtype):
     out = kernels.quantized_matmul(x, layer.qweight, layer.scales, layer.offsets, layer.bias)
     assert _relative_error(out, x @ layer.dequantize().T + bias) <= (1e-2 if CUDA else 1e-5)
     assert _relative_error(out, x @ weight.T + bias) <= 0.2  # and it is the weight, to 4 bits
+
+
+def test_a_tiling_too_big_for_the_gpu_is_shrunk(monkeypatch):
+    """A GPU with less shared memory than the tuned tiling needs gets the next smaller one (remembered)."""
+    generator = torch.Generator(device=DEVICE).manual_seed(5)
+    q, scales, offsets = random_q4(64, 256, generator)
+    x = torch.randn(40, 256, device=DEVICE, generator=generator)
+    real = kernels.q4_matmul
+    tried = []
+
+    def small_gpu(x, qweight, scales, offsets, config, block_m=16):
+        tried.append((config, block_m))
+        if config.num_stages > 1 or block_m > 16:
+            raise kernels.OutOfResources(300_000, 232_448, "shared memory")
+        return real(x, qweight, scales, offsets, config, block_m)
+
+    monkeypatch.setattr(kernels, "q4_matmul", small_gpu)
+    monkeypatch.setattr(kernels, "_FITTED", {})
+    out = kernels.quantized_matmul(x, q, scales, offsets)
+    assert _relative_error(out, x @ dequantize(q, scales, offsets).T) <= (1e-2 if CUDA else 1e-5)
+    assert tried[-1][0].num_stages == 1 and tried[-1][1] == 16 and len(tried) > 2
+    tried.clear()
+    kernels.quantized_matmul(x, q, scales, offsets)
+    assert len(tried) == 1  # the fitted tiling is remembered

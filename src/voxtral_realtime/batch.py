@@ -81,6 +81,7 @@ class BatchStats:
     done: int = 0
     failed: int = 0
     audio_seconds: float = 0.0
+    first_error: str | None = None  # "path: message" of the first failed file, for the summary
     started: float = field(default_factory=time.perf_counter)
     finished: float | None = None
 
@@ -104,7 +105,8 @@ class BatchStats:
     def summary(self) -> str:
         return (f"{self.done} files transcribed ({self.failed} failed), {self.skipped} already done, "
                 f"{self.audio_seconds / 3600:.3f} h of audio in {self.wall_seconds:.1f} s: "
-                f"{self.files_per_second:.2f} files/s, {self.audio_hours_per_hour:.1f} audio hours per wall hour")
+                f"{self.files_per_second:.2f} files/s, {self.audio_hours_per_hour:.1f} audio hours per wall hour"
+                + (f"; first error: {self.first_error}" if self.first_error else ""))
 
 
 # -- inputs -------------------------------------------------------------------------------------------------------
@@ -447,6 +449,8 @@ def run_batch(inputs: str | os.PathLike[str] | Iterable[str], output: str | os.P
                 out.flush()  # a killed run keeps every line written so far
                 stats.done += 1
                 stats.failed += record["error"] is not None
+                if record["error"] is not None and stats.first_error is None:
+                    stats.first_error = f"{record['path']}: {record['error']}"
                 stats.audio_seconds += record["duration"] or 0.0
                 if progress:
                     progress(stats)
