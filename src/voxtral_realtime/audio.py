@@ -149,10 +149,19 @@ def _load_file_object(fileobj: Any) -> np.ndarray:
     return _load_bytes(bytes(data), label)
 
 
+def _open_options() -> dict[str, str]:
+    """PyAV < 19 fails on undecodable metadata unless told to ignore it; PyAV 19 no longer takes the option."""
+    major = av.__version__.split(".")[0]
+    return {"metadata_errors": "ignore"} if major.isdigit() and int(major) < 19 else {}
+
+
+_OPEN_OPTIONS = _open_options()
+
+
 def _decode(file: str | IO[bytes], label: str) -> np.ndarray:
     """Decode the first audio stream of ``file`` to 16 kHz mono float32."""
     try:
-        container = av.open(file, mode="r", metadata_errors="ignore")
+        container = av.open(file, mode="r", **_OPEN_OPTIONS)
     except PermissionError:
         raise AudioError(f"cannot load audio {label}: permission denied") from None
     except FileNotFoundError:
