@@ -108,6 +108,19 @@ def test_gguf_model_is_the_in_memory_quantized_model(source, written, audio, qty
     assert loaded.transcribe(audio).tokens == expected.transcribe(audio).tokens
 
 
+def test_quantizing_a_model_that_has_run_compiled_uses_the_new_weights(source, audio):
+    """A model keeps its one-stream engine (compiled code, CUDA graphs) across sessions; quantizing its network
+    afterwards must not leave that engine computing with the old weights (it did: found on the GPU)."""
+    expected = quantized_in_memory(source, "q4_0").transcribe(audio).tokens
+    model = voxtral_realtime.load(source, device="cpu", dtype="f32")
+    model.compile = True
+    unquantized = model.transcribe(audio).tokens
+    quantize_network(model.network, "q4_0")
+    assert model.transcribe(audio).tokens == expected != unquantized
+    model.compile = False
+    assert model.transcribe(audio).tokens == expected
+
+
 def test_token_agreement_with_float32(source, audio, record_property):
     """Q8_0 and Q4 against float32 on the tiny model, with both fed the float32 tokens (teacher-forced top-1 and
     logits error) and free-running (common prefix of the greedy tokens).

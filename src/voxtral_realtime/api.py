@@ -97,12 +97,19 @@ class Model:
 
     def engine_for_session(self) -> Engine:
         """A one-stream engine with a free slot, reused across sessions so its caches and CUDA graphs are kept."""
+        # an engine made before the network's layers were replaced, or with the other compile setting, is stale:
+        # dropped once its session is over
+        key = self._engine_key()
+        self._private_engines = [e for e in self._private_engines if e.made_for == key or not e.free_slots]
         for engine in self._private_engines:
-            if engine.free_slots:
+            if engine.made_for == key and engine.free_slots:
                 return engine
         engine = Engine(self.network, max_streams=1, compile=self.compile)
         self._private_engines.append(engine)
         return engine
+
+    def _engine_key(self) -> tuple[int, bool]:
+        return getattr(self.network, "version", 0), self.compile
 
     def stream(self, *, delay_ms: int | None = None, continue_after_eos: bool = False,
                engine: Engine | None = None) -> StreamingSession:

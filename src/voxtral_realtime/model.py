@@ -25,6 +25,9 @@ class VoxtralRealtime(nn.Module):
         self.adapter = AudioAdapter(config.encoder.dim, config.decoder.dim, config.audio.downsample_factor)
         self.decoder = TextDecoder(config.decoder)
         self.mel = LogMelSpectrogram(config.audio)
+        #: bumped whenever layers are replaced in place (quantization): engines made before hold compiled code
+        #: and CUDA graphs that still read the old weights
+        self.version = 0
 
     @property
     def device(self) -> torch.device:
