@@ -400,20 +400,30 @@ def _largest_divisor(n: int, choices: tuple[int, ...]) -> int:
     return next((c for c in choices if n % c == 0), 1)
 
 
+#: one-row 4-bit tilings measured fastest on an H200 for the decoder's (N, K) (bench/results/tune_q4_wide_h200.*)
+_Q4_ONE_ROW = {
+    (6144, 3072): MatmulConfig(block_n=4, block_k=512, num_stages=1),  # wqkv
+    (3072, 4096): MatmulConfig(block_n=1, block_k=2048, num_stages=3),  # wo
+    (18432, 3072): MatmulConfig(block_n=8, block_k=512, num_stages=1),  # w13
+    (3072, 9216): MatmulConfig(block_n=4, block_k=1024, num_warps=8, num_stages=1),  # w2
+    (131072, 3072): MatmulConfig(block_n=32, block_k=256, num_stages=1),  # LM head
+}
+
+
 def q4_config(m: int, n: int, k: int) -> MatmulConfig:
-    """The configuration :func:`quantized_matmul` uses for an [m, k] x [n, k] product: the fastest found by
-    ``bench/tune_gemv.py`` on an H200 for the decoder's shapes (bench/results/tune_gemv_h200.*), as rules that
-    also cover other shapes."""
+    """The configuration :func:`quantized_matmul` uses for an [m, k] x [n, k] product: for one row, the tuned
+    tiling of a decoder shape, else rules drawn from those (``bench/tune_gemv.py`` measures them; results in
+    bench/results/tune_*_h200.*)."""
     block_k = _largest_divisor(k, (512, 256, 128, 64, 32))
     if m == 1:
-        # few columns per program and long rows: many programs in flight, each streaming whole 256-byte rows
+        if (n, k) in _Q4_ONE_ROW:
+            return _Q4_ONE_ROW[(n, k)]
+        # few columns per program and long rows: many programs in flight, each streaming whole rows
         block_n = _largest_divisor(n, (4, 2)) if n <= 8192 else _largest_divisor(n, (8, 4, 2) if n <= 32768 else
                                                                                    (32, 16, 8, 4, 2))
         if n > 32768:
             block_k = _largest_divisor(k, (256, 128, 64, 32))
-        split = 2 if n <= 4096 and k <= 4096 and k % (2 * block_k) == 0 else 1
-        return MatmulConfig(block_n=block_n, block_k=block_k, split_k=split, num_warps=4,
-                            num_stages=3 if split > 1 else 1)
+        return MatmulConfig(block_n=block_n, block_k=block_k, num_stages=1)
     block_k = min(block_k, 256 if n <= 8192 else 128)
     split = 2 if n <= 4096 and m <= 16 and k % (2 * block_k) == 0 else 1
     return MatmulConfig(block_n=_largest_divisor(n, (64, 32, 16)), block_k=block_k, split_k=split, use_dot=True,
