@@ -595,3 +595,13 @@ def test_bad_sample_rate(rate: object) -> None:
 def test_unsupported_source_type() -> None:
     assert "int" in _error(42)
     assert "list" in _error([0.0, 0.1])
+
+
+@pytest.mark.parametrize(("version", "passed"), [("12.3.0", True), ("18.1.0", True), ("19.0.2", False),
+                                                  ("20.0.0rc1", False), ("dev", False)])
+def test_metadata_option_only_for_pyav_that_takes_it(monkeypatch, version, passed):
+    """PyAV 19 removed open(metadata_errors=...): passing it there made every file fail to decode."""
+    from voxtral_realtime import audio
+
+    monkeypatch.setattr(audio.av, "__version__", version)
+    assert ("metadata_errors" in audio._open_options()) is passed
