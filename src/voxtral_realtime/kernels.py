@@ -140,70 +140,9 @@ if triton is not None:
 
     @triton.jit
     def _nibble_value(nibble):
-        """int32 in [0, 16) -> float32, without the int-to-float conversion instruction (a quarter-rate one
-        that bounds a 4-bit GEMV): the nibble as the low mantissa bits of 2^23, minus 2^23 (exact)."""
+        """int32 in [0, 16) -> float32 without the quarter-rate int-to-float instruction: the nibble as the low
+        mantissa bits of 2^23, minus 2^23 (exact)."""
         return (nibble | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-
-    @triton.jit
-    def _q4_matmul_kernel(
-        x_ptr, qw_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K,
-        stride_xm, stride_qn, stride_sn, stride_om, stride_os,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr,
-        USE_DOT: tl.constexpr,
-    ):
-        """out[split, m, n] = sum over this split's k of x[m, k] * w[n, k] with w stored as 4-bit q (see
-        :func:`quantized_matmul`): w = scale * q + offset per 32 values.  Each iteration covers GROUPS groups of
-        32.  The weights are used in storage order (g, byte, nibble) and x is gathered in that same order, so no
-        register shuffles are needed.  USE_DOT: dequantize the tile to x's dtype and use tensor cores (any M);
-        else (BLOCK_M == 1) FMAs on the nibbles with the scale applied once per group."""
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        split = tl.program_id(2)
-        BLOCK_K: tl.constexpr = GROUPS * 32
-        groups_per_split = K // 32 // SPLIT_K
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_mask = (offs_m < M)[:, None]
-        row_q = offs_n.to(tl.int64) * stride_qn
-        row_s = offs_n.to(tl.int64) * stride_sn
-        g0 = split * groups_per_split
-        if USE_DOT:
-            # k' = (g, b, half) -> element 32 g + 16 half + b; bytes [BLOCK_N, BLOCK_K // 2] in storage order
-            kk = tl.arange(0, BLOCK_K)
-            x_index = (kk // 32) * 32 + (kk % 2) * 16 + (kk % 32) // 2
-            offs_byte = tl.arange(0, BLOCK_K // 2)
-            offs_group = tl.arange(0, GROUPS)
-            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for g in range(g0, g0 + groups_per_split, GROUPS):
-                q = tl.load(qw_ptr + row_q[:, None] + g * 16 + offs_byte[None, :])
-                scale = tl.load(scale_ptr + row_s[:, None] + g + offs_group[None, :]).to(tl.float32)
-                offset = tl.load(offset_ptr + row_s[:, None] + g + offs_group[None, :]).to(tl.float32)
-                q = q.to(tl.int32)
-                pairs = tl.join(_nibble_value(q & 15), _nibble_value(q >> 4))  # [BLOCK_N, BLOCK_K//2, 2]
-                pairs = tl.reshape(pairs, [BLOCK_N, GROUPS, 32])
-                w = pairs * scale[:, :, None] + offset[:, :, None]
-                w = tl.reshape(w, [BLOCK_N, BLOCK_K]).to(x_ptr.dtype.element_ty)
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + g * 32 + x_index[None, :], mask=m_mask,
-                            other=0.0)
-                acc += tl.dot(x, tl.trans(w))
-        else:
-            # dequantize each value (two FMAs) and reduce once at the end: a per-group reduction every
-            # iteration would cost warp shuffles
-            offs_group = tl.arange(0, GROUPS)
-            offs_b = tl.arange(0, 16)
-            acc3 = tl.zeros([BLOCK_N, GROUPS, 16], tl.float32)
-            for g in range(g0, g0 + groups_per_split, GROUPS):
-                byte_index = (g + offs_group)[:, None] * 16 + offs_b[None, :]  # [GROUPS, 16]
-                q = tl.load(qw_ptr + row_q[:, None, None] + byte_index[None, :, :]).to(tl.int32)
-                x_lo = tl.load(x_ptr + pid_m * stride_xm + (g + offs_group)[:, None] * 32 + offs_b[None, :])
-                x_hi = tl.load(x_ptr + pid_m * stride_xm + (g + offs_group)[:, None] * 32 + 16 + offs_b[None, :])
-                scale = tl.load(scale_ptr + row_s[:, None] + g + offs_group[None, :]).to(tl.float32)[:, :, None]
-                offset = tl.load(offset_ptr + row_s[:, None] + g + offs_group[None, :]).to(tl.float32)[:, :, None]
-                acc3 += (_nibble_value(q & 15) * scale + offset) * x_lo.to(tl.float32)[None]
-                acc3 += (_nibble_value(q >> 4) * scale + offset) * x_hi.to(tl.float32)[None]
-            acc = tl.sum(tl.sum(acc3, axis=2), axis=1)[None, :]
-        out_ptrs = out_ptr + split * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask)
 
     @triton.jit
     def _q4_matmul_kernel(
