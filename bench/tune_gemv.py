@@ -89,6 +89,7 @@ def q4_configs(n: int, k: int, m: int):
             for split in (1, 2, 3, 4) if n <= 32768 else (1,):
                 if n % bn == 0 and k % (split * bk) == 0:
                     yield MatmulConfig(bn, bk, split, False, warps, stages)
+                    yield MatmulConfig(bn, bk, split, False, warps, stages, per_value=True)
     for bn, bk, warps, stages in itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (2, 3, 4)):
         for split in (1, 2) if n <= 4096 and m <= 16 else (1,):
             if n % bn == 0 and k % (split * bk) == 0:

@@ -149,13 +149,14 @@ if triton is not None:
         x_ptr, qw_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K,
         stride_xm, stride_qn, stride_sn, stride_om, stride_os,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr,
-        USE_DOT: tl.constexpr,
+        USE_DOT: tl.constexpr, PER_VALUE: tl.constexpr,
     ):
         """out[split, m, n] = sum over this split's k of x[m, k] * w[n, k] with w stored as 4-bit q (see
         :func:`quantized_matmul`): w = scale * q + offset per 32 values.  Each iteration covers GROUPS groups of
         32.  The weights are used in storage order (g, byte, nibble) and x is gathered in that same order, so no
         register shuffles are needed.  USE_DOT: dequantize the tile to x's dtype and use tensor cores (any M);
-        else (BLOCK_M == 1) FMAs on the nibbles with the scale applied once per group."""
+        else (BLOCK_M == 1) FMAs on the nibbles with the scale applied once per group, or (PER_VALUE) to each
+        value, with a single reduction at the end instead of one per group and iteration."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         split = tl.program_id(2)
@@ -186,6 +187,20 @@ if triton is not None:
                 x = tl.load(x_ptr + offs_m[:, None] * stride_xm + g * 32 + x_index[None, :], mask=m_mask,
                             other=0.0)
                 acc += tl.dot(x, tl.trans(w))
+        elif PER_VALUE:
+            offs_group = tl.arange(0, GROUPS)
+            offs_b = tl.arange(0, 16)
+            acc3 = tl.zeros([BLOCK_N, GROUPS, 16], tl.float32)
+            for g in range(g0, g0 + groups_per_split, GROUPS):
+                byte_index = (g + offs_group)[:, None] * 16 + offs_b[None, :]  # [GROUPS, 16]
+                q = tl.load(qw_ptr + row_q[:, None, None] + byte_index[None, :, :]).to(tl.int32)
+                x_lo = tl.load(x_ptr + pid_m * stride_xm + (g + offs_group)[:, None] * 32 + offs_b[None, :])
+                x_hi = tl.load(x_ptr + pid_m * stride_xm + (g + offs_group)[:, None] * 32 + 16 + offs_b[None, :])
+                scale = tl.load(scale_ptr + row_s[:, None] + g + offs_group[None, :]).to(tl.float32)[:, :, None]
+                offset = tl.load(offset_ptr + row_s[:, None] + g + offs_group[None, :]).to(tl.float32)[:, :, None]
+                acc3 += (_nibble_value(q & 15) * scale + offset) * x_lo.to(tl.float32)[None]
+                acc3 += (_nibble_value(q >> 4) * scale + offset) * x_hi.to(tl.float32)[None]
+            acc = tl.sum(tl.sum(acc3, axis=2), axis=1)[None, :]
         else:
             offs_group = tl.arange(0, GROUPS)
             offs_b = tl.arange(0, 16)
@@ -296,6 +311,7 @@ class MatmulConfig:
     use_dot: bool = False
     num_warps: int = 4
     num_stages: int = 2
+    per_value: bool = False  # 4-bit one-row path: scale each value, reduce once (not yet measured on a GPU)
 
 
 def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, config: MatmulConfig) -> torch.Tensor:
@@ -330,7 +346,8 @@ def q4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs
         x, qweight, scales, offsets, out, m, n, k,
         x.stride(0), qweight.stride(0), scales.stride(0), out.stride(1), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=config.block_n, GROUPS=config.block_k // 32, SPLIT_K=split,
-        USE_DOT=config.use_dot, num_warps=config.num_warps, num_stages=config.num_stages,
+        USE_DOT=config.use_dot, PER_VALUE=config.per_value, num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     return out[0] if split == 1 else out.sum(0).to(x.dtype)
 
