@@ -52,8 +52,7 @@ def main() -> None:
 
     engine = model.engine(1)
     slot = engine.attach(benchmark._Sink())
-    zero = torch.zeros(net.config.decoder.dim, device="cuda", dtype=net.dtype)
-    slot.prompt, slot.position, slot.last_token = [], 400, 0
+    slot.prompt, slot.position = [], 400
     engine.decoder_cache.reserve(500)
     engine._step_inputs[1, 0] = 400
     engine._step_inputs[2, 0] = 1

@@ -238,7 +238,7 @@ def test_broken_checkpoint_is_one_line(case: Case, checkpoints, tmp_path: Path, 
     case.damage(folder)
     message = api_error(folder, CheckpointError)
     named = folder / case.names if case.names else folder
-    assert message.startswith(f"{named}:") or message.startswith(f"{named} "), message
+    assert message.startswith((f"{named}:", f"{named} ")), message
     assert re.search(case.says, message), message
     assert cli_error(transcribe_argv(folder, audio_file), capsys) == message
 

@@ -349,7 +349,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
     device = int(args.input_device) if args.input_device and args.input_device.isdigit() else args.input_device
     try:
         info = sd.query_devices(device, kind="input")
-    except Exception as exc:  # sounddevice raises ValueError / PortAudioError when there is no such device
+    except Exception as exc:  # noqa: BLE001 - sounddevice raises ValueError / PortAudioError for no such device
         raise VoxtralError(f"no audio input device{f' {device!r}' if device is not None else ''} "
                            f"({first_line(exc)}); plug in a microphone or pick one with --input-device") from None
     rate = int(info["default_samplerate"])

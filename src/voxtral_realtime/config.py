@@ -89,7 +89,7 @@ class AudioConfig:
         if step == 80 and delay_ms not in SUPPORTED_DELAYS_MS:
             raise ValueError(f"delay {delay_ms} ms is not one the model was trained for (80..1200 in steps of 80, "
                              "or 2400)")
-        return int(round(n))
+        return round(n)
 
     def n_right_pad_tokens(self, delay_tokens: int) -> int:
         """Silence appended after the audio: the delay, the BOS slot and 10 steps for the last word (REFERENCE 6.3)."""

@@ -113,7 +113,7 @@ class TensorFiles:
                 raise CheckpointError(f"{file}: not a readable safetensors file ({first_line(exc)}); "
                                       "the download may be incomplete") from None
             self._check_complete(file)
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 - a safetensors handle is not a dict
                 self._where[key] = (handle, file)
 
     @staticmethod
@@ -139,7 +139,7 @@ class TensorFiles:
         handle, file = self._where[key]
         try:
             return handle.get_tensor(key)
-        except Exception as exc:  # safetensors raises its own error type for unreadable data
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for unreadable data
             raise CheckpointError(f"{file}: cannot read tensor {key} ({first_line(exc)})") from None
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ long after its audio arrived each word was decided.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from bisect import bisect_left
 from typing import TYPE_CHECKING
@@ -177,10 +178,8 @@ class StreamingSession:
             self._slot = None
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # at interpreter shutdown anything may be gone already
             self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
 
     # -- engine callback -----------------------------------------------------------------------------------
 

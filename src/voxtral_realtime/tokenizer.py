@@ -24,11 +24,11 @@ class Tokenizer:
             self.streaming_pad_id = self.tekken.get_special_token("[STREAMING_PAD]")
         except FileNotFoundError:
             raise CheckpointError(f"{self.path}: tokenizer file not found") from None
-        except Exception as exc:  # mistral-common raises ValueError/KeyError/JSON errors for a bad file
+        except Exception as exc:  # noqa: BLE001 - mistral-common raises ValueError/KeyError/JSON errors for a bad file
             raise CheckpointError(f"{self.path}: not a usable Tekken tokenizer ({first_line(exc)})") from None
         try:
             self.streaming_word_id = self.tekken.get_special_token("[STREAMING_WORD]")
-        except Exception:  # older tokenizer files lack it; it then never occurs
+        except Exception:  # noqa: BLE001 - older tokenizer files lack it; it then never occurs
             self.streaming_word_id = -1
         self.bos_id = self.tekken.bos_id
         self.eos_id = self.tekken.eos_id
