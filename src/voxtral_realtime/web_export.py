@@ -914,12 +914,14 @@ def copy_page(out: Path, onnxruntime_web: str | os.PathLike[str] | None) -> list
     """Copy the page (HTML + JS modules shipped in this package) into ``out`` and, from ``onnxruntime_web``
     (an ``npm pack`` tarball, a ``node_modules/onnxruntime-web`` folder, or "npm": the pinned version fetched with
     npm pack), the onnxruntime-web files it loads; return the copied names."""
-    page = Path(__file__).parent / "web_local"
+    package = Path(__file__).parent
+    # the transcript-file writers are the server page's module: one implementation of the subtitle rules
+    files = [f for f in sorted((package / "web_local").iterdir()) if f.is_file()]
+    files.append(package / "server" / "web" / "subtitles.js")
     copied = []
-    for f in sorted(page.iterdir()):
-        if f.is_file():
-            shutil.copyfile(f, out / f.name)
-            copied.append(f.name)
+    for f in files:
+        shutil.copyfile(f, out / f.name)
+        copied.append(f.name)
     if onnxruntime_web == "npm":
         onnxruntime_web = npm_pack_onnxruntime_web()
     if onnxruntime_web is not None:

@@ -1,7 +1,8 @@
 // The page: load the export next to it (or ?export=URL), then caption the microphone live or transcribe a file.
 // Everything runs here; window.voxtralPage exposes the state for automated tests.
 
-import { LoadError, VoxtralWeb, toSrt } from "./voxtral.js";
+import { toSrt, toTxt } from "./subtitles.js";
+import { LoadError, VoxtralWeb } from "./voxtral.js";
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -170,6 +171,7 @@ $("file").addEventListener("change", (event) => {
   const file = event.target.files[0];
   if (file) transcribeFile(file);
 });
-$("download-txt").addEventListener("click", () => download("transcript.txt", page.result.text.trim() + "\n"));
-$("download-srt").addEventListener("click", () => download("transcript.srt", toSrt(page.result.words)));
+$("download-txt").addEventListener("click", () => download("transcript.txt", toTxt(page.result.text)));
+$("download-srt").addEventListener("click", () => download("transcript.srt",
+  toSrt(page.result.words.map((w) => ({ word: w.text, start: w.start, end: w.end })))));
 if (params.get("autoload") === "1") load();

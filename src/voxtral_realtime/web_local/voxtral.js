@@ -225,7 +225,6 @@ class SampleQueue {
 }
 
 const ASCII_SPACE = new Set([9, 10, 11, 12, 13, 32]);
-const SENTENCE_END = /[.!?…。！？]['")\]]*$/;
 
 /** One live transcription: feed() 16 kHz samples as they come, finish() at the end. */
 export class Stream {
@@ -419,43 +418,6 @@ export class Stream {
   result() {
     return { text: this.text, tokens: [...this.tokens], delay_ms: this.delayMs, words: this.words.map((w) => ({ ...w })) };
   }
-}
-
-/** Sentence-like groups of words, as the package's Transcription.segments. */
-export function segments(words, { pause = 1.0, maxChars = 84 } = {}) {
-  const out = [];
-  let current = [];
-  const join = (ws) => ws.map((w) => w.text).join(" ");
-  const close = () => {
-    out.push({ text: join(current), start: current[0].start, end: current[current.length - 1].end });
-    current = [];
-  };
-  for (const word of words) {
-    if (current.length && (word.start - current[current.length - 1].end > pause
-      || join(current).length + 1 + word.text.length > maxChars)) close();
-    current.push(word);
-    if (SENTENCE_END.test(word.text)) close();
-  }
-  if (current.length) close();
-  return out;
-}
-
-function timestamp(seconds) {
-  let ms = Math.max(0, Math.round(seconds * 1000));
-  const h = Math.floor(ms / 3600000);
-  ms -= h * 3600000;
-  const m = Math.floor(ms / 60000);
-  ms -= m * 60000;
-  const s = Math.floor(ms / 1000);
-  ms -= s * 1000;
-  const pad = (n, k = 2) => String(n).padStart(k, "0");
-  return `${pad(h)}:${pad(m)}:${pad(s)},${pad(ms, 3)}`;
-}
-
-export function toSrt(words) {
-  return segments(words)
-    .map((s, i) => `${i + 1}\n${timestamp(s.start)} --> ${timestamp(Math.max(s.end, s.start + 0.001))}\n${s.text}\n`)
-    .join("\n");
 }
 
 export { ort };
