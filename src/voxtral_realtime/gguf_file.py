@@ -47,11 +47,14 @@ from .errors import CheckpointError, first_line
 from .loading import (
     Part,
     TensorFiles,
+    first_wrong_shape,
     half_split_to_interleaved,
     inspect_checkpoint,
     interleaved_to_half_split,
     mistral_layout,
     resolve_model_dir,
+    some_names,
+    used_keys,
 )
 from .model import VoxtralRealtime
 from .quantization import (
@@ -544,19 +547,13 @@ def _config_and_tokenizer_path(tensors: GGUFTensors, tokenizer: str | os.PathLik
 def _check_tensors(tensors: GGUFTensors, layout: dict[str, list[Part]], expected: dict[str, tuple[int, ...]],
                    assumed: str) -> None:
     source = tensors.files[0]
-    used = {p.key for parts in layout.values() for p in parts if p.key}
-    missing = sorted(used - set(tensors.tensors))
+    missing = sorted(used_keys(layout) - set(tensors.tensors))
     if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise CheckpointError(f"{source}: lacks tensor(s) {', '.join(missing[:3])}{more}; not a Voxtral Realtime "
+        raise CheckpointError(f"{source}: lacks tensor(s) {some_names(missing)}; not a Voxtral Realtime "
                               f"GGUF of these dimensions{assumed}")
-    for name, parts in layout.items():
-        shape = expected[name]
-        for part in parts:
-            want = (part.rows or shape[0], *shape[1:])
-            if part.key is not None and (got := tensors.shape(part.key)) != want:
-                raise CheckpointError(f"{source}: tensor {part.key} has shape {list(got)}, expected {list(want)}"
-                                      f"{assumed}")
+    if wrong := first_wrong_shape(layout.items(), expected, tensors.shape):
+        key, got, want = wrong
+        raise CheckpointError(f"{source}: tensor {key} has shape {got}, expected {want}{assumed}")
 
 
 @torch.no_grad()

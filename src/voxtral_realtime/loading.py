@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -353,30 +353,45 @@ def _checked_layout(files: TensorFiles, checkpoint: Checkpoint,
                     expected: dict[str, tuple[int, ...]]) -> dict[str, list[Part]]:
     keys = files.keys()
     layout = checkpoint.layout(checkpoint.config, keys)
-    used = {p.key for parts in layout.values() for p in parts if p.key}
+    used = used_keys(layout)
     missing = sorted(used - keys)
     if missing:
-        raise CheckpointError(f"{checkpoint.folder}: checkpoint lacks tensor(s) {_some(missing)}; "
+        raise CheckpointError(f"{checkpoint.folder}: checkpoint lacks tensor(s) {some_names(missing)}; "
                               f"it does not match its {_config_name(checkpoint)}")
     # Tensors of layers past the config's n_layers would otherwise be ignored, giving a silently wrong model.
     extra = sorted(k for k in keys - used if _LAYER.sub(r"\1layers.0.", k, count=1) in used)
     if extra:
         raise CheckpointError(f"{checkpoint.folder}: checkpoint has more layers than its {_config_name(checkpoint)} "
-                              f"says (it also has {_some(extra)})")
-    for name, parts in _ordered(layout, expected):
-        shape = expected[name]
-        for part in parts:
-            want = (part.rows or shape[0], *shape[1:])
-            if part.key is not None and (got := files.shape(part.key)) != want:
-                raise CheckpointError(f"{checkpoint.folder}: tensor {part.key} has shape {list(got)}, expected "
-                                      f"{list(want)} from its {_config_name(checkpoint)}")
+                              f"says (it also has {some_names(extra)})")
+    if wrong := first_wrong_shape(_ordered(layout, expected), expected, files.shape):
+        key, got, want = wrong
+        raise CheckpointError(f"{checkpoint.folder}: tensor {key} has shape {got}, expected {want} from its "
+                              f"{_config_name(checkpoint)}")
     return layout
+
+
+def used_keys(layout: dict[str, list[Part]]) -> set[str]:
+    """The file tensors a layout reads."""
+    return {p.key for parts in layout.values() for p in parts if p.key}
+
+
+def first_wrong_shape(parts: Iterable[tuple[str, list[Part]]], expected: dict[str, tuple[int, ...]],
+                      shape_of: Callable[[str], tuple[int, ...]]) -> tuple[str, list[int], list[int]] | None:
+    """The first file tensor whose shape (``shape_of(key)``) is not what its network parameter needs:
+    (key, its shape, the shape wanted), or None."""
+    for name, name_parts in parts:
+        shape = expected[name]
+        for part in name_parts:
+            want = (part.rows or shape[0], *shape[1:])
+            if part.key is not None and (got := tuple(shape_of(part.key))) != want:
+                return part.key, list(got), list(want)
+    return None
 
 
 _LAYER = re.compile(r"(^|\.)layers\.\d+\.")
 
 
-def _some(names: list[str]) -> str:
+def some_names(names: list[str]) -> str:
     more = f" and {len(names) - 3} more" if len(names) > 3 else ""
     return ", ".join(names[:3]) + more
 
