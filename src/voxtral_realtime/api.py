@@ -109,7 +109,7 @@ class Model:
         return engine
 
     def _engine_key(self) -> tuple[int, bool]:
-        return getattr(self.network, "version", 0), self.compile
+        return self.network.layers_version, self.compile
 
     def stream(self, *, delay_ms: int | None = None, continue_after_eos: bool = False,
                engine: Engine | None = None) -> StreamingSession:

@@ -91,8 +91,8 @@ class Engine:
     def __init__(self, network: VoxtralRealtime, *, max_streams: int = 1, decoder_context: int | None = None,
                  encoder_chunk: int | None = None, cuda_graphs: bool | None = None, compile: bool = False) -> None:
         self.network = network
-        #: (the network's layer version, compiled): what this engine's compiled code and graphs were made for
-        self.made_for = (getattr(network, "version", 0), compile)
+        #: (the network's layers_version, compiled): what this engine's compiled code and graphs were made for
+        self.made_for = (network.layers_version, compile)
         cfg, device, dtype = network.config, network.device, network.dtype
         self.audio = cfg.audio
         self.max_streams = max_streams

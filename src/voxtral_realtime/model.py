@@ -27,7 +27,7 @@ class VoxtralRealtime(nn.Module):
         self.mel = LogMelSpectrogram(config.audio)
         #: bumped whenever layers are replaced in place (quantization): engines made before hold compiled code
         #: and CUDA graphs that still read the old weights
-        self.version = 0
+        self.layers_version = 0
 
     @property
     def device(self) -> torch.device:

@@ -603,13 +603,8 @@ def quantize_network(network: nn.Module, qtype: str, *, embeddings: str | None =
         raise ValueError(f"unknown embeddings type {embeddings!r}")
     if decoder.norm.weight.device.type == "cpu":
         use_cpu_int4_kernels(network)
-    _replaced_layers(network)
+    network.layers_version += 1  # engines made before hold code and graphs of the old layers
     return network
-
-
-def _replaced_layers(network: nn.Module) -> None:
-    if hasattr(network, "version"):  # see VoxtralNetwork.version
-        network.version += 1
 
 
 def use_cpu_int4_kernels(network: nn.Module) -> nn.Module:
@@ -626,7 +621,7 @@ def use_cpu_int4_kernels(network: nn.Module) -> nn.Module:
                     child.head is child.table and child.table.qweight.device.type == "cpu" and \
                     CpuInt4Linear.supports(child.table):
                 child.head = CpuInt4Linear.from_quantized(child.table)
-    _replaced_layers(network)
+    network.layers_version += 1
     return network
 
 
