@@ -3,6 +3,8 @@
 # in the order of their value if time runs out):
 #   tests    GPU and kernel tests (tiny model on CUDA, compiled engines, the matmul kernels on every model shape)
 #   tune     the skinny-matmul tuner: 4-bit kernel configs (M = 1, 16) and bf16 M = 1 against cuBLAS
+#   step     the decoder step: plain layers compiled vs the fused step (with / without PDL), their logits, profiles
+#   fused    the fused GEMV's tilings (kernels.fused_linear, M = 1 and 4) against cuBLAS
 #   bench    the compiled single stream against transformers in the same run, bf16 vs f32, q4_0 and q4_k rows
 #   q4       the 4-bit kernel alone: its tests, the tuner on M = 1, the compiled bf16 and q4_0 single stream
 #   batch    `voxtral batch` throughput over 256 synthetic 30 s files (issue 7)
@@ -21,11 +23,20 @@ bench() { timeout "$1" python3 -m voxtral_realtime.cli bench --random-weights --
 
 part_tests() {
     timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_matmul_kernels.py \
-        tests/test_gpu.py 2>&1 | tail -15 | tee "$OUT/test_gpu_$TAG.txt"
+        tests/test_gpu.py tests/test_fused_step.py 2>&1 | tail -15 | tee "$OUT/test_gpu_$TAG.txt"
 }
 part_tune() {
     timeout 330 python3 bench/tune_gemv.py --seconds-per-case "${TUNE_SECONDS:-12}" --json "$OUT/tune_gemv_$TAG.json" \
         2>&1 | grep -v Warn | tee "$OUT/tune_gemv_$TAG.txt"
+}
+part_step() {
+    timeout 420 python3 bench/tune_step.py --json "$OUT/tune_step_$TAG.json" 2>&1 | grep -v Warn \
+        | tee "$OUT/tune_step_$TAG.txt"
+}
+part_fused() {
+    timeout 200 python3 bench/tune_gemv.py --rows "" --q4-rows "" --fused-rows 1,4 \
+        --seconds-per-case "${TUNE_SECONDS:-8}" --json "$OUT/tune_fused_$TAG.json" 2>&1 | grep -v Warn \
+        | tee "$OUT/tune_fused_$TAG.txt"
 }
 part_bench() {
     bench 420 "bench_${TAG}_compiled" --compile --step-batches 1 --compare transformers --check-precision \

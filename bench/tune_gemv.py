@@ -79,6 +79,16 @@ def skinny_configs(n: int, k: int, m: int):
                 yield MatmulConfig(bn, bk, split, True, 4, stages)
 
 
+def fused_configs(n: int, k: int, m: int):
+    for bn, bk, warps in itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048), (2, 4, 8)):
+        if n % bn == 0 and k % bk == 0 and bn * bk * triton_pow2(m) <= 16384:
+            yield MatmulConfig(bn, bk, 1, False, warps, 1)
+
+
+def triton_pow2(m: int) -> int:
+    return 1 << (m - 1).bit_length()
+
+
 def q4_configs(n: int, k: int, m: int):
     if m == 1:
         # long rows per program (up to a whole split in one iteration) keep more loads in flight per program
@@ -134,15 +144,18 @@ def main() -> None:
     parser.add_argument("--json")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="which of " + ", ".join(SHAPES))
     parser.add_argument("--rows", default="1", help="bf16 rows (M) to tune; empty: none")
+    parser.add_argument("--fused-rows", default="", help="rows (M) to tune the fused bf16 GEMV (kernels.fused_linear) "
+                        "for; empty: none")
     parser.add_argument("--q4-rows", default="1,16", help="4-bit rows (M) to tune; empty: none")
     parser.add_argument("--seconds-per-case", type=float, default=12, help="search budget per shape and M")
     args = parser.parse_args()
     rows_of = lambda text: [int(m) for m in text.split(",") if m]
+    pdl = kernels.programmatic_launch_available(torch.device("cuda"))  # the fused GEMV as the decoder runs it
     results = {"device_name": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     for name in args.shapes.split(","):
         n, k = SHAPES[name]
         nbytes = 2 * n * k
-        if rows_of(args.rows):
+        if rows_of(args.rows) or rows_of(args.fused_rows):
             copies = max(2, math.ceil(400e6 / nbytes))
             weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
         for m in rows_of(args.rows):
@@ -157,7 +170,20 @@ def main() -> None:
                 args.seconds_per_case, baseline=("cublas", base))
             results["rows"].append({"kind": "bf16", "name": name, "n": n, "k": k, "m": m, "bytes": nbytes,
                                     "cublas_s": base, "ranked": ranked[:8]})
-        if rows_of(args.rows):
+        for m in rows_of(args.fused_rows):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = x.float() @ weights[0].float().T
+            base = timed(lambda i, x=x, w=weights: F.linear(x, w[i % len(w)]))
+            ranked = _search(
+                f"fused bf16 {name} N={n} K={k} M={m} (cublas {base * 1e6:.1f} us, {nbytes / base / 1e9:.0f} GB/s)",
+                nbytes, _sampled(fused_configs(n, k, m), kernels.gemv_config(m, n, k), n + m),
+                lambda cfg, i, x=x, w=weights: kernels.fused_linear(x, w[i % len(w)], config=cfg, pdl=pdl),
+                lambda cfg, x=x, ref=ref, w=weights[0]: (kernels.fused_linear(x, w, config=cfg).float() - ref
+                                                         ).abs().max().item(),
+                args.seconds_per_case, baseline=("cublas", base))
+            results["rows"].append({"kind": "fused", "name": name, "n": n, "k": k, "m": m, "bytes": nbytes,
+                                    "cublas_s": base, "ranked": ranked[:8]})
+        if rows_of(args.rows) or rows_of(args.fused_rows):
             del weights
         qbytes = n * k // 2 + 4 * n * k // 32
         copies = max(2, math.ceil(400e6 / qbytes))

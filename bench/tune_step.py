@@ -1,38 +1,66 @@
-"""Compiled decoder step, batch 1: inductor settings compared, and the kernels of the fastest.  A diagnostic for
-developers (bench/results/tune_step_h100.txt).
+"""The decoder step of the full-size model (random bf16 weights), batch 1 and 4: the plain layers compiled by
+inductor against the fused step (``DecoderLayer.step``) with and without programmatic dependent launch; the
+fused step's logits against the plain ones; the kernels of one fused step.  A diagnostic for developers
+(bench/results/tune_step_*.txt).
 
-    python bench/tune_step.py
+    python bench/tune_step.py [--context 400] [--steps 200]
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from voxtral_realtime import benchmark
+from voxtral_realtime.engine import Engine
 from voxtral_realtime.random_weights import random_model
 
+#: name -> (decoder.fused_step, decoder.pdl, model.compile)
+VARIANTS = {
+    "plain, compiled": (False, False, True),
+    "fused": (True, False, False),
+    "fused + PDL": (True, True, False),
+    "fused + PDL, compiled glue": (True, True, True),
+}
 
-def main() -> None:
-    import torch._inductor.config as inductor
 
-    model = random_model(device="cuda", dtype=torch.bfloat16)
-    model.compile = True
-    print(torch.cuda.get_device_name(), torch.__version__)
-    for name, settings in [("default", {}), ("coordinate_descent_tuning", {"coordinate_descent_tuning": True})]:
-        with inductor.patch(settings):
-            t = time.perf_counter()
-            result = benchmark.bench_step(model, 1, 400, steps=200)
-        print(f"{name}: {result['ms_per_step']:.3f} ms/step wall, {result['gpu_ms_per_step']:.3f} ms GPU "
-              f"({time.perf_counter() - t:.0f} s with compilation)", flush=True)
+def _configure(model, variant: str) -> None:
+    fused, pdl, compiled = VARIANTS[variant]
+    model.network.decoder.fused_step, model.network.decoder.pdl, model.compile = fused, pdl, compiled
 
-    engine = model.engine(1)
+
+def _logits(model, context: int, steps: int) -> torch.Tensor:
+    """Logits of ``steps`` one-token steps after ``context`` random positions, through the decoder's forward."""
+    network = model.network
+    decoder, dim = network.decoder, network.config.decoder.dim
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    cache = decoder.new_cache(1, max_chunk=64, device=model.device, dtype=network.dtype, preallocate=True)
+    scales = decoder.ffn_scales(6)
+    out, position = [], 0
+    with torch.no_grad():
+        while position < context + steps:
+            length = min(64, context - position) if position < context else 1
+            positions = torch.arange(position, position + length, device="cuda")[None]
+            tokens = torch.randint(0, 1000, (1, length), device="cuda", generator=generator)
+            audio = torch.randn(1, length, dim, device="cuda", generator=generator).to(network.dtype)
+            logits = decoder(tokens, audio, positions, cache, scales)
+            if position >= context:
+                out.append(logits.float())
+            position += length
+    return torch.cat(out)
+
+
+def _profile(model, context: int) -> str:
+    engine = Engine(model.network, max_streams=1, compile=model.compile)
     slot = engine.attach(benchmark._Sink())
-    slot.prompt, slot.position, slot.last_token = [], 400, 0
-    engine.decoder_cache.reserve(500)
-    engine._step_inputs[1, 0] = 400
+    slot.prompt, slot.position = [], context
+    engine.decoder_cache.reserve(context + 100)
+    engine._step_inputs[1, 0] = context
     engine._step_inputs[2, 0] = 1
     with torch.no_grad():
         for _ in range(3):
@@ -42,8 +70,52 @@ def main() -> None:
             engine._decode_fn(1)
             torch.cuda.synchronize()
     events = prof.key_averages()
-    print(sum(e.count for e in events if e.device_type.name == "CUDA"), "kernels in one compiled step")
-    print(events.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+    count = sum(e.count for e in events if e.device_type.name == "CUDA")
+    return f"{count} kernels in one step (eager launches)\n" + events.table(
+        sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--context", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batches", default="1,4")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    model = random_model(device="cuda", dtype=torch.bfloat16)
+    floor_ms = 1000 * benchmark.decode_weight_bytes(model) / (benchmark.copy_bandwidth(model.device) * 1e9)
+    report = {"command": " ".join(["python3", *sys.argv]), "device_name": torch.cuda.get_device_name(),
+              "torch": torch.__version__, "floor_ms": floor_ms, "rows": []}
+    print(report["device_name"], torch.__version__, f"floor {floor_ms:.3f} ms", flush=True)
+
+    _configure(model, "plain, compiled")
+    reference = _logits(model, args.context, 24)
+    _configure(model, "fused + PDL")
+    fused = _logits(model, args.context, 24)
+    rel = ((fused - reference).norm(dim=-1) / reference.norm(dim=-1))
+    report["fused_vs_plain"] = {"rel_err_max": rel.max().item(), "rel_err_median": rel.median().item(),
+                                "top1_agreement": (fused.argmax(-1) == reference.argmax(-1)).float().mean().item()}
+    print("fused vs plain logits (teacher-forced, same inputs):", report["fused_vs_plain"], flush=True)
+
+    for variant in VARIANTS:
+        _configure(model, variant)
+        for batch in (int(b) for b in args.batches.split(",")):
+            began = time.perf_counter()
+            try:
+                result = benchmark.bench_step(model, batch, args.context, steps=args.steps)
+            except Exception as exc:  # noqa: BLE001 - a failing variant is reported, the others still run
+                print(f"{variant:28s} B={batch}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                continue
+            result["variant"] = variant
+            report["rows"].append(result)
+            print(f"{variant:28s} B={batch}: {result['ms_per_step']:.3f} ms wall, {result['gpu_ms_per_step']:.3f} ms "
+                  f"GPU = {result['gpu_ms_per_step'] / floor_ms:.2f}x floor ({time.perf_counter() - began:.0f} s)",
+                  flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
+    _configure(model, "fused + PDL")
+    print(f"--- fused + PDL:\n{_profile(model, args.context)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,100 +1,344 @@
-"""The full-size model (random weights) through `voxtral export web`: export time, file sizes per graph against the
-arithmetic of `estimate_export_bytes`, and onnxruntime (CPU) time per audio step and per decoder step.
+"""The full-size model (random weights) through `voxtral export web`: export time per phase, file sizes per graph
+against the arithmetic of `estimate_export_bytes`, and onnxruntime time per audio step and per decoder step on the
+CPU and, where onnxruntime has it, with CUDAExecutionProvider.
 
     python3 bench/web_export_full.py --quant q4 --out /tmp/web-q4 --json bench/results/web_export_q4.json
 
+The JSON is rewritten after every phase (build, each export stage, sizes, each timing), so a run cut short keeps
+what it measured.  CUDA is timed twice: ``cuda_numpy`` feeds numpy arrays to ``session.run`` as the CPU path does
+(every step copies the whole state, 2.1 GB at full size, host -> device and back: those copies are in the time),
+and ``cuda_iobinding`` keeps the state and the audio embedding on the GPU between steps (only the samples, the
+token and the positions go up, the next token comes down).
+
 Needs about 60 GB of memory for the float32 model, its traced graphs and the quantizer's copies, and the disk for
-the float32 graphs in a temporary folder (18 GB) plus the export.
+the float32 graphs in a temporary folder (19 GB) plus the export.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import platform
+import resource
+import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from voxtral_realtime.api import Model
 from voxtral_realtime.config import ModelConfig
+from voxtral_realtime.errors import first_line
 from voxtral_realtime.random_weights import AUDIO_BLOCK, full_size_config, random_network, write_tekken_json
 from voxtral_realtime.tokenizer import Tokenizer
-from voxtral_realtime.web_export import WebExport, estimate_export_bytes, export_web
+from voxtral_realtime.web_export import estimate_export_bytes, export_web, read_manifest
+
+#: feeds of every timed step: a step of audio then one decoder position fed its embedding and token 32
+WARMUP_STEPS = 2
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+class Phases:
+    """Wall and process CPU seconds of each phase (CPU / wall near 1: one thread busy), the peak resident memory
+    after it, and the JSON rewritten after each."""
+
+    def __init__(self, report: dict, path: Path | None) -> None:
+        self.report, self.path = report, path
+        report.setdefault("phases", [])
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        self.started = self._wall
+
+    def restart(self) -> None:
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def done(self, name: str) -> float:
+        wall, cpu = time.perf_counter(), time.process_time()
+        spent = wall - self._wall
+        self.report["phases"].append({"phase": name, "wall_s": round(spent, 2),
+                                      "cpu_s": round(cpu - self._cpu, 2),
+                                      "threads_busy": round((cpu - self._cpu) / max(spent, 1e-9), 2),
+                                      "peak_rss_gb": round(_peak_rss_gb(), 2),
+                                      "elapsed_s": round(wall - self.started, 1)})
+        self._wall, self._cpu = wall, cpu
+        print(f"[{wall - self.started:6.0f} s] {name}: {spent:.1f} s", flush=True)
+        self.write()
+        return spent
+
+    def write(self) -> None:
+        self.report["elapsed_s"] = round(time.perf_counter() - self.started, 1)
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        scratch = self.path.with_name(self.path.name + ".partial")
+        scratch.write_text(json.dumps(self.report, indent=2) + "\n")
+        os.replace(scratch, self.path)
+
+
+def _audio_feeds(rng: np.random.Generator, window: int, step: int) -> dict[str, np.ndarray]:
+    return {"samples": (0.1 * rng.standard_normal(window)).astype(np.float32),
+            "position": np.array([4 * step], np.int64)}
+
+
+def _decoder_feeds(step: int) -> dict[str, np.ndarray]:
+    return {"token": np.array([32], np.int64), "position": np.array([step], np.int64),
+            "delay": np.array([6.0], np.float32)}
+
+
+def _initial_state(graph: dict) -> dict[str, np.ndarray]:
+    return {s["input"]: np.full(s["shape"], s["fill"], np.float32) for s in graph["state"]}
+
+
+def _summary(audio_times: list[float], decoder_times: list[float], tokens: list[int],
+             embedding: np.ndarray) -> dict[str, Any]:
+    audio_ms, decoder_ms = 1000 * np.array(audio_times[WARMUP_STEPS:]), 1000 * np.array(decoder_times[WARMUP_STEPS:])
+    return {"audio_step_ms": float(np.median(audio_ms)), "decoder_step_ms": float(np.median(decoder_ms)),
+            "audio_step_ms_min": float(audio_ms.min()), "decoder_step_ms_min": float(decoder_ms.min()),
+            "first_audio_step_ms": 1000 * audio_times[0], "first_decoder_step_ms": 1000 * decoder_times[0],
+            "steps": len(audio_ms), "real_time_factor": float(np.median(audio_ms) + np.median(decoder_ms)) / 80,
+            "next_tokens": tokens, "last_embedding": np.asarray(embedding, np.float32).reshape(-1)}
+
+
+def time_numpy(sessions: dict[str, Any], manifest: dict, steps: int) -> dict[str, Any]:
+    """``steps`` (+ warm-up) audio and decoder steps through ``session.run`` with numpy feeds and results, the
+    state carried in numpy arrays (as :class:`.web_export.OnnxEngine` does)."""
+    audio, decoder = sessions["audio"], sessions["decoder"]
+    graphs = manifest["graphs"]
+    audio_out, decoder_out = [o.name for o in audio.get_outputs()], [o.name for o in decoder.get_outputs()]
+    audio_back = {s["output"]: s["input"] for s in graphs["audio"]["state"]}
+    decoder_back = {s["output"]: s["input"] for s in graphs["decoder"]["state"]}
+    audio_state, decoder_state = _initial_state(graphs["audio"]), _initial_state(graphs["decoder"])
+    rng = np.random.default_rng(0)
+    audio_times, decoder_times, tokens = [], [], []
+    for step in range(steps + WARMUP_STEPS):
+        feeds = {**_audio_feeds(rng, manifest["audio"]["step_window"], step), **audio_state}
+        t = time.perf_counter()
+        results = audio.run(audio_out, feeds)
+        audio_times.append(time.perf_counter() - t)
+        outputs = dict(zip(audio_out, results))
+        audio_state = {audio_back[name]: value for name, value in outputs.items() if name in audio_back}
+        feeds = {**_decoder_feeds(step), "audio": outputs["embedding"], **decoder_state}
+        t = time.perf_counter()
+        results = decoder.run(decoder_out, feeds)
+        decoder_times.append(time.perf_counter() - t)
+        outputs = dict(zip(decoder_out, results))
+        decoder_state = {decoder_back[name]: value for name, value in outputs.items() if name in decoder_back}
+        tokens.append(int(outputs["next_token"][0]))
+        embedding = feeds["audio"]
+    return _summary(audio_times, decoder_times, tokens, embedding)
+
+
+def time_bound(ort: Any, sessions: dict[str, Any], manifest: dict, steps: int, device: str) -> dict[str, Any]:
+    """As :func:`time_numpy`, with the state and the audio embedding kept on ``device`` ("cuda" or "cpu") between
+    steps through IO binding: the small inputs are copied up each step and the next token down."""
+    audio, decoder = sessions["audio"], sessions["decoder"]
+    graphs = manifest["graphs"]
+    audio_out, decoder_out = [o.name for o in audio.get_outputs()], [o.name for o in decoder.get_outputs()]
+    audio_back = {s["output"]: s["input"] for s in graphs["audio"]["state"]}
+    decoder_back = {s["output"]: s["input"] for s in graphs["decoder"]["state"]}
+
+    def upload(state: dict[str, np.ndarray]) -> dict[str, Any]:
+        return {name: ort.OrtValue.ortvalue_from_numpy(value, device, 0) for name, value in state.items()}
+
+    audio_state, decoder_state = upload(_initial_state(graphs["audio"])), upload(_initial_state(graphs["decoder"]))
+    rng = np.random.default_rng(0)
+    audio_times, decoder_times, tokens = [], [], []
+    for step in range(steps + WARMUP_STEPS):
+        feeds = _audio_feeds(rng, manifest["audio"]["step_window"], step)
+        t = time.perf_counter()
+        binding = audio.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        for name, value in audio_state.items():
+            binding.bind_ortvalue_input(name, value)
+        for name in audio_out:
+            binding.bind_output(name, device, 0)
+        audio.run_with_iobinding(binding)
+        outputs = dict(zip(audio_out, binding.get_outputs()))
+        audio_times.append(time.perf_counter() - t)
+        audio_state = {audio_back[name]: value for name, value in outputs.items() if name in audio_back}
+        feeds = _decoder_feeds(step)
+        t = time.perf_counter()
+        binding = decoder.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        binding_embedding = outputs["embedding"]
+        binding.bind_ortvalue_input("audio", binding_embedding)
+        for name, value in decoder_state.items():
+            binding.bind_ortvalue_input(name, value)
+        for name in decoder_out:
+            binding.bind_output(name, "cpu" if name == "next_token" else device, 0)
+        decoder.run_with_iobinding(binding)
+        outputs = dict(zip(decoder_out, binding.get_outputs()))
+        token = int(outputs["next_token"].numpy()[0])
+        decoder_times.append(time.perf_counter() - t)
+        decoder_state = {decoder_back[name]: value for name, value in outputs.items() if name in decoder_back}
+        tokens.append(token)
+    return _summary(audio_times, decoder_times, tokens, binding_embedding.numpy())
+
+
+def load_sessions(ort: Any, folder: Path, manifest: dict, providers: list[Any]) -> tuple[dict[str, Any], str]:
+    """Both graphs' sessions on ``providers``, and what onnxruntime printed meanwhile (it prints, rather than
+    raises, when it falls back from a provider it could not create)."""
+    printed = io.StringIO()
+    sessions = {}
+    with contextlib.redirect_stdout(printed):
+        for key, graph in manifest["graphs"].items():
+            sessions[key] = ort.InferenceSession(str(folder / graph["file"]), ort.SessionOptions(),
+                                                 providers=providers)
+    text = printed.getvalue()
+    if text:
+        print(text, end="", flush=True)
+    return sessions, text
+
+
+def _same(a: list[int], b: list[int]) -> float:
+    return sum(x == y for x, y in zip(a, b)) / max(1, min(len(a), len(b)))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quant", default="q4")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps of each graph")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps of each graph (after 2 warm-up steps)")
+    parser.add_argument("--cpu-steps", type=int, help="timed steps on the CPU (default: --steps; 0: skip)")
+    parser.add_argument("--cuda-numpy-steps", type=int,
+                        help="timed CUDA steps with numpy feeds (default: --steps; 0: skip)")
+    parser.add_argument("--bound-cpu-steps", type=int, default=0,
+                        help="also time the IO-binding path on the CPU (a check of that code without a GPU)")
+    parser.add_argument("--decoder-context", type=int, help="as `voxtral export web --decoder-context`")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--params", type=Path, help="a params.json of other shapes (a quick trial of this script)")
     args = parser.parse_args()
-    report: dict = {"quant": args.quant, "cpu_count": os.cpu_count(), "machine": platform.node(),
-                    "torch": torch.__version__}
-    started = time.perf_counter()
+    cpu_steps = args.steps if args.cpu_steps is None else args.cpu_steps
+    cuda_numpy_steps = args.steps if args.cuda_numpy_steps is None else args.cuda_numpy_steps
+
+    import onnxruntime as ort
+
+    report: dict[str, Any] = {
+        "command": " ".join(sys.argv), "quant": args.quant, "decoder_context": args.decoder_context,
+        "params": str(args.params) if args.params else "full size (random_weights.FULL_SIZE_PARAMS)",
+        "cpu_count": os.cpu_count(), "machine": platform.node(), "python": platform.python_version(),
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "onnxruntime": ort.__version__, "onnxruntime_providers": ort.get_available_providers(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "note": "random weights; onnxruntime default threads; step times are medians after 2 warm-up steps",
+    }
+    phases = Phases(report, args.json)
+    phases.write()
+
     tekken_dir = tempfile.mkdtemp(prefix="voxtral-tekken-")
     config = (ModelConfig.from_params_json(json.loads(args.params.read_text()), dict(AUDIO_BLOCK)) if args.params
               else full_size_config())
+    report["layers"] = {"decoder": config.decoder.n_layers, "encoder": config.encoder.n_layers}
+    report["estimated_bytes"] = estimate_export_bytes(config, args.quant, decoder_context=args.decoder_context)
     network = random_network(config, device="cpu", dtype=torch.float32, seed=0)
     model = Model(network, Tokenizer(write_tekken_json(Path(tekken_dir) / "tekken.json")), source="random-full-size")
-    report["build_s"] = time.perf_counter() - started
+    report["build_s"] = phases.done("build the float32 model")
 
-    started = time.perf_counter()
-    manifest = export_web(model, args.out, quant=args.quant,
-                          progress=lambda done, total, what: print(f"[{done}/{total}] {what} "
-                                                                   f"{time.perf_counter() - started:.0f} s",
-                                                                   flush=True))
-    report["export_s"] = time.perf_counter() - started
+    phases.restart()
+    export_started = time.perf_counter()
+    manifest = export_web(model, args.out, quant=args.quant, decoder_context=args.decoder_context,
+                          progress=lambda done, total, what: phases.done(f"export {done}/{total}: {what}"))
+    report["export_s"] = time.perf_counter() - export_started
     del model, network
     files = {f["name"]: f["bytes"] for f in manifest["files"]}
     report["files"] = files
     measured = {key: sum(b for n, b in files.items() if n.startswith(stem + "."))
                 for key, stem in (("audio_graph", "audio_step"), ("decoder_graph", "decoder_step"))}
     report["measured_bytes"] = {**measured, "download": sum(measured.values())}
-    report["estimated_bytes"] = estimate_export_bytes(config, args.quant)
     report["largest_file_bytes"] = max(files.values())
+    if args.quant == "q4":
+        report["q4_target_bytes"] = 3_000_000_000
+        report["q4_within_target"] = report["measured_bytes"]["download"] <= 3_000_000_000
     print(json.dumps({k: report[k] for k in ("measured_bytes", "estimated_bytes", "largest_file_bytes")}),
           flush=True)
+    phases.write()
+    manifest = read_manifest(args.out, verify=False)
 
-    started = time.perf_counter()
-    exported = WebExport(args.out, verify=False)
-    report["session_load_s"] = time.perf_counter() - started
-    engine = exported.engine_for_session()
-    for state in (engine.audio_state, engine.decoder_state):
-        state.reset()
-    audio_session, decoder_session = exported.sessions["audio"], exported.sessions["decoder"]
-    window = manifest["audio"]["step_window"]
-    rng = np.random.default_rng(0)
-    audio_times, decoder_times = [], []
-    embedding = None
-    for step in range(args.steps + 2):  # the first two calls warm up
-        feeds = {"samples": (0.1 * rng.standard_normal(window)).astype(np.float32),
-                 "position": np.array([4 * step], np.int64), **engine.audio_state.values}
-        t = time.perf_counter()
-        outputs = audio_session.run(engine._audio_outputs, feeds)
-        audio_times.append(time.perf_counter() - t)
-        engine.audio_state.update(engine._audio_outputs, outputs)
-        embedding = outputs[0]
-        feeds = {"token": np.array([32], np.int64), "audio": embedding, "position": np.array([step], np.int64),
-                 "delay": np.array([6.0], np.float32), **engine.decoder_state.values}
-        t = time.perf_counter()
-        outputs = decoder_session.run(engine._decoder_outputs, feeds)
-        decoder_times.append(time.perf_counter() - t)
-        engine.decoder_state.update(engine._decoder_outputs, outputs)
-    report["onnxruntime_cpu_audio_step_ms"] = 1000 * float(np.median(audio_times[2:]))
-    report["onnxruntime_cpu_decoder_step_ms"] = 1000 * float(np.median(decoder_times[2:]))
-    report["real_time_factor_cpu"] = (report["onnxruntime_cpu_audio_step_ms"]
-                                      + report["onnxruntime_cpu_decoder_step_ms"]) / 80
-    print(json.dumps(report, indent=2), flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    # CUDA first: it is what this run is for where a GPU is; the CPU steps of the full model are the slower part
+    runs: dict[str, Any] = {}
+    report["onnxruntime_runs"] = runs
+    embeddings: dict[str, np.ndarray] = {}  # each run's last audio embedding, to compare the providers
+
+    def timed(name: str, steps: int, timer: Any, note: str) -> None:
+        try:
+            result = timer(steps)
+            embedding = result.pop("last_embedding")
+            embeddings[name] = embedding
+            result["last_embedding_rms"] = float(np.sqrt(np.mean(embedding.astype(np.float64) ** 2)))
+            if name != "cpu" and "cpu" in embeddings:
+                result["last_embedding_max_abs_diff_vs_cpu"] = float(np.abs(embedding - embeddings["cpu"]).max())
+                result["next_tokens_same_as_cpu"] = _same(result["next_tokens"], runs["cpu"]["next_tokens"])
+            runs[name] = {**result, "note": note}
+        except Exception as exc:  # noqa: BLE001 - recorded: the run goes on to the next measurement
+            runs[name] = {"error": f"{type(exc).__name__}: {first_line(exc)}",
+                          "traceback": traceback.format_exc()[-4000:]}
+        phases.done(f"onnxruntime {name} x{steps}")
+
+    cuda_sessions = None
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        phases.restart()
+        entry: dict[str, Any] = {}
+        runs["cuda_load"] = entry
+        try:
+            cuda_sessions, printed = load_sessions(ort, args.out, manifest, [
+                ("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"])
+            entry["providers"] = {key: s.get_providers() for key, s in cuda_sessions.items()}
+            if printed:
+                entry["printed"] = printed[-4000:]
+            if any("CUDAExecutionProvider" not in p for p in entry["providers"].values()):
+                entry["error"] = "onnxruntime fell back to the CPU (see printed)"
+                cuda_sessions = None
+        except Exception as exc:  # noqa: BLE001 - recorded: the run goes on to the CPU timing
+            entry["error"] = f"{type(exc).__name__}: {first_line(exc)}"
+            entry["traceback"] = traceback.format_exc()[-4000:]
+        entry["load_s"] = phases.done("onnxruntime CUDA sessions")
+        if cuda_sessions is not None and args.steps > 0:
+            timed("cuda_iobinding", args.steps, lambda n: time_bound(ort, cuda_sessions, manifest, n, "cuda"),
+                  "IO binding: the state and the audio embedding stay on the GPU; each step the samples, token and "
+                  "positions go up and the next token comes down (included)")
+        if cuda_sessions is not None and cuda_numpy_steps > 0:
+            timed("cuda_numpy", cuda_numpy_steps, lambda n: time_numpy(cuda_sessions, manifest, n),
+                  "session.run with numpy feeds and results: every step copies the whole state host -> device "
+                  "and back, included in the times")
+        cuda_sessions = None
+    else:
+        runs["cuda_load"] = {"error": "this onnxruntime has no CUDAExecutionProvider"}
+        phases.write()
+
+    if cpu_steps > 0:
+        phases.restart()
+        cpu_sessions, _ = load_sessions(ort, args.out, manifest, ["CPUExecutionProvider"])
+        report["session_load_s"] = phases.done("onnxruntime CPU sessions")
+        timed("cpu", cpu_steps, lambda n: time_numpy(cpu_sessions, manifest, n),
+              "session.run with numpy feeds, onnxruntime's default threads")
+        if "audio_step_ms" in runs["cpu"]:
+            report["onnxruntime_cpu_audio_step_ms"] = runs["cpu"]["audio_step_ms"]
+            report["onnxruntime_cpu_decoder_step_ms"] = runs["cpu"]["decoder_step_ms"]
+            report["real_time_factor_cpu"] = runs["cpu"]["real_time_factor"]
+            for name in ("cuda_iobinding", "cuda_numpy"):
+                if name in embeddings:
+                    runs[name]["last_embedding_max_abs_diff_vs_cpu"] = float(
+                        np.abs(embeddings[name] - embeddings["cpu"]).max())
+                    runs[name]["next_tokens_same_as_cpu"] = _same(runs[name]["next_tokens"],
+                                                                  runs["cpu"]["next_tokens"])
+        if args.bound_cpu_steps > 0:  # the IO-binding path on the CPU: a check of that code where no GPU is
+            timed("cpu_iobinding", args.bound_cpu_steps,
+                  lambda n: time_bound(ort, cpu_sessions, manifest, n, "cpu"), "IO binding on the CPU")
+        cpu_sessions = None
+    report["finished"] = True
+    phases.write()
+    print(json.dumps({k: v for k, v in report.items() if k != "files"}, indent=2), flush=True)
 
 
 if __name__ == "__main__":

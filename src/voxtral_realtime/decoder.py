@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import DecoderConfig
 from .layers import Attention, AttentionContext, FeedForward, KVCache, RMSNorm, Rotary
 
@@ -49,6 +50,26 @@ class DecoderLayer(nn.Module):
         x = x + self.attention(self.attention_norm(x), ctx, layer)
         return x + self.feed_forward(self.ffn_norm(x) * ffn_scale)
 
+    def step(self, x: torch.Tensor, ctx: AttentionContext, layer: int, ffn_scale: torch.Tensor, *,
+             pdl: bool) -> torch.Tensor:
+        """:meth:`forward` for one new position per row, x [B, dim] (B <= kernels.FUSED_MAX_ROWS, CUDA), in
+        five kernels: each norm, the rotary embedding, the cache write, SwiGLU and each residual add ride on a
+        matmul or on the attention kernel instead of running as kernels of their own (``ffn_scale``: [dim] or
+        [B, dim])."""
+        attention, ffn = self.attention, self.feed_forward
+        qkv = kernels.fused_linear(x, attention.wqkv.weight, norm=self.attention_norm.weight,
+                                   eps=self.attention_norm.eps, pdl=pdl)
+        heads = attention.attend_projected(qkv, ctx, layer, pdl=pdl)
+        x = kernels.fused_linear(heads, attention.wo.weight, residual=x, pdl=pdl)
+        hidden = kernels.fused_linear(x, ffn.w13.weight, norm=self.ffn_norm.weight, eps=self.ffn_norm.eps,
+                                      scale=ffn_scale, pdl=pdl)
+        return kernels.fused_linear(hidden, ffn.w2.weight, swiglu=True, residual=x, pdl=pdl)
+
+    def plain_weights(self) -> bool:
+        """Whether every matmul of the layer is an unquantized, bias-free nn.Linear (what :meth:`step` takes)."""
+        linears = (self.attention.wqkv, self.attention.wo, self.feed_forward.w13, self.feed_forward.w2)
+        return all(type(m) is nn.Linear and m.bias is None for m in linears)
+
 
 def time_embedding(delay_tokens: int, dim: int, dtype: torch.dtype, device: torch.device,
                    theta: float = 10_000.0) -> torch.Tensor:
@@ -66,6 +87,10 @@ class TextDecoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        #: whether a step of one new position for a few rows runs :meth:`DecoderLayer.step` where it can (CUDA,
+        #: unquantized weights); ``pdl``: with programmatic dependent launch where the GPU has it
+        self.fused_step = True
+        self.pdl = True
 
     def new_cache(self, rows: int, *, max_chunk: int, device: torch.device, dtype: torch.dtype,
                   context: int | None = None, preallocate: bool = False) -> KVCache:
@@ -90,9 +115,24 @@ class TextDecoder(nn.Module):
         one delay, or [B, n_layers, dim], one delay per row."""
         x = self.tok_embeddings(tokens) + audio
         ctx = AttentionContext.prepare(self.rotary, cache, positions, x.dtype, rows=rows, enabled=enabled)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, ctx, i, ffn_scales[..., i, None, :] if ffn_scales.dim() == 3 else ffn_scales[i])
+        if self._can_step(x, ctx):
+            x = self._fused_steps(x[:, 0], ctx, ffn_scales)[:, None]
+        else:
+            for i, layer in enumerate(self.layers):
+                x = layer(x, ctx, i, ffn_scales[..., i, None, :] if ffn_scales.dim() == 3 else ffn_scales[i])
         hidden = self.norm(x[:, -1])
         # A quantized table (quantization.QuantizedEmbedding) computes the tied LM head itself.
         head = getattr(self.tok_embeddings, "logits", None)
         return (head(hidden) if head is not None else F.linear(hidden, self.tok_embeddings.weight)).float()
+
+    def _can_step(self, x: torch.Tensor, ctx: AttentionContext) -> bool:
+        return (self.fused_step and ctx.query_positions is not None and x.shape[0] <= kernels.FUSED_MAX_ROWS
+                and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                and all(layer.plain_weights() for layer in self.layers))
+
+    @torch.compiler.disable  # hand-written kernels: nothing for inductor to fuse; a CUDA graph captures them
+    def _fused_steps(self, x: torch.Tensor, ctx: AttentionContext, ffn_scales: torch.Tensor) -> torch.Tensor:
+        pdl = self.pdl and kernels.programmatic_launch_available(x.device)
+        for i, layer in enumerate(self.layers):
+            x = layer.step(x, ctx, i, ffn_scales[:, i] if ffn_scales.dim() == 3 else ffn_scales[i], pdl=pdl)
+        return x

@@ -20,6 +20,7 @@ Under ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (slowly): the C
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -36,20 +37,48 @@ def decode_attention_available(device: torch.device) -> bool:
     return triton is not None and device.type == "cuda"
 
 
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def programmatic_launch_available(device: torch.device) -> bool:
+    """Programmatic dependent launch (Hopper and newer, compiled Triton): a kernel may start while the one before
+    it drains, and waits for that one's results only where it reads them."""
+    return (triton is not None and device.type == "cuda" and not _interpreted()
+            and hasattr(tl.extra.cuda, "gdc_wait") and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
 if triton is not None:
 
     @triton.jit
+    def _rotated(ptr, offs_rows, stride_row, offs_d, row_mask, cos, signed_sin, D: tl.constexpr):
+        """Rows of head vectors at ``ptr`` with the half-split rotary embedding applied, in float32:
+        x * cos + roll(x, D/2) * signed_sin (see layers.apply_rotary)."""
+        rows = ptr + offs_rows[:, None] * stride_row
+        x = tl.load(rows + offs_d[None, :], mask=row_mask[:, None], other=0.0).to(tl.float32)
+        rolled = tl.load(rows + ((offs_d + D // 2) % D)[None, :], mask=row_mask[:, None], other=0.0)
+        return x * cos[None, :] + rolled.to(tl.float32) * signed_sin[None, :]
+
+    @triton.jit
     def _decode_attention_kernel(
-        q_ptr, k_ptr, v_ptr, table_ptr, qpos_ptr, out_ptr, part_ptr, stats_ptr,
+        q_ptr, k_ptr, v_ptr, table_ptr, qpos_ptr, out_ptr, part_ptr, stats_ptr, cos_ptr, sin_ptr,
         row_start, capacity, window, scale,
         stride_qb, stride_qh, stride_qg,
         stride_kr, stride_kh, stride_kc,
         stride_vr, stride_vh, stride_vc,
-        stride_tr,
+        stride_tr, stride_cb,
         stride_ob, stride_oh, stride_og,
         H_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
-        BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr, FROM_QKV: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        """FROM_QKV: ``q_ptr`` is the fused projection's output row [q heads | k heads | v heads] of each stream,
+        not yet rotated; the kernel rotates q and the new key, stores the new key and value in the cache
+        (column qpos % capacity) and attends to them from registers, so that no other kernel runs between the
+        projection and the attention.  The column being written is left out of the cache reads."""
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = pid // H_KV
@@ -63,18 +92,38 @@ if triton is not None:
         offs_g = tl.arange(0, GROUP_PAD)
         offs_d = tl.arange(0, D)
         g_mask = offs_g < GROUP
-        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_g[:, None] * stride_qg + offs_d[None, :],
-                    mask=g_mask[:, None], other=0.0)
         m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, D], tl.float32)
         k_base = k_ptr + row * stride_kr + h * stride_kh
         v_base = v_ptr + row * stride_vr + h * stride_vh
+        new_column = tl.where(qpos >= 0, qpos % capacity, -1)
+        if FROM_QKV:
+            cos = tl.load(cos_ptr + b * stride_cb + offs_d).to(tl.float32)
+            signed_sin = tl.load(sin_ptr + b * stride_cb + offs_d).to(tl.float32)
+            row_ptr = q_ptr + b * stride_qb
+            q = _rotated(row_ptr + h * stride_qh, offs_g, stride_qg, offs_d, g_mask, cos, signed_sin, D)
+            q = q.to(k_ptr.dtype.element_ty)
+            one = tl.arange(0, 1)
+            k_new = _rotated(row_ptr + (H_KV * GROUP + h) * D, one, 0, offs_d, one == 0, cos, signed_sin, D)
+            k_new = k_new.to(k_ptr.dtype.element_ty)
+            v_new = tl.load(row_ptr + (H_KV * GROUP + H_KV + h) * D + offs_d[None, :])
+            if (split == 0) & (qpos >= 0):  # the new key: stored once, counted once (in split 0's sums)
+                tl.store(k_base + new_column * stride_kc + offs_d[None, :], k_new)
+                tl.store(v_base + new_column * stride_vc + offs_d[None, :], v_new)
+                m_i = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), 1) * scale
+                l_i = tl.full([GROUP_PAD], 1.0, tl.float32)
+                acc = tl.zeros([GROUP_PAD, D], tl.float32) + v_new.to(tl.float32)
+        else:
+            q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_g[:, None] * stride_qg + offs_d[None, :],
+                        mask=g_mask[:, None], other=0.0)
         for start in range(lo, hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             in_range = offs_n < hi
             held = tl.load(table_ptr + row * stride_tr + offs_n, mask=in_range, other=-1)
             visible = in_range & (held >= 0) & (held <= qpos) & (held > qpos - window)
+            if FROM_QKV:
+                visible = visible & (offs_n != new_column)
             k = tl.load(k_base + offs_n[:, None] * stride_kc + offs_d[None, :], mask=in_range[:, None], other=0.0)
             if IEEE:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
@@ -137,6 +186,69 @@ if triton is not None:
             acc = tl.sum(acc3, axis=2)
         out_ptrs = out_ptr + split * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask)
+
+    @triton.jit
+    def _gemv_input(x_rows, m_mask, k0, gain_ptr, scale_rows, inv_rms, K: tl.constexpr, BLOCK_K: tl.constexpr,
+                    PROLOGUE: tl.constexpr, HAS_SCALE: tl.constexpr):
+        """Columns k0..k0+BLOCK_K of the GEMV's input rows, computed from what the previous layer wrote, in
+        float32 after the reference's roundings to x's dtype (see :func:`fused_linear`)."""
+        offs = k0 + tl.arange(0, BLOCK_K)
+        mask = m_mask[:, None]
+        dtype = x_rows.dtype.element_ty
+        if PROLOGUE == 2:  # SwiGLU: x holds [gate | up], 2K wide
+            gate = tl.load(x_rows + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+            up = tl.load(x_rows + K + offs[None, :], mask=mask, other=0.0)
+            x = (gate * tl.sigmoid(gate)).to(dtype) * up
+        else:
+            x = tl.load(x_rows + offs[None, :], mask=mask, other=0.0)
+            if PROLOGUE == 1:  # RMSNorm, then the gain, then (the decoder's FFN) the delay scale
+                x = (x.to(tl.float32) * inv_rms[:, None]).to(dtype) * tl.load(gain_ptr + offs)[None, :]
+                if HAS_SCALE:
+                    x = x * tl.load(scale_rows + offs[None, :], mask=mask, other=0.0)
+        return x.to(tl.float32)
+
+    @triton.jit
+    def _fused_gemv_kernel(
+        x_ptr, w_ptr, out_ptr, gain_ptr, scale_ptr, res_ptr, M,
+        stride_xm, stride_wn, stride_om, stride_sm, stride_rm, eps,
+        K: tl.constexpr, K_PAD: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        PROLOGUE: tl.constexpr, HAS_SCALE: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
+    ):
+        """out[m, n] = (res[m, n] +) sum_k input(x)[m, k] * w[n, k] for M <= M_PAD rows, FMAs reduced once.
+
+        A weight does not depend on the kernel before this one, so the first weight tile is loaded before
+        waiting for that kernel (PDL: programmatic dependent launch lets this kernel start while the previous one
+        drains); each further tile is loaded one iteration ahead."""
+        pid = tl.program_id(0)
+        offs_m = tl.arange(0, M_PAD)
+        m_mask = offs_m < M
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + tl.arange(0, BLOCK_K)[None, :]
+        w = tl.load(w_ptrs)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+        x_rows = x_ptr + offs_m[:, None] * stride_xm
+        scale_rows = scale_ptr + offs_m[:, None] * stride_sm
+        inv_rms = tl.zeros([M_PAD], tl.float32)
+        if PROLOGUE == 1:
+            kk = tl.arange(0, K_PAD)
+            whole = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
+            whole = whole.to(tl.float32)
+            inv_rms = 1.0 / tl.sqrt(tl.sum(whole * whole, axis=1) / K + eps)
+        acc = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], tl.float32)
+        for k0 in range(0, K - BLOCK_K, BLOCK_K):
+            w_next = tl.load(w_ptrs + k0 + BLOCK_K)
+            x = _gemv_input(x_rows, m_mask, k0, gain_ptr, scale_rows, inv_rms, K, BLOCK_K, PROLOGUE, HAS_SCALE)
+            acc += x[:, None, :] * w[None, :, :].to(tl.float32)
+            w = w_next
+        x = _gemv_input(x_rows, m_mask, K - BLOCK_K, gain_ptr, scale_rows, inv_rms, K, BLOCK_K, PROLOGUE,
+                        HAS_SCALE)
+        acc += x[:, None, :] * w[None, :, :].to(tl.float32)
+        out = tl.sum(acc, axis=2).to(out_ptr.dtype.element_ty)
+        if RESIDUAL:
+            out = out + tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=m_mask[:, None])
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out, mask=m_mask[:, None])
 
     @triton.jit
     def _nibble_value(nibble):
@@ -224,7 +336,11 @@ if triton is not None:
     def _combine_splits_kernel(
         part_ptr, stats_ptr, out_ptr, stride_ob, stride_oh, stride_og,
         H_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         pid = tl.program_id(0)
         b = pid // H_KV
         h = pid % H_KV
@@ -250,11 +366,13 @@ if triton is not None:
 _TARGET_PROGRAMS = 256
 
 
-@torch.library.custom_op("voxtral::decode_attention", mutates_args=())
-def _decode_attention_op(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, table: torch.Tensor,
-                         qpos: torch.Tensor, row_start: int, capacity: int, window: int) -> torch.Tensor:
-    batch, h_kv, group, dim = q.shape
-    out = torch.empty_like(q)
+def _launch_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, table: torch.Tensor,
+                             qpos: torch.Tensor, out: torch.Tensor, row_start: int, capacity: int, window: int, *,
+                             h_kv: int, group: int, q_strides: tuple[int, int, int],
+                             rotary: tuple[torch.Tensor, torch.Tensor] | None = None, pdl: bool = False) -> None:
+    """Run the decode kernel (and its combining kernel) writing ``out`` [B, H_kv, group, D]; ``rotary``: the
+    (cos, signed sin) rows [B, D] of the FROM_QKV form, whose ``q`` is the fused projection's output."""
+    batch, dim = qpos.shape[0], keys.shape[-1]
     programs = batch * h_kv
     splits = 1
     while splits < 16 and programs * splits * 2 <= _TARGET_PROGRAMS:
@@ -262,22 +380,32 @@ def _decode_attention_op(q: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     group_pad = max(16, triton.next_power_of_2(group))
     part = q.new_empty((programs * splits, group_pad, dim), dtype=torch.float32) if splits > 1 else out
     stats = q.new_empty((programs * splits, 2, group_pad), dtype=torch.float32) if splits > 1 else out
+    cos, sin = rotary if rotary is not None else (q, q)
+    launch = {"launch_pdl": True} if pdl else {}
     _decode_attention_kernel[(programs, splits)](
-        q, keys, values, table, qpos, out, part, stats,
+        q, keys, values, table, qpos, out, part, stats, cos, sin,
         row_start, capacity, window, 1.0 / math.sqrt(dim),
-        q.stride(0), q.stride(1), q.stride(2),
+        *q_strides,
         keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2),
-        table.stride(0),
+        table.stride(0), cos.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
         H_KV=h_kv, GROUP=group, GROUP_PAD=group_pad, D=dim, BLOCK_N=64, SPLITS=splits,
-        IEEE=q.dtype == torch.float32,
+        IEEE=keys.dtype == torch.float32, FROM_QKV=rotary is not None, PDL=pdl, **launch,
     )
     if splits > 1:
         _combine_splits_kernel[(programs,)](
             part, stats, out, out.stride(0), out.stride(1), out.stride(2),
-            H_KV=h_kv, GROUP=group, GROUP_PAD=group_pad, D=dim, SPLITS=splits,
+            H_KV=h_kv, GROUP=group, GROUP_PAD=group_pad, D=dim, SPLITS=splits, PDL=pdl, **launch,
         )
+
+
+@torch.library.custom_op("voxtral::decode_attention", mutates_args=())
+def _decode_attention_op(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, table: torch.Tensor,
+                         qpos: torch.Tensor, row_start: int, capacity: int, window: int) -> torch.Tensor:
+    out = torch.empty_like(q)
+    _launch_decode_attention(q, keys, values, table, qpos, out, row_start, capacity, window, h_kv=q.shape[1],
+                             group=q.shape[2], q_strides=(q.stride(0), q.stride(1), q.stride(2)))
     return out
 
 
@@ -299,6 +427,75 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     out = _decode_attention_op(grouped.contiguous(), keys, values, table, qpos.contiguous(), row_start, capacity,
                                window)
     return out.reshape(batch, heads, 1, dim)
+
+
+def decode_attention_from_qkv(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, table: torch.Tensor,
+                              qpos: torch.Tensor, row_start: int, capacity: int, window: int, cos: torch.Tensor,
+                              signed_sin: torch.Tensor, n_heads: int, *, pdl: bool = False) -> torch.Tensor:
+    """The attention of one new position per stream straight from the fused projection's output ``qkv``
+    [B, (H + 2 H_kv) D], not yet rotated: rotates q and the new key (``cos``/``signed_sin`` [B, D], see
+    layers.Rotary), stores the new key and value in the cache at column ``qpos % capacity`` (rows with qpos -1
+    store nothing) and returns the heads' outputs [B, H D].  Same result as rotating, :meth:`KVCache.write`
+    and :func:`decode_attention`, in one kernel (two with splits)."""
+    batch, dim, h_kv = qkv.shape[0], keys.shape[-1], keys.shape[1]
+    group = n_heads // h_kv
+    out = qkv.new_empty((batch, h_kv, group, dim))
+    _launch_decode_attention(qkv, keys, values, table, qpos, out, row_start, capacity, window, h_kv=h_kv,
+                             group=group, q_strides=(qkv.stride(0), group * dim, dim), rotary=(cos, signed_sin),
+                             pdl=pdl)
+    return out.view(batch, n_heads * dim)
+
+
+#: rows the fused GEMV takes (FMAs, one accumulator per row)
+FUSED_MAX_ROWS = 4
+
+
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 0.0,
+                 scale: torch.Tensor | None = None, swiglu: bool = False, residual: torch.Tensor | None = None,
+                 config: MatmulConfig | None = None, pdl: bool = False) -> torch.Tensor:
+    """``input @ weight.T (+ residual)`` for up to :data:`FUSED_MAX_ROWS` rows, where the input is computed from
+    ``x`` [M, K] on the fly: as is; ``norm``: ``RMSNorm(x) * norm`` (times ``scale`` [M, K] or [K] when given),
+    rounded to x's dtype where layers.RMSNorm rounds; ``swiglu``: ``silu(x[:, :K]) * x[:, K:]`` of x [M, 2K].
+    The decoder step's elementwise work so rides on the matmuls, which read their weights at memory speed."""
+    m = x.shape[0]
+    n, k = weight.shape
+    config = config or gemv_config(m, n, k)
+    out = x.new_empty((m, n))
+    unused = x
+    gain = norm if norm is not None else unused
+    scale_rows = scale if scale is not None else unused
+    res = residual if residual is not None else unused
+    _fused_gemv_kernel[(n // config.block_n,)](
+        x, weight, out, gain, scale_rows, res, m,
+        x.stride(0), weight.stride(0), out.stride(0), scale_rows.stride(0) if scale_rows.dim() == 2 else 0,
+        res.stride(0), eps,
+        K=k, K_PAD=triton.next_power_of_2(k), M_PAD=triton.next_power_of_2(m), BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k, PROLOGUE=2 if swiglu else 1 if norm is not None else 0,
+        HAS_SCALE=scale is not None, RESIDUAL=residual is not None, PDL=pdl, num_warps=config.num_warps,
+        num_stages=1, **({"launch_pdl": True} if pdl else {}),
+    )
+    return out
+
+
+#: fused-GEMV tilings per decoder (N, K) for one row (bench/tune_gemv.py; the bf16 skinny kernel's best on an H200)
+_GEMV_ONE_ROW = {
+    (6144, 3072): (8, 512),  # wqkv
+    (3072, 4096): (4, 512),  # wo
+    (18432, 3072): (8, 512),  # w13
+    (3072, 9216): (4, 512),  # w2
+}
+
+
+def gemv_config(m: int, n: int, k: int) -> MatmulConfig:
+    """The :func:`fused_linear` tiling for an [m, k] x [n, k] product: a tuned one for the decoder's shapes, else
+    long rows (up to 512 values) and few of them per program; the per-thread accumulator is kept at most 16k
+    values for the whole tile."""
+    block_n, block_k = _GEMV_ONE_ROW.get((n, k), (_largest_divisor(n, (8, 4, 2)), _largest_divisor(
+        k, (512, 256, 128, 64, 32, 16))))
+    m_pad = triton.next_power_of_2(m)
+    while block_n * block_k * m_pad > 16384 and block_k > 16 and k % (block_k // 2) == 0:
+        block_k //= 2
+    return MatmulConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=1)
 
 
 @dataclass(frozen=True)

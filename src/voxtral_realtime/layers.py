@@ -252,6 +252,14 @@ class Attention(nn.Module):
             out = grouped_attention(q, cache.keys[layer][ctx.rows], cache.values[layer][ctx.rows], ctx.mask)
         return self.wo(out.transpose(1, 2).reshape(batch, length, self.q_size))
 
+    def attend_projected(self, qkv: torch.Tensor, ctx: AttentionContext, layer: int, *, pdl: bool) -> torch.Tensor:
+        """The fused step's attention (CUDA, one new position per row): ``qkv`` [B, (H + 2 H_kv) D] is the
+        projection of the normed input, not yet rotated -> the heads' outputs [B, H D], before ``wo``."""
+        cache = ctx.cache
+        return kernels.decode_attention_from_qkv(
+            qkv, cache.keys[layer], cache.values[layer], cache.positions, ctx.query_positions, ctx.rows.start,
+            cache.capacity, cache.window, ctx.cos.flatten(1), ctx.sin.flatten(1), self.n_heads, pdl=pdl)
+
 
 def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """q [B, H, T, D] over keys/values [B, H_kv, S, D] with mask [B, 1, T, S] -> [B, H, T, D].

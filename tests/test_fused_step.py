@@ -1,0 +1,135 @@
+"""The fused decoder step (``DecoderLayer.step``: norms, rotary, cache write, SwiGLU and residuals folded into five
+kernels) against the layer's plain PyTorch forward, on a GPU or in Triton's CPU interpreter (float32 there)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from voxtral_realtime import kernels
+from voxtral_realtime.config import DecoderConfig
+from voxtral_realtime.decoder import DecoderLayer, TextDecoder
+from voxtral_realtime.layers import AttentionContext, KVCache
+
+pytestmark = pytest.mark.skipif(kernels.triton is None, reason="needs Triton (GPU, or its CPU interpreter)")
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+CFG = DecoderConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96, vocab_size=300,
+                    sliding_window=6, rope_theta=1e6, norm_eps=1e-5, ada_dim=8)
+
+
+def _randomize(module: torch.nn.Module, seed: int) -> None:
+    """Every parameter random, norm gains away from 1 (a gain or row-order bug must show)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            base = 1.0 if name.endswith("norm.weight") else 0.0
+            p.copy_(base + torch.randn(p.shape, generator=generator) * (0.3 if base else 0.15))
+
+
+def _kernel_context(decoder: TextDecoder, cache: KVCache, positions: torch.Tensor, enabled: torch.Tensor,
+                    rows: slice) -> AttentionContext:
+    """The context the CUDA path builds (query positions, no mask), also on the CPU for the interpreter."""
+    cos, sin = decoder.rotary.cos_sin(positions, cache.keys[0].dtype)
+    columns, _ = cache.advance(positions, enabled, rows, with_mask=False)
+    query = torch.where(enabled, positions[:, 0], -1)
+    return AttentionContext(cos, sin, cache, rows, cache.write_index(columns, rows), None, query)
+
+
+def _history(decoder: TextDecoder, rows: int, lengths: list[int], dtype: torch.dtype) -> KVCache:
+    """A cache whose row r holds ``lengths[r]`` positions of random keys/values (rings wrapped past the window)."""
+    cache = decoder.new_cache(rows, max_chunk=1, device=DEVICE, dtype=dtype, preallocate=True)
+    generator = torch.Generator(device=DEVICE).manual_seed(3)
+    for r, n in enumerate(lengths):
+        for p in range(n):
+            columns, _ = cache.advance(torch.tensor([[p]], device=DEVICE), rows=slice(r, r + 1), with_mask=False)
+            for layer in range(len(cache.keys)):
+                kv = torch.randn(2, 1, CFG.n_kv_heads, 1, CFG.head_dim, device=DEVICE, generator=generator)
+                cache.write(layer, kv[0].to(dtype), kv[1].to(dtype), cache.write_index(columns, slice(r, r + 1)))
+    return cache
+
+
+DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not CUDA, reason="GPU only"))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_row_scale", [False, True])
+def test_step_equals_forward_and_writes_the_same_cache(dtype, per_row_scale):
+    decoder = TextDecoder(CFG)
+    _randomize(decoder, seed=1)
+    decoder = decoder.to(DEVICE, dtype)
+    layer: DecoderLayer = decoder.layers[0]
+    # rows 1..4 of a 5-row cache: lengths before / at / past the window, one row disabled
+    lengths = [2, 0, 5, 9, 3]
+    rows = slice(1, 5)
+    enabled = torch.tensor([True, True, False, True], device=DEVICE)
+    positions = torch.tensor(lengths[1:], device=DEVICE)[:, None]
+    plain, fused = _history(decoder, 5, lengths, dtype), _history(decoder, 5, lengths, dtype)
+    x = (torch.randn(4, CFG.dim, device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(5))
+         ).to(dtype)
+    scale = (1 + 0.2 * torch.randn(4 if per_row_scale else 1, CFG.dim, device=DEVICE)).to(dtype)
+    scale = scale if per_row_scale else scale[0]
+
+    plain_ctx = AttentionContext.prepare(decoder.rotary, plain, positions, dtype, rows=rows, enabled=enabled)
+    expected = layer(x[:, None], plain_ctx, 0, scale[:, None] if per_row_scale else scale)[:, 0]
+    got = layer.step(x, _kernel_context(decoder, fused, positions, enabled, rows), 0, scale, pdl=False)
+
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    on = enabled.cpu()
+    torch.testing.assert_close(got[on].float(), expected[on].float(), rtol=tolerance, atol=tolerance)
+    for a, b in ((plain.keys[0], fused.keys[0]), (plain.values[0], fused.values[0])):
+        ring = slice(0, plain.capacity)  # scratch columns hold whatever disabled rows threw away
+        torch.testing.assert_close(b[:, :, ring].float(), a[:, :, ring].float(), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 48, 64), (3, 32, 96), (4, 64, 128)])
+@pytest.mark.parametrize("prologue", ["none", "norm", "norm+scale", "swiglu"])
+def test_fused_linear_against_torch(m, n, k, prologue):
+    generator = torch.Generator(device=DEVICE).manual_seed(m * 100 + n)
+    rand = lambda *shape: torch.randn(*shape, device=DEVICE, generator=generator)
+    weight, residual = rand(n, k), rand(m, n)
+    kwargs = {}
+    if prologue == "swiglu":
+        x = rand(m, 2 * k)
+        gate, up = x.split(k, dim=-1)
+        inputs = torch.nn.functional.silu(gate) * up
+        kwargs["swiglu"] = True
+    else:
+        x = rand(m, k)
+        inputs = x
+        if prologue.startswith("norm"):
+            gain = 1 + 0.3 * rand(k)
+            inputs = gain * torch.nn.functional.rms_norm(x, (k,), eps=1e-5)
+            kwargs.update(norm=gain, eps=1e-5)
+        if prologue == "norm+scale":
+            scale = 1 + 0.3 * rand(m, k)
+            inputs = inputs * scale
+            kwargs["scale"] = scale
+    got = kernels.fused_linear(x, weight, residual=residual, **kwargs)
+    torch.testing.assert_close(got, residual + inputs @ weight.T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("config", [kernels.MatmulConfig(block_n=16, block_k=32), kernels.MatmulConfig(block_n=2,
+                                                                                                       block_k=128)])
+def test_fused_linear_tilings_cover_every_column(config):
+    """A tile per program and the last-iteration tail: every output written once (poisoned memory shows)."""
+    x = torch.randn(2, 128, device=DEVICE)
+    weight = torch.randn(64, 128, device=DEVICE)
+    torch.testing.assert_close(kernels.fused_linear(x, weight, config=config), x @ weight.T, rtol=1e-4, atol=1e-4)
+
+
+def test_transcription_through_the_fused_step_equals_the_plain_one(checkpoints, tiny_short, monkeypatch):
+    """The whole model, its one-stream engine stepping through ``DecoderLayer.step`` (in the interpreter on a
+    CPU), gives the plain CPU path's tokens; the audio runs past the decoder's window and wraps its ring."""
+    from signals import speechlike
+
+    import voxtral_realtime
+
+    model = voxtral_realtime.load(checkpoints["short"].mistral_dir, device=DEVICE, dtype="f32")
+    used = []
+    monkeypatch.setattr(kernels, "decode_attention_available", lambda device: True)
+    monkeypatch.setattr(DecoderLayer, "step", lambda self, *a, step=DecoderLayer.step, **k: used.append(1) or
+                        step(self, *a, **k))
+    audio = speechlike(0.6, seed=8)
+    assert model.transcribe(audio).tokens == tiny_short.transcribe(audio).tokens
+    assert used
