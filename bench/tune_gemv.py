@@ -79,10 +79,42 @@ def skinny_configs(n: int, k: int, m: int):
                 yield MatmulConfig(bn, bk, split, True, 4, stages)
 
 
-def fused_configs(n: int, k: int, m: int):
+def fused_configs(n: int, k: int, m: int, gated: bool):
     for bn, bk, warps in itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048), (2, 4, 8)):
-        if n % bn == 0 and k % bk == 0 and bn * bk * triton_pow2(m) <= 16384:
+        if n % bn == 0 and k % bk == 0 and bn * bk * triton_pow2(m) * (1 + gated) <= 16384:
             yield MatmulConfig(bn, bk, 1, False, warps, 1)
+
+
+#: how the decoder step calls each product (DecoderLayer.step): what the fused GEMV computes around it
+STEP_FORM = {"wqkv": "norm", "wo": "residual", "w13": "norm, scale, gated", "w2": "residual", "lm_head": "norm"}
+
+
+def step_arguments(name: str, x: torch.Tensor, n: int) -> dict:
+    """fused_linear's keyword arguments for ``name`` as the decoder step uses it (random gains, scales, residual)."""
+    form, m, k = STEP_FORM[name], x.shape[0], x.shape[1]
+    kwargs: dict = {}
+    if "norm" in form:
+        kwargs.update(norm=torch.rand(k, device="cuda", dtype=x.dtype) + 0.5, eps=1e-5)
+    if "scale" in form:
+        kwargs["scale"] = torch.rand(m, k, device="cuda", dtype=x.dtype) + 0.5
+    if "gated" in form:
+        kwargs["gated"] = True
+    if "residual" in form:
+        kwargs["residual"] = torch.randn(m, n, device="cuda", dtype=x.dtype)
+    return kwargs
+
+
+def step_reference(x: torch.Tensor, weight: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    h = x.float()
+    if "norm" in kwargs:
+        h = torch.nn.functional.rms_norm(h, (h.shape[-1],), eps=kwargs["eps"]) * kwargs["norm"].float()
+    if "scale" in kwargs:
+        h = h * kwargs["scale"].float()
+    out = h @ weight.float().T
+    if kwargs.get("gated"):
+        gate, up = out.chunk(2, dim=-1)
+        out = F.silu(gate) * up
+    return out + kwargs["residual"].float() if "residual" in kwargs else out
 
 
 def triton_pow2(m: int) -> int:
@@ -172,17 +204,23 @@ def main() -> None:
                                     "cublas_s": base, "ranked": ranked[:8]})
         for m in rows_of(args.fused_rows):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            ref = x.float() @ weights[0].float().T
+            kwargs = step_arguments(name, x, n // 2 if name == "w13" else n)
+            ref = step_reference(x, weights[0], kwargs)
             base = timed(lambda i, x=x, w=weights: F.linear(x, w[i % len(w)]))
+            gated = kwargs.get("gated", False)
+            n_out = n // 2 if gated else n
             ranked = _search(
-                f"fused bf16 {name} N={n} K={k} M={m} (cublas {base * 1e6:.1f} us, {nbytes / base / 1e9:.0f} GB/s)",
-                nbytes, _sampled(fused_configs(n, k, m), kernels.gemv_config(m, n, k), n + m),
-                lambda cfg, i, x=x, w=weights: kernels.fused_linear(x, w[i % len(w)], config=cfg, pdl=pdl),
-                lambda cfg, x=x, ref=ref, w=weights[0]: (kernels.fused_linear(x, w, config=cfg).float() - ref
-                                                         ).abs().max().item(),
+                f"fused bf16 {name} ({STEP_FORM[name]}) N={n} K={k} M={m} (cublas alone {base * 1e6:.1f} us, "
+                f"{nbytes / base / 1e9:.0f} GB/s)",
+                nbytes, _sampled(fused_configs(n_out, k, m, gated), kernels.gemv_config(m, n_out, k, gated=gated),
+                                 n + m),
+                lambda cfg, i, x=x, w=weights, kw=kwargs: kernels.fused_linear(x, w[i % len(w)], config=cfg, pdl=pdl,
+                                                                               **kw),
+                lambda cfg, x=x, ref=ref, w=weights[0], kw=kwargs: (
+                    kernels.fused_linear(x, w, config=cfg, **kw).float() - ref).abs().max().item(),
                 args.seconds_per_case, baseline=("cublas", base))
-            results["rows"].append({"kind": "fused", "name": name, "n": n, "k": k, "m": m, "bytes": nbytes,
-                                    "cublas_s": base, "ranked": ranked[:8]})
+            results["rows"].append({"kind": "fused", "name": name, "form": STEP_FORM[name], "n": n, "k": k, "m": m,
+                                    "bytes": nbytes, "cublas_s": base, "ranked": ranked[:8]})
         if rows_of(args.rows) or rows_of(args.fused_rows):
             del weights
         qbytes = n * k // 2 + 4 * n * k // 32

@@ -17,6 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from voxtral_realtime import benchmark
+from voxtral_realtime import decoder as decoder_module
 from voxtral_realtime.engine import Engine
 from voxtral_realtime.random_weights import random_model
 
@@ -29,9 +30,10 @@ VARIANTS = {
 }
 
 
-def _configure(model, variant: str) -> None:
+def _configure(model, variant: str, rows: int = 1) -> None:
     fused, pdl, compiled = VARIANTS[variant]
     model.network.decoder.fused_step, model.network.decoder.pdl, model.compile = fused, pdl, compiled
+    decoder_module.FUSED_STEP_ROWS = rows if fused else 1  # measure the fused step at every batch
 
 
 def _logits(model, context: int, steps: int) -> torch.Tensor:
@@ -79,7 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--context", type=int, default=400)
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batches", default="1,4")
+    parser.add_argument("--batches", default="1,2,4")
     parser.add_argument("--json")
     args = parser.parse_args()
     model = random_model(device="cuda", dtype=torch.bfloat16)
@@ -100,6 +102,7 @@ def main() -> None:
     for variant in VARIANTS:
         _configure(model, variant)
         for batch in (int(b) for b in args.batches.split(",")):
+            _configure(model, variant, batch)
             began = time.perf_counter()
             try:
                 result = benchmark.bench_step(model, batch, args.context, steps=args.steps)

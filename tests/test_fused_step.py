@@ -83,30 +83,27 @@ def test_step_equals_forward_and_writes_the_same_cache(dtype, per_row_scale):
 
 
 @pytest.mark.parametrize(("m", "n", "k"), [(1, 48, 64), (3, 32, 96), (4, 64, 128)])
-@pytest.mark.parametrize("prologue", ["none", "norm", "norm+scale", "swiglu"])
+@pytest.mark.parametrize("prologue", ["none", "norm", "norm+scale", "norm+scale, gated"])
 def test_fused_linear_against_torch(m, n, k, prologue):
     generator = torch.Generator(device=DEVICE).manual_seed(m * 100 + n)
     rand = lambda *shape: torch.randn(*shape, device=DEVICE, generator=generator)
-    weight, residual = rand(n, k), rand(m, n)
-    kwargs = {}
-    if prologue == "swiglu":
-        x = rand(m, 2 * k)
-        gate, up = x.split(k, dim=-1)
-        inputs = torch.nn.functional.silu(gate) * up
-        kwargs["swiglu"] = True
-    else:
-        x = rand(m, k)
-        inputs = x
-        if prologue.startswith("norm"):
-            gain = 1 + 0.3 * rand(k)
-            inputs = gain * torch.nn.functional.rms_norm(x, (k,), eps=1e-5)
-            kwargs.update(norm=gain, eps=1e-5)
-        if prologue == "norm+scale":
-            scale = 1 + 0.3 * rand(m, k)
-            inputs = inputs * scale
-            kwargs["scale"] = scale
-    got = kernels.fused_linear(x, weight, residual=residual, **kwargs)
-    torch.testing.assert_close(got, residual + inputs @ weight.T, rtol=1e-4, atol=1e-4)
+    gated = prologue.endswith("gated")
+    weight, residual, x = rand(2 * n if gated else n, k), rand(m, n), rand(m, k)
+    inputs, kwargs = x, {}
+    if prologue.startswith("norm"):
+        gain = 1 + 0.3 * rand(k)
+        inputs = gain * torch.nn.functional.rms_norm(x, (k,), eps=1e-5)
+        kwargs.update(norm=gain, eps=1e-5)
+    if "scale" in prologue:
+        scale = 1 + 0.3 * rand(m, k)
+        inputs = inputs * scale
+        kwargs["scale"] = scale
+    product = inputs @ weight.T
+    if gated:
+        gate, up = product.split(n, dim=-1)
+        product = torch.nn.functional.silu(gate) * up
+    got = kernels.fused_linear(x, weight, residual=residual, gated=gated, **kwargs)
+    torch.testing.assert_close(got, residual + product, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("config", [kernels.MatmulConfig(block_n=16, block_k=32), kernels.MatmulConfig(block_n=2,

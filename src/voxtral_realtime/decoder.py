@@ -22,6 +22,11 @@ from . import kernels
 from .config import DecoderConfig
 from .layers import Attention, AttentionContext, FeedForward, KVCache, RMSNorm, Rotary
 
+#: rows (streams) up to which a one-position step runs :meth:`DecoderLayer.step`: measured faster than the plain
+#: layers compiled for one row only on an H200 (bench/results/tune_step_h200.*); more rows multiply the fused
+#: GEMV's FMA work while cuBLAS's cost stays that of reading the weights
+FUSED_STEP_ROWS = 1
+
 
 class AdaNorm(nn.Module):
     """The per-layer delay-conditioning MLP: dim -> ada_dim -> dim, exact GELU, no biases."""
@@ -53,17 +58,17 @@ class DecoderLayer(nn.Module):
     def step(self, x: torch.Tensor, ctx: AttentionContext, layer: int, ffn_scale: torch.Tensor, *,
              pdl: bool) -> torch.Tensor:
         """:meth:`forward` for one new position per row, x [B, dim] (B <= kernels.FUSED_MAX_ROWS, CUDA), in
-        five kernels: each norm, the rotary embedding, the cache write, SwiGLU and each residual add ride on a
-        matmul or on the attention kernel instead of running as kernels of their own (``ffn_scale``: [dim] or
-        [B, dim])."""
+        five kernels (six with a split attention): each norm, the rotary embedding, the cache write, SwiGLU and
+        each residual add ride on a matmul or on the attention kernel instead of running as kernels of their own
+        (``ffn_scale``: [dim] or [B, dim])."""
         attention, ffn = self.attention, self.feed_forward
         qkv = kernels.fused_linear(x, attention.wqkv.weight, norm=self.attention_norm.weight,
                                    eps=self.attention_norm.eps, pdl=pdl)
         heads = attention.attend_projected(qkv, ctx, layer, pdl=pdl)
         x = kernels.fused_linear(heads, attention.wo.weight, residual=x, pdl=pdl)
         hidden = kernels.fused_linear(x, ffn.w13.weight, norm=self.ffn_norm.weight, eps=self.ffn_norm.eps,
-                                      scale=ffn_scale, pdl=pdl)
-        return kernels.fused_linear(hidden, ffn.w2.weight, swiglu=True, residual=x, pdl=pdl)
+                                      scale=ffn_scale, gated=True, pdl=pdl)
+        return kernels.fused_linear(hidden, ffn.w2.weight, residual=x, pdl=pdl)
 
     def plain_weights(self) -> bool:
         """Whether every matmul of the layer is an unquantized, bias-free nn.Linear (what :meth:`step` takes)."""
@@ -116,23 +121,22 @@ class TextDecoder(nn.Module):
         x = self.tok_embeddings(tokens) + audio
         ctx = AttentionContext.prepare(self.rotary, cache, positions, x.dtype, rows=rows, enabled=enabled)
         if self._can_step(x, ctx):
-            x = self._fused_steps(x[:, 0], ctx, ffn_scales)[:, None]
-        else:
-            for i, layer in enumerate(self.layers):
-                x = layer(x, ctx, i, ffn_scales[..., i, None, :] if ffn_scales.dim() == 3 else ffn_scales[i])
+            return self._fused_steps(x[:, 0], ctx, ffn_scales).float()
+        for i, layer in enumerate(self.layers):
+            x = layer(x, ctx, i, ffn_scales[..., i, None, :] if ffn_scales.dim() == 3 else ffn_scales[i])
         hidden = self.norm(x[:, -1])
         # A quantized table (quantization.QuantizedEmbedding) computes the tied LM head itself.
         head = getattr(self.tok_embeddings, "logits", None)
         return (head(hidden) if head is not None else F.linear(hidden, self.tok_embeddings.weight)).float()
 
     def _can_step(self, x: torch.Tensor, ctx: AttentionContext) -> bool:
-        return (self.fused_step and ctx.query_positions is not None and x.shape[0] <= kernels.FUSED_MAX_ROWS
+        return (self.fused_step and ctx.query_positions is not None and x.shape[0] <= FUSED_STEP_ROWS
                 and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
-                and all(layer.plain_weights() for layer in self.layers))
+                and type(self.tok_embeddings) is nn.Embedding and all(layer.plain_weights() for layer in self.layers))
 
     @torch.compiler.disable  # hand-written kernels: nothing for inductor to fuse; a CUDA graph captures them
     def _fused_steps(self, x: torch.Tensor, ctx: AttentionContext, ffn_scales: torch.Tensor) -> torch.Tensor:
         pdl = self.pdl and kernels.programmatic_launch_available(x.device)
         for i, layer in enumerate(self.layers):
             x = layer.step(x, ctx, i, ffn_scales[:, i] if ffn_scales.dim() == 3 else ffn_scales[i], pdl=pdl)
-        return x
+        return kernels.fused_linear(x, self.tok_embeddings.weight, norm=self.norm.weight, eps=self.norm.eps, pdl=pdl)

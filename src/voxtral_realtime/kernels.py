@@ -188,35 +188,31 @@ if triton is not None:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask)
 
     @triton.jit
-    def _gemv_input(x_rows, m_mask, k0, gain_ptr, scale_rows, inv_rms, K: tl.constexpr, BLOCK_K: tl.constexpr,
-                    PROLOGUE: tl.constexpr, HAS_SCALE: tl.constexpr):
-        """Columns k0..k0+BLOCK_K of the GEMV's input rows, computed from what the previous layer wrote, in
-        float32 after the reference's roundings to x's dtype (see :func:`fused_linear`)."""
+    def _gemv_input(x_rows, m_mask, k0, gain_ptr, scale_rows, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
+                    HAS_SCALE: tl.constexpr):
+        """Columns k0..k0+BLOCK_K of the GEMV's input rows in float32: x, or (NORM) x * gain (* scale)."""
         offs = k0 + tl.arange(0, BLOCK_K)
-        mask = m_mask[:, None]
-        dtype = x_rows.dtype.element_ty
-        if PROLOGUE == 2:  # SwiGLU: x holds [gate | up], 2K wide
-            gate = tl.load(x_rows + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-            up = tl.load(x_rows + K + offs[None, :], mask=mask, other=0.0)
-            x = (gate * tl.sigmoid(gate)).to(dtype) * up
-        else:
-            x = tl.load(x_rows + offs[None, :], mask=mask, other=0.0)
-            if PROLOGUE == 1:  # RMSNorm, then the gain, then (the decoder's FFN) the delay scale
-                x = (x.to(tl.float32) * inv_rms[:, None]).to(dtype) * tl.load(gain_ptr + offs)[None, :]
-                if HAS_SCALE:
-                    x = x * tl.load(scale_rows + offs[None, :], mask=mask, other=0.0)
-        return x.to(tl.float32)
+        x = tl.load(x_rows + offs[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
+        if NORM:
+            x = x * tl.load(gain_ptr + offs).to(tl.float32)[None, :]
+            if HAS_SCALE:
+                x = x * tl.load(scale_rows + offs[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
+        return x
 
     @triton.jit
     def _fused_gemv_kernel(
         x_ptr, w_ptr, out_ptr, gain_ptr, scale_ptr, res_ptr, M,
-        stride_xm, stride_wn, stride_om, stride_sm, stride_rm, eps,
-        K: tl.constexpr, K_PAD: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        PROLOGUE: tl.constexpr, HAS_SCALE: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
+        stride_xm, stride_wn, stride_om, stride_sm, stride_rm, gate_rows, eps,
+        K: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        NORM: tl.constexpr, HAS_SCALE: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """out[m, n] = (res[m, n] +) sum_k input(x)[m, k] * w[n, k] for M <= M_PAD rows, FMAs reduced once.
 
-        A weight does not depend on the kernel before this one, so the first weight tile is loaded before
+        NORM: RMSNorm's 1/rms is a per-row factor, so it is applied to the sums at the end, with the squares of x
+        summed in the same pass (no pass over the row before the products).  GATED: each program also takes
+        weight rows n + gate_rows (SwiGLU's "up" half of a fused gate/up matrix) and writes silu(gate) * up.
+        A weight does not depend on the kernel before this one, so the first weight tiles are loaded before
         waiting for that kernel (PDL: programmatic dependent launch lets this kernel start while the previous one
         drains); each further tile is loaded one iteration ahead."""
         pid = tl.program_id(0)
@@ -224,28 +220,43 @@ if triton is not None:
         m_mask = offs_m < M
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + tl.arange(0, BLOCK_K)[None, :]
+        up_ptrs = w_ptrs + gate_rows * stride_wn
         w = tl.load(w_ptrs)
+        w_up = tl.load(up_ptrs) if GATED else w
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
         x_rows = x_ptr + offs_m[:, None] * stride_xm
         scale_rows = scale_ptr + offs_m[:, None] * stride_sm
-        inv_rms = tl.zeros([M_PAD], tl.float32)
-        if PROLOGUE == 1:
-            kk = tl.arange(0, K_PAD)
-            whole = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
-            whole = whole.to(tl.float32)
-            inv_rms = 1.0 / tl.sqrt(tl.sum(whole * whole, axis=1) / K + eps)
         acc = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], tl.float32)
-        for k0 in range(0, K - BLOCK_K, BLOCK_K):
-            w_next = tl.load(w_ptrs + k0 + BLOCK_K)
-            x = _gemv_input(x_rows, m_mask, k0, gain_ptr, scale_rows, inv_rms, K, BLOCK_K, PROLOGUE, HAS_SCALE)
+        acc_up = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], tl.float32)
+        squares = tl.zeros([M_PAD, BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            more = k0 + BLOCK_K < K
+            w_next = tl.load(w_ptrs + k0 + BLOCK_K, mask=more, other=0.0)
+            if GATED:
+                up_next = tl.load(up_ptrs + k0 + BLOCK_K, mask=more, other=0.0)
+            if NORM:
+                x_raw = tl.load(x_rows + k0 + tl.arange(0, BLOCK_K)[None, :], mask=m_mask[:, None],
+                                other=0.0).to(tl.float32)
+                squares += x_raw * x_raw
+            x = _gemv_input(x_rows, m_mask, k0, gain_ptr, scale_rows, BLOCK_K, NORM, HAS_SCALE)
             acc += x[:, None, :] * w[None, :, :].to(tl.float32)
             w = w_next
-        x = _gemv_input(x_rows, m_mask, K - BLOCK_K, gain_ptr, scale_rows, inv_rms, K, BLOCK_K, PROLOGUE,
-                        HAS_SCALE)
-        acc += x[:, None, :] * w[None, :, :].to(tl.float32)
-        out = tl.sum(acc, axis=2).to(out_ptr.dtype.element_ty)
+            if GATED:
+                acc_up += x[:, None, :] * w_up[None, :, :].to(tl.float32)
+                w_up = up_next
+        out = tl.sum(acc, axis=2)
+        if NORM:
+            inv_rms = 1.0 / tl.sqrt(tl.sum(squares, axis=1) / K + eps)
+            out = out * inv_rms[:, None]
+        out = out.to(out_ptr.dtype.element_ty)
+        if GATED:  # the product is rounded where the reference's separate kernels round it
+            up = tl.sum(acc_up, axis=2)
+            if NORM:
+                up = up * inv_rms[:, None]
+            gate = out.to(tl.float32)
+            out = (gate * tl.sigmoid(gate)).to(out_ptr.dtype.element_ty) * up.to(out_ptr.dtype.element_ty)
         if RESIDUAL:
             out = out + tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=m_mask[:, None])
         tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out, mask=m_mask[:, None])
@@ -446,58 +457,6 @@ def decode_attention_from_qkv(qkv: torch.Tensor, keys: torch.Tensor, values: tor
     return out.view(batch, n_heads * dim)
 
 
-#: rows the fused GEMV takes (FMAs, one accumulator per row)
-FUSED_MAX_ROWS = 4
-
-
-def fused_linear(x: torch.Tensor, weight: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 0.0,
-                 scale: torch.Tensor | None = None, swiglu: bool = False, residual: torch.Tensor | None = None,
-                 config: MatmulConfig | None = None, pdl: bool = False) -> torch.Tensor:
-    """``input @ weight.T (+ residual)`` for up to :data:`FUSED_MAX_ROWS` rows, where the input is computed from
-    ``x`` [M, K] on the fly: as is; ``norm``: ``RMSNorm(x) * norm`` (times ``scale`` [M, K] or [K] when given),
-    rounded to x's dtype where layers.RMSNorm rounds; ``swiglu``: ``silu(x[:, :K]) * x[:, K:]`` of x [M, 2K].
-    The decoder step's elementwise work so rides on the matmuls, which read their weights at memory speed."""
-    m = x.shape[0]
-    n, k = weight.shape
-    config = config or gemv_config(m, n, k)
-    out = x.new_empty((m, n))
-    unused = x
-    gain = norm if norm is not None else unused
-    scale_rows = scale if scale is not None else unused
-    res = residual if residual is not None else unused
-    _fused_gemv_kernel[(n // config.block_n,)](
-        x, weight, out, gain, scale_rows, res, m,
-        x.stride(0), weight.stride(0), out.stride(0), scale_rows.stride(0) if scale_rows.dim() == 2 else 0,
-        res.stride(0), eps,
-        K=k, K_PAD=triton.next_power_of_2(k), M_PAD=triton.next_power_of_2(m), BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, PROLOGUE=2 if swiglu else 1 if norm is not None else 0,
-        HAS_SCALE=scale is not None, RESIDUAL=residual is not None, PDL=pdl, num_warps=config.num_warps,
-        num_stages=1, **({"launch_pdl": True} if pdl else {}),
-    )
-    return out
-
-
-#: fused-GEMV tilings per decoder (N, K) for one row (bench/tune_gemv.py; the bf16 skinny kernel's best on an H200)
-_GEMV_ONE_ROW = {
-    (6144, 3072): (8, 512),  # wqkv
-    (3072, 4096): (4, 512),  # wo
-    (18432, 3072): (8, 512),  # w13
-    (3072, 9216): (4, 512),  # w2
-}
-
-
-def gemv_config(m: int, n: int, k: int) -> MatmulConfig:
-    """The :func:`fused_linear` tiling for an [m, k] x [n, k] product: a tuned one for the decoder's shapes, else
-    long rows (up to 512 values) and few of them per program; the per-thread accumulator is kept at most 16k
-    values for the whole tile."""
-    block_n, block_k = _GEMV_ONE_ROW.get((n, k), (_largest_divisor(n, (8, 4, 2)), _largest_divisor(
-        k, (512, 256, 128, 64, 32, 16))))
-    m_pad = triton.next_power_of_2(m)
-    while block_n * block_k * m_pad > 16384 and block_k > 16 and k % (block_k // 2) == 0:
-        block_k //= 2
-    return MatmulConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=1)
-
-
 @dataclass(frozen=True)
 class MatmulConfig:
     """Tile shape of the skinny (few-row) matmul kernels; ``bench/tune_gemv.py`` measures the choices."""
@@ -509,6 +468,62 @@ class MatmulConfig:
     num_warps: int = 4
     num_stages: int = 2
     per_value: bool = False  # 4-bit one-row path: scale each value, reduce once (not yet measured on a GPU)
+
+
+#: rows the fused GEMV takes (FMAs, one accumulator per row)
+FUSED_MAX_ROWS = 4
+
+
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 0.0,
+                 scale: torch.Tensor | None = None, gated: bool = False, residual: torch.Tensor | None = None,
+                 config: MatmulConfig | None = None, pdl: bool = False) -> torch.Tensor:
+    """``f(x) @ weight.T (+ residual)`` for up to :data:`FUSED_MAX_ROWS` rows of x [M, K], where ``f`` is the
+    identity or, with ``norm``, ``RMSNorm(x) * norm`` (times ``scale`` [M, K] or [K] when given).  ``gated``:
+    ``weight`` [2N, K] is a fused gate/up matrix and the result is ``silu(gate) * up`` [M, N].  The decoder step's
+    elementwise work so rides on the matmuls, which read their weights at memory speed.
+
+    Rounding differs from separate kernels in one place: the normalised input is not rounded to x's dtype
+    before the product (the 1/rms factor is applied to the sums)."""
+    m, k = x.shape
+    n = weight.shape[0] // 2 if gated else weight.shape[0]
+    config = config or gemv_config(m, n, k, gated=gated)
+    out = x.new_empty((m, n))
+    unused = x
+    gain = norm if norm is not None else unused
+    scale_rows = scale if scale is not None else unused
+    res = residual if residual is not None else unused
+    _fused_gemv_kernel[(n // config.block_n,)](
+        x, weight, out, gain, scale_rows, res, m,
+        x.stride(0), weight.stride(0), out.stride(0), scale_rows.stride(0) if scale_rows.dim() == 2 else 0,
+        res.stride(0), n, eps,
+        K=k, M_PAD=triton.next_power_of_2(m), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        NORM=norm is not None, HAS_SCALE=scale is not None, GATED=gated, RESIDUAL=residual is not None, PDL=pdl,
+        num_warps=config.num_warps, num_stages=1, **({"launch_pdl": True} if pdl else {}),
+    )
+    return out
+
+
+#: fused-GEMV tilings for one row of the decoder's products, (N, K, gated) -> config (bench/tune_gemv.py --fused-rows;
+#: results in bench/results/tune_fused_h200.*)
+_GEMV_ONE_ROW = {
+    (6144, 3072, False): MatmulConfig(block_n=8, block_k=512, num_warps=2),  # wqkv
+    (3072, 4096, False): MatmulConfig(block_n=4, block_k=1024, num_warps=2),  # wo
+    (9216, 3072, True): MatmulConfig(block_n=2, block_k=1024, num_warps=4),  # w13 (gate and up rows)
+    (3072, 9216, False): MatmulConfig(block_n=4, block_k=512, num_warps=4),  # w2
+    (131072, 3072, False): MatmulConfig(block_n=4, block_k=256, num_warps=2),  # LM head
+}
+
+
+def gemv_config(m: int, n: int, k: int, *, gated: bool = False) -> MatmulConfig:
+    """The :func:`fused_linear` tiling for an [m, k] x [n, k] product: a tuned one for the decoder's shapes, else
+    long rows (up to 512 values) and few of them per program; the accumulators are kept at most 16k values for
+    the whole tile."""
+    config = _GEMV_ONE_ROW.get((n, k, gated)) or MatmulConfig(
+        block_n=_largest_divisor(n, (8, 4, 2)), block_k=_largest_divisor(k, (512, 256, 128, 64, 32, 16)))
+    values = triton.next_power_of_2(m) * (2 if gated else 1)
+    while config.block_n * config.block_k * values > 16384 and config.block_k > 16 and k % (config.block_k // 2) == 0:
+        config = replace(config, block_k=config.block_k // 2)
+    return replace(config, num_stages=1)
 
 
 def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, config: MatmulConfig) -> torch.Tensor:
