@@ -81,7 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--context", type=int, default=400)
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batches", default="1,2,4")
+    parser.add_argument("--batches", default="1,2")
     parser.add_argument("--json")
     args = parser.parse_args()
     model = random_model(device="cuda", dtype=torch.bfloat16)

@@ -188,18 +188,6 @@ if triton is not None:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask)
 
     @triton.jit
-    def _gemv_input(x_rows, m_mask, k0, gain_ptr, scale_rows, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
-                    HAS_SCALE: tl.constexpr):
-        """Columns k0..k0+BLOCK_K of the GEMV's input rows in float32: x, or (NORM) x * gain (* scale)."""
-        offs = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_rows + offs[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
-        if NORM:
-            x = x * tl.load(gain_ptr + offs).to(tl.float32)[None, :]
-            if HAS_SCALE:
-                x = x * tl.load(scale_rows + offs[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
-        return x
-
-    @triton.jit
     def _fused_gemv_kernel(
         x_ptr, w_ptr, out_ptr, gain_ptr, scale_ptr, res_ptr, M,
         stride_xm, stride_wn, stride_om, stride_sm, stride_rm, gate_rows, eps,
@@ -236,11 +224,13 @@ if triton is not None:
             w_next = tl.load(w_ptrs + k0 + BLOCK_K, mask=more, other=0.0)
             if GATED:
                 up_next = tl.load(up_ptrs + k0 + BLOCK_K, mask=more, other=0.0)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
             if NORM:
-                x_raw = tl.load(x_rows + k0 + tl.arange(0, BLOCK_K)[None, :], mask=m_mask[:, None],
-                                other=0.0).to(tl.float32)
-                squares += x_raw * x_raw
-            x = _gemv_input(x_rows, m_mask, k0, gain_ptr, scale_rows, BLOCK_K, NORM, HAS_SCALE)
+                squares += x * x
+                x = x * tl.load(gain_ptr + offs_k).to(tl.float32)[None, :]
+                if HAS_SCALE:
+                    x = x * tl.load(scale_rows + offs_k[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
             acc += x[:, None, :] * w[None, :, :].to(tl.float32)
             w = w_next
             if GATED:
@@ -506,10 +496,10 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, *, norm: torch.Tensor | 
 #: fused-GEMV tilings for one row of the decoder's products, (N, K, gated) -> config (bench/tune_gemv.py --fused-rows;
 #: results in bench/results/tune_fused_h200.*)
 _GEMV_ONE_ROW = {
-    (6144, 3072, False): MatmulConfig(block_n=8, block_k=512, num_warps=2),  # wqkv
+    (6144, 3072, False): MatmulConfig(block_n=8, block_k=256, num_warps=8),  # wqkv
     (3072, 4096, False): MatmulConfig(block_n=4, block_k=1024, num_warps=2),  # wo
-    (9216, 3072, True): MatmulConfig(block_n=2, block_k=1024, num_warps=4),  # w13 (gate and up rows)
-    (3072, 9216, False): MatmulConfig(block_n=4, block_k=512, num_warps=4),  # w2
+    (9216, 3072, True): MatmulConfig(block_n=2, block_k=512, num_warps=2),  # w13 (gate and up rows)
+    (3072, 9216, False): MatmulConfig(block_n=4, block_k=512, num_warps=8),  # w2
     (131072, 3072, False): MatmulConfig(block_n=4, block_k=256, num_warps=2),  # LM head
 }
 
