@@ -38,9 +38,10 @@ from voxtral_realtime.config import ModelConfig
 from voxtral_realtime.errors import first_line
 from voxtral_realtime.random_weights import AUDIO_BLOCK, full_size_config, random_network, write_tekken_json
 from voxtral_realtime.tokenizer import Tokenizer
-from voxtral_realtime.web_export import estimate_export_bytes, export_web, read_manifest
+from voxtral_realtime.web_export import estimate_export_bytes, export_web
 
-#: feeds of every timed step: a step of audio then one decoder position fed its embedding and token 32
+#: the first calls of each graph, not counted (allocations, kernel choices); every step feeds 80 ms of noise to the
+#: audio graph, then its embedding with token 32 to the decoder graph
 WARMUP_STEPS = 2
 
 
@@ -106,18 +107,19 @@ def _initial_state(graph: dict) -> dict[str, np.ndarray]:
 
 
 def _summary(audio_times: list[float], decoder_times: list[float], tokens: list[int],
-             embedding: np.ndarray) -> dict[str, Any]:
+             embeddings: list[np.ndarray]) -> dict[str, Any]:
     audio_ms, decoder_ms = 1000 * np.array(audio_times[WARMUP_STEPS:]), 1000 * np.array(decoder_times[WARMUP_STEPS:])
     return {"audio_step_ms": float(np.median(audio_ms)), "decoder_step_ms": float(np.median(decoder_ms)),
             "audio_step_ms_min": float(audio_ms.min()), "decoder_step_ms_min": float(decoder_ms.min()),
             "first_audio_step_ms": 1000 * audio_times[0], "first_decoder_step_ms": 1000 * decoder_times[0],
             "steps": len(audio_ms), "real_time_factor": float(np.median(audio_ms) + np.median(decoder_ms)) / 80,
-            "next_tokens": tokens, "last_embedding": np.asarray(embedding, np.float32).reshape(-1)}
+            "next_tokens": tokens, "embeddings": embeddings}
 
 
-def time_numpy(sessions: dict[str, Any], manifest: dict, steps: int) -> dict[str, Any]:
+def time_numpy(sessions: dict[str, Any], manifest: dict, steps: int, deadline: float) -> dict[str, Any]:
     """``steps`` (+ warm-up) audio and decoder steps through ``session.run`` with numpy feeds and results, the
-    state carried in numpy arrays (as :class:`.web_export.OnnxEngine` does)."""
+    state carried in numpy arrays (as :class:`.web_export.OnnxEngine` does); fewer steps past ``deadline``
+    (a ``time.perf_counter`` value)."""
     audio, decoder = sessions["audio"], sessions["decoder"]
     graphs = manifest["graphs"]
     audio_out, decoder_out = [o.name for o in audio.get_outputs()], [o.name for o in decoder.get_outputs()]
@@ -125,8 +127,10 @@ def time_numpy(sessions: dict[str, Any], manifest: dict, steps: int) -> dict[str
     decoder_back = {s["output"]: s["input"] for s in graphs["decoder"]["state"]}
     audio_state, decoder_state = _initial_state(graphs["audio"]), _initial_state(graphs["decoder"])
     rng = np.random.default_rng(0)
-    audio_times, decoder_times, tokens = [], [], []
+    audio_times, decoder_times, tokens, embeddings = [], [], [], []
     for step in range(steps + WARMUP_STEPS):
+        if step > WARMUP_STEPS and time.perf_counter() > deadline:
+            break
         feeds = {**_audio_feeds(rng, manifest["audio"]["step_window"], step), **audio_state}
         t = time.perf_counter()
         results = audio.run(audio_out, feeds)
@@ -140,13 +144,15 @@ def time_numpy(sessions: dict[str, Any], manifest: dict, steps: int) -> dict[str
         outputs = dict(zip(decoder_out, results))
         decoder_state = {decoder_back[name]: value for name, value in outputs.items() if name in decoder_back}
         tokens.append(int(outputs["next_token"][0]))
-        embedding = feeds["audio"]
-    return _summary(audio_times, decoder_times, tokens, embedding)
+        embeddings.append(feeds["audio"].reshape(-1))
+    return _summary(audio_times, decoder_times, tokens, embeddings)
 
 
-def time_bound(ort: Any, sessions: dict[str, Any], manifest: dict, steps: int, device: str) -> dict[str, Any]:
-    """As :func:`time_numpy`, with the state and the audio embedding kept on ``device`` ("cuda" or "cpu") between
-    steps through IO binding: the small inputs are copied up each step and the next token down."""
+def time_bound(ort: Any, sessions: dict[str, Any], manifest: dict, steps: int, deadline: float,
+               device: str) -> dict[str, Any]:
+    """As :func:`time_numpy`, with the state kept on ``device`` ("cuda" or "cpu") between steps through IO
+    binding: each step the small inputs go up, and the audio embedding (12 KB at full size, read back to compare
+    the providers) and the next token come down."""
     audio, decoder = sessions["audio"], sessions["decoder"]
     graphs = manifest["graphs"]
     audio_out, decoder_out = [o.name for o in audio.get_outputs()], [o.name for o in decoder.get_outputs()]
@@ -158,8 +164,10 @@ def time_bound(ort: Any, sessions: dict[str, Any], manifest: dict, steps: int, d
 
     audio_state, decoder_state = upload(_initial_state(graphs["audio"])), upload(_initial_state(graphs["decoder"]))
     rng = np.random.default_rng(0)
-    audio_times, decoder_times, tokens = [], [], []
+    audio_times, decoder_times, tokens, embeddings = [], [], [], []
     for step in range(steps + WARMUP_STEPS):
+        if step > WARMUP_STEPS and time.perf_counter() > deadline:
+            break
         feeds = _audio_feeds(rng, manifest["audio"]["step_window"], step)
         t = time.perf_counter()
         binding = audio.io_binding()
@@ -168,18 +176,18 @@ def time_bound(ort: Any, sessions: dict[str, Any], manifest: dict, steps: int, d
         for name, value in audio_state.items():
             binding.bind_ortvalue_input(name, value)
         for name in audio_out:
-            binding.bind_output(name, device, 0)
+            binding.bind_output(name, "cpu" if name == "embedding" else device, 0)
         audio.run_with_iobinding(binding)
         outputs = dict(zip(audio_out, binding.get_outputs()))
         audio_times.append(time.perf_counter() - t)
         audio_state = {audio_back[name]: value for name, value in outputs.items() if name in audio_back}
+        outputs_embedding = outputs["embedding"].numpy()
         feeds = _decoder_feeds(step)
         t = time.perf_counter()
         binding = decoder.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
-        binding_embedding = outputs["embedding"]
-        binding.bind_ortvalue_input("audio", binding_embedding)
+        binding.bind_ortvalue_input("audio", outputs["embedding"])
         for name, value in decoder_state.items():
             binding.bind_ortvalue_input(name, value)
         for name in decoder_out:
@@ -190,7 +198,8 @@ def time_bound(ort: Any, sessions: dict[str, Any], manifest: dict, steps: int, d
         decoder_times.append(time.perf_counter() - t)
         decoder_state = {decoder_back[name]: value for name, value in outputs.items() if name in decoder_back}
         tokens.append(token)
-    return _summary(audio_times, decoder_times, tokens, binding_embedding.numpy())
+        embeddings.append(outputs_embedding.reshape(-1))
+    return _summary(audio_times, decoder_times, tokens, embeddings)
 
 
 def load_sessions(ort: Any, folder: Path, manifest: dict, providers: list[Any]) -> tuple[dict[str, Any], str]:
@@ -208,21 +217,36 @@ def load_sessions(ort: Any, folder: Path, manifest: dict, providers: list[Any]) 
     return sessions, text
 
 
-def _same(a: list[int], b: list[int]) -> float:
-    return sum(x == y for x, y in zip(a, b)) / max(1, min(len(a), len(b)))
+def _compare(result: dict[str, Any], reference: dict[str, Any], embeddings: list[np.ndarray],
+             reference_embeddings: list[np.ndarray]) -> None:
+    """Record how far ``result``'s audio embeddings and tokens are from ``reference``'s, step by step (both runs
+    fed the same samples)."""
+    common = min(len(embeddings), len(reference_embeddings))
+    if not common:
+        return
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(embeddings[:common], reference_embeddings[:common]))
+    scale = max(float(np.abs(b).max()) for b in reference_embeddings[:common])
+    result["embedding_max_abs_diff_vs_cpu"] = diff
+    result["embedding_max_abs_cpu"] = scale
+    tokens = list(zip(result["next_tokens"], reference["next_tokens"]))
+    result["next_tokens_same_as_cpu"] = sum(a == b for a, b in tokens) / len(tokens)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quant", default="q4")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps of each graph (after 2 warm-up steps)")
+    parser.add_argument("--steps", type=int, default=20,
+                        help="timed steps of each graph (after 2 warm-up steps), CUDA with IO binding")
     parser.add_argument("--cpu-steps", type=int, help="timed steps on the CPU (default: --steps; 0: skip)")
     parser.add_argument("--cuda-numpy-steps", type=int,
                         help="timed CUDA steps with numpy feeds (default: --steps; 0: skip)")
     parser.add_argument("--bound-cpu-steps", type=int, default=0,
                         help="also time the IO-binding path on the CPU (a check of that code without a GPU)")
     parser.add_argument("--decoder-context", type=int, help="as `voxtral export web --decoder-context`")
+    parser.add_argument("--budget-s", type=float, default=float("inf"),
+                        help="after this many seconds from the start, time no more steps (a timing loop stops "
+                             "early, later ones are skipped): the JSON is complete before an outside time limit")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--params", type=Path, help="a params.json of other shapes (a quick trial of this script)")
     args = parser.parse_args()
@@ -234,13 +258,15 @@ def main() -> None:
     report: dict[str, Any] = {
         "command": " ".join(sys.argv), "quant": args.quant, "decoder_context": args.decoder_context,
         "params": str(args.params) if args.params else "full size (random_weights.FULL_SIZE_PARAMS)",
-        "cpu_count": os.cpu_count(), "machine": platform.node(), "python": platform.python_version(),
-        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)), "machine": platform.node(),
+        "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "onnxruntime": ort.__version__, "onnxruntime_providers": ort.get_available_providers(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "env": {k: os.environ[k] for k in ("GLIBC_TUNABLES", "OMP_NUM_THREADS", "TMPDIR") if k in os.environ},
         "note": "random weights; onnxruntime default threads; step times are medians after 2 warm-up steps",
     }
     phases = Phases(report, args.json)
+    deadline = phases.started + args.budget_s
     phases.write()
 
     tekken_dir = tempfile.mkdtemp(prefix="voxtral-tekken-")
@@ -252,7 +278,6 @@ def main() -> None:
     model = Model(network, Tokenizer(write_tekken_json(Path(tekken_dir) / "tekken.json")), source="random-full-size")
     report["build_s"] = phases.done("build the float32 model")
 
-    phases.restart()
     export_started = time.perf_counter()
     manifest = export_web(model, args.out, quant=args.quant, decoder_context=args.decoder_context,
                           progress=lambda done, total, what: phases.done(f"export {done}/{total}: {what}"))
@@ -270,33 +295,39 @@ def main() -> None:
     print(json.dumps({k: report[k] for k in ("measured_bytes", "estimated_bytes", "largest_file_bytes")}),
           flush=True)
     phases.write()
-    manifest = read_manifest(args.out, verify=False)
 
-    # CUDA first: it is what this run is for where a GPU is; the CPU steps of the full model are the slower part
+    # CUDA first (what this run is for where there is a GPU), then the CPU, the slower part at full size
     runs: dict[str, Any] = {}
     report["onnxruntime_runs"] = runs
-    embeddings: dict[str, np.ndarray] = {}  # each run's last audio embedding, to compare the providers
+    embeddings: dict[str, list[np.ndarray]] = {}  # each run's audio embeddings, to compare the providers
 
     def timed(name: str, steps: int, timer: Any, note: str) -> None:
+        if time.perf_counter() > deadline:
+            runs[name] = {"skipped": f"past --budget-s {args.budget_s:g}"}
+            phases.write()
+            return
         try:
             result = timer(steps)
-            embedding = result.pop("last_embedding")
-            embeddings[name] = embedding
-            result["last_embedding_rms"] = float(np.sqrt(np.mean(embedding.astype(np.float64) ** 2)))
+            embeddings[name] = result.pop("embeddings")
             if name != "cpu" and "cpu" in embeddings:
-                result["last_embedding_max_abs_diff_vs_cpu"] = float(np.abs(embedding - embeddings["cpu"]).max())
-                result["next_tokens_same_as_cpu"] = _same(result["next_tokens"], runs["cpu"]["next_tokens"])
+                _compare(result, runs["cpu"], embeddings[name], embeddings["cpu"])
             runs[name] = {**result, "note": note}
         except Exception as exc:  # noqa: BLE001 - recorded: the run goes on to the next measurement
             runs[name] = {"error": f"{type(exc).__name__}: {first_line(exc)}",
                           "traceback": traceback.format_exc()[-4000:]}
         phases.done(f"onnxruntime {name} x{steps}")
 
-    cuda_sessions = None
-    if "CUDAExecutionProvider" in ort.get_available_providers():
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        runs["cuda_load"] = {"error": "this onnxruntime has no CUDAExecutionProvider"}
+        phases.write()
+    elif time.perf_counter() > deadline:
+        runs["cuda_load"] = {"skipped": f"past --budget-s {args.budget_s:g}"}
+        phases.write()
+    else:
         phases.restart()
         entry: dict[str, Any] = {}
         runs["cuda_load"] = entry
+        cuda_sessions = None
         try:
             cuda_sessions, printed = load_sessions(ort, args.out, manifest, [
                 ("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"])
@@ -311,23 +342,21 @@ def main() -> None:
             entry["traceback"] = traceback.format_exc()[-4000:]
         entry["load_s"] = phases.done("onnxruntime CUDA sessions")
         if cuda_sessions is not None and args.steps > 0:
-            timed("cuda_iobinding", args.steps, lambda n: time_bound(ort, cuda_sessions, manifest, n, "cuda"),
-                  "IO binding: the state and the audio embedding stay on the GPU; each step the samples, token and "
-                  "positions go up and the next token comes down (included)")
+            timed("cuda_iobinding", args.steps,
+                  lambda n: time_bound(ort, cuda_sessions, manifest, n, deadline, "cuda"),
+                  "IO binding: the state stays on the GPU; each step the samples, token and positions go up and "
+                  "the audio embedding and next token come down (included)")
         if cuda_sessions is not None and cuda_numpy_steps > 0:
-            timed("cuda_numpy", cuda_numpy_steps, lambda n: time_numpy(cuda_sessions, manifest, n),
+            timed("cuda_numpy", cuda_numpy_steps, lambda n: time_numpy(cuda_sessions, manifest, n, deadline),
                   "session.run with numpy feeds and results: every step copies the whole state host -> device "
                   "and back, included in the times")
         cuda_sessions = None
-    else:
-        runs["cuda_load"] = {"error": "this onnxruntime has no CUDAExecutionProvider"}
-        phases.write()
 
-    if cpu_steps > 0:
+    if cpu_steps > 0 and time.perf_counter() < deadline:
         phases.restart()
         cpu_sessions, _ = load_sessions(ort, args.out, manifest, ["CPUExecutionProvider"])
         report["session_load_s"] = phases.done("onnxruntime CPU sessions")
-        timed("cpu", cpu_steps, lambda n: time_numpy(cpu_sessions, manifest, n),
+        timed("cpu", cpu_steps, lambda n: time_numpy(cpu_sessions, manifest, n, deadline),
               "session.run with numpy feeds, onnxruntime's default threads")
         if "audio_step_ms" in runs["cpu"]:
             report["onnxruntime_cpu_audio_step_ms"] = runs["cpu"]["audio_step_ms"]
@@ -335,14 +364,13 @@ def main() -> None:
             report["real_time_factor_cpu"] = runs["cpu"]["real_time_factor"]
             for name in ("cuda_iobinding", "cuda_numpy"):
                 if name in embeddings:
-                    runs[name]["last_embedding_max_abs_diff_vs_cpu"] = float(
-                        np.abs(embeddings[name] - embeddings["cpu"]).max())
-                    runs[name]["next_tokens_same_as_cpu"] = _same(runs[name]["next_tokens"],
-                                                                  runs["cpu"]["next_tokens"])
+                    _compare(runs[name], runs["cpu"], embeddings[name], embeddings["cpu"])
         if args.bound_cpu_steps > 0:  # the IO-binding path on the CPU: a check of that code where no GPU is
             timed("cpu_iobinding", args.bound_cpu_steps,
-                  lambda n: time_bound(ort, cpu_sessions, manifest, n, "cpu"), "IO binding on the CPU")
+                  lambda n: time_bound(ort, cpu_sessions, manifest, n, deadline, "cpu"), "IO binding on the CPU")
         cpu_sessions = None
+    elif cpu_steps > 0:
+        runs["cpu"] = {"skipped": f"past --budget-s {args.budget_s:g}"}
     report["finished"] = True
     phases.write()
     print(json.dumps({k: v for k, v in report.items() if k != "files"}, indent=2), flush=True)

@@ -280,3 +280,36 @@ def test_missing_onnx_is_one_line(monkeypatch, capsys, tmp_path):
     assert main(["export", "web", "--model", str(tmp_path), "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: exporting for the web needs onnx") and err.count("\n") == 1, err
+
+
+def test_full_size_bench_script_runs_on_small_shapes(tmp_path):
+    """bench/web_export_full.py (the GPU machine's command) on a tiny params.json: every phase lands in its JSON,
+    the CPU timing and the IO-binding path (CUDA's, here on the CPU) agree step by step."""
+    import copy
+    import os
+    import subprocess
+    import sys
+
+    from voxtral_realtime.random_weights import FULL_SIZE_PARAMS
+
+    params = copy.deepcopy(FULL_SIZE_PARAMS)
+    params.update(dim=128, hidden_dim=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, vocab_size=4096)
+    params["multimodal"]["whisper_model_args"]["encoder_args"].update(dim=64, hidden_dim=128, n_layers=2,
+                                                                      n_heads=2, n_kv_heads=2, head_dim=32)
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(root / "bench" / "web_export_full.py"), "--params",
+                           str(tmp_path / "params.json"), "--out", str(tmp_path / "out"), "--steps", "3",
+                           "--bound-cpu-steps", "3", "--json", str(tmp_path / "r.json")],
+                          check=False, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["finished"] and report["command"].endswith("r.json")
+    phases = [p["phase"] for p in report["phases"]]
+    assert phases[0] == "build the float32 model" and len([p for p in phases if p.startswith("export ")]) == 7
+    runs = report["onnxruntime_runs"]
+    assert runs["cpu"]["steps"] == 3 and runs["cpu"]["decoder_step_ms"] > 0
+    assert runs["cpu_iobinding"]["embedding_max_abs_diff_vs_cpu"] == 0.0
+    assert runs["cpu_iobinding"]["next_tokens_same_as_cpu"] == 1.0
+    assert report["measured_bytes"]["download"] > 0 and "q4_within_target" in report
