@@ -188,21 +188,6 @@ if triton is not None:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask)
 
     @triton.jit
-    def _gemv_chunk(x_rows, gain_ptr, scale_rows, m_mask, k0, valid, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
-                    HAS_SCALE: tl.constexpr):
-        """Columns k0..k0+BLOCK_K of the input rows and (NORM) what they are multiplied by: gain (* scale), in
-        float32; nothing is read where ``valid`` is false."""
-        offs = k0 + tl.arange(0, BLOCK_K)
-        mask = m_mask[:, None] & valid
-        x = tl.load(x_rows + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-        factor = x
-        if NORM:
-            factor = tl.load(gain_ptr + offs[None, :], mask=valid, other=0.0).to(tl.float32) + tl.zeros_like(x)
-            if HAS_SCALE:
-                factor = factor * tl.load(scale_rows + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-        return x, factor
-
-    @triton.jit
     def _fused_gemv_kernel(
         x_ptr, w_ptr, out_ptr, gain_ptr, scale_ptr, res_ptr, M,
         stride_xm, stride_wn, stride_om, stride_sm, stride_rm, gate_rows, eps,
@@ -234,23 +219,23 @@ if triton is not None:
         acc = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], tl.float32)
         acc_up = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], tl.float32)
         squares = tl.zeros([M_PAD, BLOCK_K], tl.float32)
-        x, factor = _gemv_chunk(x_rows, gain_ptr, scale_rows, m_mask, 0, True, BLOCK_K, NORM, HAS_SCALE)
         for k0 in range(0, K, BLOCK_K):
-            # everything the next iteration reads is requested now: each iteration waits on no load of its own
             more = k0 + BLOCK_K < K
             w_next = tl.load(w_ptrs + k0 + BLOCK_K, mask=more, other=0.0)
             if GATED:
                 up_next = tl.load(up_ptrs + k0 + BLOCK_K, mask=more, other=0.0)
-            x_next, factor_next = _gemv_chunk(x_rows, gain_ptr, scale_rows, m_mask, k0 + BLOCK_K, more, BLOCK_K,
-                                              NORM, HAS_SCALE)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
             if NORM:
                 squares += x * x
-                x = x * factor
+                x = x * tl.load(gain_ptr + offs_k).to(tl.float32)[None, :]
+                if HAS_SCALE:
+                    x = x * tl.load(scale_rows + offs_k[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
             acc += x[:, None, :] * w[None, :, :].to(tl.float32)
+            w = w_next
             if GATED:
                 acc_up += x[:, None, :] * w_up[None, :, :].to(tl.float32)
                 w_up = up_next
-            w, x, factor = w_next, x_next, factor_next
         out = tl.sum(acc, axis=2)
         if NORM:
             inv_rms = 1.0 / tl.sqrt(tl.sum(squares, axis=1) / K + eps)
