@@ -122,16 +122,10 @@ def triton_pow2(m: int) -> int:
 
 
 def q4_configs(n: int, k: int, m: int):
-    if m == 1:
-        # long rows per program (up to a whole split in one iteration) keep more loads in flight per program
-        for bn, bk, warps, stages in itertools.product((1, 2, 4, 8, 16, 32), (128, 256, 512, 1024, 2048), (4, 8),
-                                                       (1, 3)):
-            if bn * bk > 8192 or bn * bk < 512:
-                continue
-            for split in (1, 2, 3, 4) if n <= 32768 else (1,):
-                if n % bn == 0 and k % (split * bk) == 0:
-                    yield MatmulConfig(bn, bk, split, False, warps, stages)
-                    yield MatmulConfig(bn, bk, split, False, warps, stages, per_value=True)
+    if m == 1:  # the one-row kernel (kernels.fused_q4_linear): long rows per program keep loads in flight
+        for bn, bk, warps in itertools.product((1, 2, 4, 8, 16, 32), (128, 256, 512, 1024, 2048), (2, 4, 8)):
+            if 512 <= bn * bk <= 8192 and n % bn == 0 and k % bk == 0:
+                yield MatmulConfig(bn, bk, 1, False, warps, 1)
     for bn, bk, warps, stages in itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (2, 3, 4)):
         for split in (1, 2) if n <= 4096 and m <= 16 else (1,):
             if n % bn == 0 and k % (split * bk) == 0:

@@ -1,9 +1,10 @@
 """The decoder step of the full-size model (random bf16 weights), batch 1 and 4: the plain layers compiled by
 inductor against the fused step (``DecoderLayer.step``) with and without programmatic dependent launch; the
 fused step's logits against the plain ones; the kernels of one fused step.  A diagnostic for developers
-(bench/results/tune_step_*.txt).
+(bench/results/tune_step_*.txt).  ``--quant q4_0``: the same for the 4-bit model (the fused step then takes one
+row only).
 
-    python bench/tune_step.py [--context 400] [--steps 200]
+    python bench/tune_step.py [--context 400] [--steps 200] [--quant q4_0]
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ from torch.profiler import ProfilerActivity, profile
 from voxtral_realtime import benchmark
 from voxtral_realtime import decoder as decoder_module
 from voxtral_realtime.engine import Engine
+from voxtral_realtime.quantization import quantize_network
 from voxtral_realtime.random_weights import random_model
 
 #: name -> (decoder.fused_step, decoder.pdl, model.compile)
 VARIANTS = {
-    "plain, compiled": (False, False, True),
+    "plain-compiled": (False, False, True),
     "fused": (True, False, False),
-    "fused + PDL": (True, True, False),
-    "fused + PDL, compiled glue": (True, True, True),
+    "fused+PDL": (True, True, False),
+    "fused+PDL-compiled-glue": (True, True, True),
 }
 
 
@@ -82,24 +84,29 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=400)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batches", default="1,2")
+    parser.add_argument("--quant", help="quantize the model first (q4_0, q4_k): the 4-bit step, plain vs fused")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="which of: " + ", ".join(VARIANTS))
     parser.add_argument("--json")
     args = parser.parse_args()
     model = random_model(device="cuda", dtype=torch.bfloat16)
+    if args.quant:
+        quantize_network(model.network, args.quant)
+        benchmark.release(model.device)
     floor_ms = 1000 * benchmark.decode_weight_bytes(model) / (benchmark.copy_bandwidth(model.device) * 1e9)
     report = {"command": " ".join(["python3", *sys.argv]), "device_name": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "floor_ms": floor_ms, "rows": []}
+              "torch": torch.__version__, "quant": args.quant, "floor_ms": floor_ms, "rows": []}
     print(report["device_name"], torch.__version__, f"floor {floor_ms:.3f} ms", flush=True)
 
-    _configure(model, "plain, compiled")
+    _configure(model, "plain-compiled")
     reference = _logits(model, args.context, 24)
-    _configure(model, "fused + PDL")
+    _configure(model, "fused+PDL")
     fused = _logits(model, args.context, 24)
     rel = ((fused - reference).norm(dim=-1) / reference.norm(dim=-1))
     report["fused_vs_plain"] = {"rel_err_max": rel.max().item(), "rel_err_median": rel.median().item(),
                                 "top1_agreement": (fused.argmax(-1) == reference.argmax(-1)).float().mean().item()}
     print("fused vs plain logits (teacher-forced, same inputs):", report["fused_vs_plain"], flush=True)
 
-    for variant in VARIANTS:
+    for variant in args.variants.split(","):
         _configure(model, variant)
         for batch in (int(b) for b in args.batches.split(",")):
             _configure(model, variant, batch)
@@ -117,8 +124,8 @@ def main() -> None:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(report, f, indent=1)
-    _configure(model, "fused + PDL")
-    print(f"--- fused + PDL:\n{_profile(model, args.context)}", flush=True)
+    _configure(model, "fused+PDL")
+    print(f"--- fused+PDL:\n{_profile(model, args.context)}", flush=True)
 
 
 if __name__ == "__main__":

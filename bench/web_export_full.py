@@ -5,13 +5,17 @@ CPU and, where onnxruntime has it, with CUDAExecutionProvider.
     python3 bench/web_export_full.py --quant q4 --out /tmp/web-q4 --json bench/results/web_export_q4.json
 
 The JSON is rewritten after every phase (build, each export stage, sizes, each timing), so a run cut short keeps
-what it measured.  CUDA is timed twice: ``cuda_numpy`` feeds numpy arrays to ``session.run`` as the CPU path does
-(every step copies the whole state, 2.1 GB at full size, host -> device and back: those copies are in the time),
-and ``cuda_iobinding`` keeps the state and the audio embedding on the GPU between steps (only the samples, the
-token and the positions go up, the next token comes down).
+what it measured; ``--budget-s`` (seconds from the process's start) stops the timing loops in time for an outside
+limit.  CUDA (only with an onnxruntime that has CUDAExecutionProvider, i.e. onnxruntime-gpu) is timed first and
+twice: ``cuda_iobinding`` keeps the state on the GPU between steps (the samples, token and positions go up, the
+12 KB audio embedding and the next token come down), ``cuda_numpy`` feeds numpy arrays to ``session.run`` as the
+CPU path does (every step copies the whole state, 2.1 GB at full size, host -> device and back: in the time).
+Every phase records wall, user and system seconds: the export is single-threaded throughout, and where first
+touches of memory are slow (a VM) system time dominates; ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` cut the
+export by a third on such a machine.
 
-Needs about 60 GB of memory for the float32 model, its traced graphs and the quantizer's copies, and the disk for
-the float32 graphs in a temporary folder (19 GB) plus the export.
+Needs about 55 GB of memory for the float32 model, its traced graphs and the quantizer's copies, and the disk for
+the float32 graphs in a temporary folder (19 GB) plus the export (2.8 GB in q4).
 """
 
 from __future__ import annotations
@@ -45,6 +49,17 @@ from voxtral_realtime.web_export import estimate_export_bytes, export_web
 WARMUP_STEPS = 2
 
 
+def _process_age_s() -> float:
+    """Seconds since this process started (Linux; 0 elsewhere): interpreter start and imports included."""
+    try:
+        with open("/proc/self/stat") as f:
+            started = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, in clock ticks
+        with open("/proc/uptime") as f:
+            return float(f.read().split()[0]) - started / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
@@ -57,7 +72,8 @@ class Phases:
     def __init__(self, report: dict, path: Path | None) -> None:
         self.report, self.path = report, path
         report.setdefault("phases", [])
-        self.started = time.perf_counter()
+        report["startup_s"] = round(_process_age_s(), 1)
+        self.started = time.perf_counter() - report["startup_s"]  # elapsed times count from the process's start
         self.restart()
 
     @staticmethod
@@ -203,18 +219,39 @@ def time_bound(ort: Any, sessions: dict[str, Any], manifest: dict, steps: int, d
 
 
 def load_sessions(ort: Any, folder: Path, manifest: dict, providers: list[Any]) -> tuple[dict[str, Any], str]:
-    """Both graphs' sessions on ``providers``, and what onnxruntime printed meanwhile (it prints, rather than
-    raises, when it falls back from a provider it could not create)."""
+    """Both graphs' sessions on ``providers``, and what onnxruntime printed or warned meanwhile (it prints, or
+    warns, rather than raises, when it leaves out a provider it could not create)."""
+    import warnings
+
     printed = io.StringIO()
     sessions = {}
-    with contextlib.redirect_stdout(printed):
+    with contextlib.redirect_stdout(printed), warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
         for key, graph in manifest["graphs"].items():
             sessions[key] = ort.InferenceSession(str(folder / graph["file"]), ort.SessionOptions(),
                                                  providers=providers)
-    text = printed.getvalue()
+    text = printed.getvalue() + "".join(f"warning: {w.message}\n" for w in warned)
     if text:
         print(text, end="", flush=True)
     return sessions, text
+
+
+def _cuda_sessions(ort: Any, folder: Path, manifest: dict, entry: dict[str, Any]) -> dict[str, Any] | None:
+    """Both graphs' sessions with CUDAExecutionProvider, or None with what went wrong in ``entry``."""
+    try:
+        sessions, printed = load_sessions(ort, folder, manifest, [("CUDAExecutionProvider", {"device_id": 0}),
+                                                                  "CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - recorded: the run goes on to the CPU timing
+        entry["error"] = f"{type(exc).__name__}: {first_line(exc)}"
+        entry["traceback"] = traceback.format_exc()[-4000:]
+        return None
+    entry["providers"] = {key: s.get_providers() for key, s in sessions.items()}
+    if printed:
+        entry["printed"] = printed[-4000:]
+    if any("CUDAExecutionProvider" not in p for p in entry["providers"].values()):
+        entry["error"] = "onnxruntime left CUDAExecutionProvider out (see printed, and the log)"
+        return None
+    return sessions
 
 
 def _compare(result: dict[str, Any], reference: dict[str, Any], embeddings: list[np.ndarray],
@@ -245,8 +282,9 @@ def main() -> None:
                         help="also time the IO-binding path on the CPU (a check of that code without a GPU)")
     parser.add_argument("--decoder-context", type=int, help="as `voxtral export web --decoder-context`")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
-                        help="after this many seconds from the start, time no more steps (a timing loop stops "
-                             "early, later ones are skipped): the JSON is complete before an outside time limit")
+                        help="after this many seconds from the process's start, time no more steps (a timing "
+                             "loop stops early, later ones are skipped): the JSON is complete before an outside "
+                             "time limit")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--params", type=Path, help="a params.json of other shapes (a quick trial of this script)")
     args = parser.parse_args()
@@ -266,7 +304,7 @@ def main() -> None:
         "note": "random weights; onnxruntime default threads; step times are medians after 2 warm-up steps",
     }
     phases = Phases(report, args.json)
-    deadline = phases.started + args.budget_s
+    deadline = phases.started + args.budget_s  # from the process's start
     phases.write()
 
     tekken_dir = tempfile.mkdtemp(prefix="voxtral-tekken-")
@@ -325,21 +363,18 @@ def main() -> None:
         phases.write()
     else:
         phases.restart()
-        entry: dict[str, Any] = {}
-        runs["cuda_load"] = entry
-        cuda_sessions = None
-        try:
-            cuda_sessions, printed = load_sessions(ort, args.out, manifest, [
-                ("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"])
-            entry["providers"] = {key: s.get_providers() for key, s in cuda_sessions.items()}
-            if printed:
-                entry["printed"] = printed[-4000:]
-            if any("CUDAExecutionProvider" not in p for p in entry["providers"].values()):
-                entry["error"] = "onnxruntime fell back to the CPU (see printed)"
-                cuda_sessions = None
-        except Exception as exc:  # noqa: BLE001 - recorded: the run goes on to the CPU timing
-            entry["error"] = f"{type(exc).__name__}: {first_line(exc)}"
-            entry["traceback"] = traceback.format_exc()[-4000:]
+        runs["cuda_load"] = entry = {}
+        cuda_sessions = _cuda_sessions(ort, args.out, manifest, entry)
+        if cuda_sessions is None and hasattr(ort, "preload_dlls") and time.perf_counter() < deadline:
+            # onnxruntime's own search for the CUDA and cuDNN libraries (nvidia-* wheels), then once more
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                try:
+                    ort.preload_dlls()
+                except Exception as exc:  # noqa: BLE001 - recorded
+                    print(f"preload_dlls: {type(exc).__name__}: {first_line(exc)}")
+            runs["cuda_load"] = entry = {"first_try": entry, "preload_dlls": printed.getvalue()[-4000:]}
+            cuda_sessions = _cuda_sessions(ort, args.out, manifest, entry)
         entry["load_s"] = phases.done("onnxruntime CUDA sessions")
         if cuda_sessions is not None and args.steps > 0:
             timed("cuda_iobinding", args.steps,

@@ -145,3 +145,54 @@ def test_transcription_through_the_fused_step_equals_the_plain_one(checkpoints, 
                         step(self, *a, **k))
     assert model.transcribe(audio).tokens == expected
     assert used
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_k"])
+@pytest.mark.parametrize("form", ["none", "norm+scale, gated", "residual"])
+def test_fused_q4_linear_against_the_dequantized_weight(qtype, form):
+    from voxtral_realtime.quantization import QuantizedLinear
+
+    n, k = 32, 256
+    generator = torch.Generator(device=DEVICE).manual_seed(7)
+    rand = lambda *shape: torch.randn(*shape, device=DEVICE, generator=generator)
+    gated = "gated" in form
+    layer = QuantizedLinear.from_float(rand(2 * n if gated else n, k).cpu() * 0.1, qtype).to(DEVICE)
+    weight = layer.dequantize()
+    x, kwargs = rand(1, k), {}
+    inputs = x
+    if "norm" in form:
+        gain, scale = 1 + 0.3 * rand(k), 1 + 0.3 * rand(1, k)
+        inputs = gain * torch.nn.functional.rms_norm(x, (k,), eps=1e-5) * scale
+        kwargs.update(norm=gain, eps=1e-5, scale=scale, gated=True)
+    expected = inputs @ weight.T
+    if gated:
+        gate, up = expected.split(n, dim=-1)
+        expected = torch.nn.functional.silu(gate) * up
+    if form == "residual":
+        kwargs["residual"] = rand(1, n)
+        expected = expected + kwargs["residual"]
+    got = kernels.fused_q4_linear(x, layer.qweight, layer.scales, layer.offsets, **kwargs)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_four_bit_step_equals_the_quantized_layers_forward():
+    """The 4-bit weights through the step (one row) against the same quantized layers' own forward."""
+    from voxtral_realtime.quantization import QuantizedLinear
+
+    decoder = TextDecoder(CFG)
+    _randomize(decoder, seed=2)
+    layer: DecoderLayer = decoder.layers[1]
+    for module, name in ((layer.attention, "wqkv"), (layer.attention, "wo"), (layer.feed_forward, "w13"),
+                         (layer.feed_forward, "w2")):
+        setattr(module, name, QuantizedLinear.from_float(getattr(module, name).weight.detach(), "q4_0"))
+    decoder = decoder.to(DEVICE)
+    assert layer.step_weights(1) and not layer.step_weights(2)
+    plain, fused = _history(decoder, 1, [4], torch.float32), _history(decoder, 1, [4], torch.float32)
+    positions, rows = torch.tensor([[4]], device=DEVICE), slice(0, 1)
+    enabled = torch.tensor([True], device=DEVICE)
+    x = torch.randn(1, CFG.dim, device=DEVICE)
+    scale = 1 + 0.2 * torch.randn(CFG.dim, device=DEVICE)
+    plain_ctx = AttentionContext.prepare(decoder.rotary, plain, positions, torch.float32, rows=rows, enabled=enabled)
+    expected = layer(x[:, None], plain_ctx, 1, scale)[:, 0]
+    got = layer.step(x, _kernel_context(decoder, fused, positions, enabled, rows), 1, scale, pdl=False)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

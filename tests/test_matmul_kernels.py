@@ -69,9 +69,8 @@ def test_q4_matmul_matches_dequantize_then_matmul(n, k):
 
 @pytest.mark.parametrize("config", [
     MatmulConfig(block_n=16, block_k=64),
-    MatmulConfig(block_n=8, block_k=32, split_k=2),
-    MatmulConfig(block_n=4, block_k=64, split_k=2, per_value=True),
-    MatmulConfig(block_n=1, block_k=128, per_value=True),
+    MatmulConfig(block_n=8, block_k=32),
+    MatmulConfig(block_n=1, block_k=128, num_warps=8),
     MatmulConfig(block_n=16, block_k=64, use_dot=True),
     MatmulConfig(block_n=16, block_k=32, split_k=2, use_dot=True),
 ])

@@ -57,23 +57,34 @@ class DecoderLayer(nn.Module):
 
     def step(self, x: torch.Tensor, ctx: AttentionContext, layer: int, ffn_scale: torch.Tensor, *,
              pdl: bool) -> torch.Tensor:
-        """:meth:`forward` for one new position per row, x [B, dim] (B <= kernels.FUSED_MAX_ROWS, CUDA), in
-        five kernels (six with a split attention): each norm, the rotary embedding, the cache write, SwiGLU and
-        each residual add ride on a matmul or on the attention kernel instead of running as kernels of their own
-        (``ffn_scale``: [dim] or [B, dim])."""
+        """:meth:`forward` for one new position per row, x [B, dim] (CUDA; B <= kernels.FUSED_MAX_ROWS, one row
+        with 4-bit weights), in five kernels (six with a split attention): each norm, the rotary embedding, the
+        cache write, SwiGLU and each residual add ride on a matmul or on the attention kernel instead of running
+        as kernels of their own (``ffn_scale``: [dim] or [B, dim])."""
         attention, ffn = self.attention, self.feed_forward
-        qkv = kernels.fused_linear(x, attention.wqkv.weight, norm=self.attention_norm.weight,
-                                   eps=self.attention_norm.eps, pdl=pdl)
+        qkv = _fused(attention.wqkv, x, norm=self.attention_norm.weight, eps=self.attention_norm.eps, pdl=pdl)
         heads = attention.attend_projected(qkv, ctx, layer, pdl=pdl)
-        x = kernels.fused_linear(heads, attention.wo.weight, residual=x, pdl=pdl)
-        hidden = kernels.fused_linear(x, ffn.w13.weight, norm=self.ffn_norm.weight, eps=self.ffn_norm.eps,
-                                      scale=ffn_scale, gated=True, pdl=pdl)
-        return kernels.fused_linear(hidden, ffn.w2.weight, residual=x, pdl=pdl)
+        x = _fused(attention.wo, heads, residual=x, pdl=pdl)
+        hidden = _fused(ffn.w13, x, norm=self.ffn_norm.weight, eps=self.ffn_norm.eps, scale=ffn_scale, gated=True,
+                        pdl=pdl)
+        return _fused(ffn.w2, hidden, residual=x, pdl=pdl)
 
-    def plain_weights(self) -> bool:
-        """Whether every matmul of the layer is an unquantized, bias-free nn.Linear (what :meth:`step` takes)."""
+    def step_weights(self, rows: int) -> bool:
+        """Whether :meth:`step` takes this layer for ``rows`` rows: every matmul bias-free and an nn.Linear or,
+        for one row, in the 4-bit layout."""
         linears = (self.attention.wqkv, self.attention.wo, self.feed_forward.w13, self.feed_forward.w2)
-        return all(type(m) is nn.Linear and m.bias is None for m in linears)
+        return all(m.bias is None and (type(m) is nn.Linear or (rows == 1 and _four_bit(m))) for m in linears)
+
+
+def _four_bit(module: nn.Module) -> bool:
+    """A layer in quantization.QuantizedLinear's 4-bit layout (the core does not import the quantization module)."""
+    return all(isinstance(getattr(module, name, None), torch.Tensor) for name in ("qweight", "scales", "offsets"))
+
+
+def _fused(module: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    if _four_bit(module):
+        return kernels.fused_q4_linear(x, module.qweight, module.scales, module.offsets, **kwargs)
+    return kernels.fused_linear(x, module.weight, **kwargs)
 
 
 def time_embedding(delay_tokens: int, dim: int, dtype: torch.dtype, device: torch.device,
@@ -132,11 +143,14 @@ class TextDecoder(nn.Module):
     def _can_step(self, x: torch.Tensor, ctx: AttentionContext) -> bool:
         return (self.fused_step and ctx.query_positions is not None and x.shape[0] <= FUSED_STEP_ROWS
                 and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
-                and type(self.tok_embeddings) is nn.Embedding and all(layer.plain_weights() for layer in self.layers))
+                and all(layer.step_weights(x.shape[0]) for layer in self.layers))
 
     @torch.compiler.disable  # hand-written kernels: nothing for inductor to fuse; a CUDA graph captures them
     def _fused_steps(self, x: torch.Tensor, ctx: AttentionContext, ffn_scales: torch.Tensor) -> torch.Tensor:
         pdl = self.pdl and kernels.programmatic_launch_available(x.device)
         for i, layer in enumerate(self.layers):
             x = layer.step(x, ctx, i, ffn_scales[:, i] if ffn_scales.dim() == 3 else ffn_scales[i], pdl=pdl)
+        head = getattr(self.tok_embeddings, "logits", None)  # a quantized table computes the LM head itself
+        if head is not None:
+            return head(self.norm(x))
         return kernels.fused_linear(x, self.tok_embeddings.weight, norm=self.norm.weight, eps=self.norm.eps, pdl=pdl)

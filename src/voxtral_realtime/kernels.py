@@ -236,17 +236,23 @@ if triton is not None:
             if GATED:
                 acc_up += x[:, None, :] * w_up[None, :, :].to(tl.float32)
                 w_up = up_next
-        out = tl.sum(acc, axis=2)
+        _gemv_finish(tl.sum(acc, axis=2), tl.sum(acc_up, axis=2), tl.sum(squares, axis=1), out_ptr, res_ptr,
+                     offs_m, m_mask, offs_n, stride_om, stride_rm, eps, K, NORM, GATED, RESIDUAL)
+
+    @triton.jit
+    def _gemv_finish(out, up, squares, out_ptr, res_ptr, offs_m, m_mask, offs_n, stride_om, stride_rm, eps,
+                     K: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr):
+        """The fused GEMVs' epilogue: sums ``out`` (and ``up``) [M_PAD, BLOCK_N] in float32, ``squares`` [M_PAD]
+        the sums of x^2 -> times 1/rms (NORM), silu(gate) * up (GATED), + residual, stored in out's dtype."""
         if NORM:
-            inv_rms = 1.0 / tl.sqrt(tl.sum(squares, axis=1) / K + eps)
+            inv_rms = 1.0 / tl.sqrt(squares / K + eps)
             out = out * inv_rms[:, None]
-        out = out.to(out_ptr.dtype.element_ty)
+            up = up * inv_rms[:, None]
+        dtype = out_ptr.dtype.element_ty
+        out = out.to(dtype)
         if GATED:  # the product is rounded where the reference's separate kernels round it
-            up = tl.sum(acc_up, axis=2)
-            if NORM:
-                up = up * inv_rms[:, None]
             gate = out.to(tl.float32)
-            out = (gate * tl.sigmoid(gate)).to(out_ptr.dtype.element_ty) * up.to(out_ptr.dtype.element_ty)
+            out = (gate * tl.sigmoid(gate)).to(dtype) * up.to(dtype)
         if RESIDUAL:
             out = out + tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=m_mask[:, None])
         tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out, mask=m_mask[:, None])
@@ -258,18 +264,78 @@ if triton is not None:
         return (nibble | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
+    def _fused_q4_gemv_kernel(
+        x_ptr, qw_ptr, qscale_ptr, qoffset_ptr, out_ptr, gain_ptr, scale_ptr, res_ptr,
+        stride_qn, stride_sn, gate_rows, eps,
+        K: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+        NORM: tl.constexpr, HAS_SCALE: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
+        PDL: tl.constexpr,
+    ):
+        """:func:`_fused_gemv_kernel` for one row of x and a 4-bit weight (layout: :func:`q4_matmul`): per group
+        of 32 values the nibbles are multiplied by x in storage order (x gathered as its low and high halves) and
+        the group's scale and offset applied once, ``scale * sum(q x) + offset * sum(x)``."""
+        pid = tl.program_id(0)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_g = tl.arange(0, GROUPS)
+        offs_b = tl.arange(0, 16)
+        q_ptrs = qw_ptr + offs_n.to(tl.int64)[:, None, None] * stride_qn + offs_g[None, :, None] * 16 \
+            + offs_b[None, None, :]
+        s_index = offs_n.to(tl.int64)[:, None] * stride_sn + offs_g[None, :]
+        up_q, up_s = gate_rows * stride_qn, gate_rows * stride_sn
+        q, w_scale, w_offset = tl.load(q_ptrs), tl.load(qscale_ptr + s_index), tl.load(qoffset_ptr + s_index)
+        if GATED:
+            q_up = tl.load(q_ptrs + up_q)
+            up_scale, up_offset = tl.load(qscale_ptr + up_s + s_index), tl.load(qoffset_ptr + up_s + s_index)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+        acc = tl.zeros([BLOCK_N, GROUPS], tl.float32)
+        acc_up = tl.zeros([BLOCK_N, GROUPS], tl.float32)
+        squares = tl.zeros([GROUPS, 16], tl.float32)
+        for g0 in range(0, K // 32, GROUPS):
+            more = g0 + GROUPS < K // 32
+            q_next = tl.load(q_ptrs + (g0 + GROUPS) * 16, mask=more, other=0)
+            scale_next = tl.load(qscale_ptr + s_index + g0 + GROUPS, mask=more, other=0.0)
+            offset_next = tl.load(qoffset_ptr + s_index + g0 + GROUPS, mask=more, other=0.0)
+            if GATED:
+                q_up_next = tl.load(q_ptrs + up_q + (g0 + GROUPS) * 16, mask=more, other=0)
+                up_scale_next = tl.load(qscale_ptr + up_s + s_index + g0 + GROUPS, mask=more, other=0.0)
+                up_offset_next = tl.load(qoffset_ptr + up_s + s_index + g0 + GROUPS, mask=more, other=0.0)
+            x_index = (g0 + offs_g)[:, None] * 32 + offs_b[None, :]  # [GROUPS, 16]: the low halves' columns
+            x_lo = tl.load(x_ptr + x_index).to(tl.float32)
+            x_hi = tl.load(x_ptr + x_index + 16).to(tl.float32)
+            if NORM:
+                squares += x_lo * x_lo + x_hi * x_hi
+                x_lo = x_lo * tl.load(gain_ptr + x_index).to(tl.float32)
+                x_hi = x_hi * tl.load(gain_ptr + x_index + 16).to(tl.float32)
+                if HAS_SCALE:
+                    x_lo = x_lo * tl.load(scale_ptr + x_index).to(tl.float32)
+                    x_hi = x_hi * tl.load(scale_ptr + x_index + 16).to(tl.float32)
+            x_sum = tl.sum(x_lo + x_hi, axis=1)[None, :]
+            q = q.to(tl.int32)
+            dot = tl.sum(_nibble_value(q & 15) * x_lo[None] + _nibble_value(q >> 4) * x_hi[None], axis=2)
+            acc += w_scale.to(tl.float32) * dot + w_offset.to(tl.float32) * x_sum
+            q, w_scale, w_offset = q_next, scale_next, offset_next
+            if GATED:
+                q_up = q_up.to(tl.int32)
+                dot = tl.sum(_nibble_value(q_up & 15) * x_lo[None] + _nibble_value(q_up >> 4) * x_hi[None], axis=2)
+                acc_up += up_scale.to(tl.float32) * dot + up_offset.to(tl.float32) * x_sum
+                q_up, up_scale, up_offset = q_up_next, up_scale_next, up_offset_next
+        one = tl.arange(0, 1)
+        _gemv_finish(tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :],
+                     tl.zeros([1], tl.float32) + tl.sum(tl.sum(squares, axis=1), axis=0), out_ptr, res_ptr, one, one == 0, offs_n, 0, 0,
+                     eps, K, NORM, GATED, RESIDUAL)
+
+    @triton.jit
     def _q4_matmul_kernel(
         x_ptr, qw_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K,
         stride_xm, stride_qn, stride_sn, stride_om, stride_os,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr,
-        USE_DOT: tl.constexpr, PER_VALUE: tl.constexpr,
     ):
         """out[split, m, n] = sum over this split's k of x[m, k] * w[n, k] with w stored as 4-bit q (see
-        :func:`quantized_matmul`): w = scale * q + offset per 32 values.  Each iteration covers GROUPS groups of
-        32.  The weights are used in storage order (g, byte, nibble) and x is gathered in that same order, so no
-        register shuffles are needed.  USE_DOT: dequantize the tile to x's dtype and use tensor cores (any M);
-        else (BLOCK_M == 1) FMAs on the nibbles with the scale applied once per group, or (PER_VALUE) to each
-        value, with a single reduction at the end instead of one per group and iteration."""
+        :func:`q4_matmul`): w = scale * q + offset per 32 values, on tensor cores.  Each iteration dequantizes
+        GROUPS groups of 32 to x's dtype.  The weights are used in storage order (g, byte, nibble) and x is
+        gathered in that same order, so no register shuffles are needed."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         split = tl.program_id(2)
@@ -281,55 +347,23 @@ if triton is not None:
         row_q = offs_n.to(tl.int64) * stride_qn
         row_s = offs_n.to(tl.int64) * stride_sn
         g0 = split * groups_per_split
-        if USE_DOT:
-            # k' = (g, b, half) -> element 32 g + 16 half + b; bytes [BLOCK_N, BLOCK_K // 2] in storage order
-            kk = tl.arange(0, BLOCK_K)
-            x_index = (kk // 32) * 32 + (kk % 2) * 16 + (kk % 32) // 2
-            offs_byte = tl.arange(0, BLOCK_K // 2)
-            offs_group = tl.arange(0, GROUPS)
-            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for g in range(g0, g0 + groups_per_split, GROUPS):
-                q = tl.load(qw_ptr + row_q[:, None] + g * 16 + offs_byte[None, :])
-                scale = tl.load(scale_ptr + row_s[:, None] + g + offs_group[None, :]).to(tl.float32)
-                offset = tl.load(offset_ptr + row_s[:, None] + g + offs_group[None, :]).to(tl.float32)
-                q = q.to(tl.int32)
-                pairs = tl.join(_nibble_value(q & 15), _nibble_value(q >> 4))  # [BLOCK_N, BLOCK_K//2, 2]
-                pairs = tl.reshape(pairs, [BLOCK_N, GROUPS, 32])
-                w = pairs * scale[:, :, None] + offset[:, :, None]
-                w = tl.reshape(w, [BLOCK_N, BLOCK_K]).to(x_ptr.dtype.element_ty)
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + g * 32 + x_index[None, :], mask=m_mask,
-                            other=0.0)
-                acc += tl.dot(x, tl.trans(w))
-        elif PER_VALUE:
-            offs_group = tl.arange(0, GROUPS)
-            offs_b = tl.arange(0, 16)
-            acc3 = tl.zeros([BLOCK_N, GROUPS, 16], tl.float32)
-            for g in range(g0, g0 + groups_per_split, GROUPS):
-                byte_index = (g + offs_group)[:, None] * 16 + offs_b[None, :]  # [GROUPS, 16]
-                q = tl.load(qw_ptr + row_q[:, None, None] + byte_index[None, :, :]).to(tl.int32)
-                x_lo = tl.load(x_ptr + pid_m * stride_xm + (g + offs_group)[:, None] * 32 + offs_b[None, :])
-                x_hi = tl.load(x_ptr + pid_m * stride_xm + (g + offs_group)[:, None] * 32 + 16 + offs_b[None, :])
-                scale = tl.load(scale_ptr + row_s[:, None] + g + offs_group[None, :]).to(tl.float32)[:, :, None]
-                offset = tl.load(offset_ptr + row_s[:, None] + g + offs_group[None, :]).to(tl.float32)[:, :, None]
-                acc3 += (_nibble_value(q & 15) * scale + offset) * x_lo.to(tl.float32)[None]
-                acc3 += (_nibble_value(q >> 4) * scale + offset) * x_hi.to(tl.float32)[None]
-            acc = tl.sum(tl.sum(acc3, axis=2), axis=1)[None, :]
-        else:
-            offs_group = tl.arange(0, GROUPS)
-            offs_b = tl.arange(0, 16)
-            acc3 = tl.zeros([BLOCK_N, GROUPS], tl.float32)
-            for g in range(g0, g0 + groups_per_split, GROUPS):
-                byte_index = (g + offs_group)[:, None] * 16 + offs_b[None, :]  # [GROUPS, 16]
-                q = tl.load(qw_ptr + row_q[:, None, None] + byte_index[None, :, :])
-                x_lo = tl.load(x_ptr + pid_m * stride_xm + (g + offs_group)[:, None] * 32 + offs_b[None, :])
-                x_hi = tl.load(x_ptr + pid_m * stride_xm + (g + offs_group)[:, None] * 32 + 16 + offs_b[None, :])
-                x_lo, x_hi = x_lo.to(tl.float32), x_hi.to(tl.float32)
-                dot_q = tl.sum((q & 15).to(tl.float32) * x_lo[None] + (q >> 4).to(tl.float32) * x_hi[None], axis=2)
-                x_sum = tl.sum(x_lo + x_hi, axis=1)
-                scale = tl.load(scale_ptr + row_s[:, None] + g + offs_group[None, :]).to(tl.float32)
-                offset = tl.load(offset_ptr + row_s[:, None] + g + offs_group[None, :]).to(tl.float32)
-                acc3 += scale * dot_q + offset * x_sum[None, :]
-            acc = tl.sum(acc3, axis=1)[None, :]
+        # k' = (g, b, half) -> element 32 g + 16 half + b; bytes [BLOCK_N, BLOCK_K // 2] in storage order
+        kk = tl.arange(0, BLOCK_K)
+        x_index = (kk // 32) * 32 + (kk % 2) * 16 + (kk % 32) // 2
+        offs_byte = tl.arange(0, BLOCK_K // 2)
+        offs_group = tl.arange(0, GROUPS)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for g in range(g0, g0 + groups_per_split, GROUPS):
+            q = tl.load(qw_ptr + row_q[:, None] + g * 16 + offs_byte[None, :])
+            scale = tl.load(scale_ptr + row_s[:, None] + g + offs_group[None, :]).to(tl.float32)
+            offset = tl.load(offset_ptr + row_s[:, None] + g + offs_group[None, :]).to(tl.float32)
+            q = q.to(tl.int32)
+            pairs = tl.join(_nibble_value(q & 15), _nibble_value(q >> 4))  # [BLOCK_N, BLOCK_K//2, 2]
+            pairs = tl.reshape(pairs, [BLOCK_N, GROUPS, 32])
+            w = pairs * scale[:, :, None] + offset[:, :, None]
+            w = tl.reshape(w, [BLOCK_N, BLOCK_K]).to(x_ptr.dtype.element_ty)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + g * 32 + x_index[None, :], mask=m_mask, other=0.0)
+            acc += tl.dot(x, tl.trans(w))
         out_ptrs = out_ptr + split * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask)
 
@@ -457,12 +491,10 @@ class MatmulConfig:
     use_dot: bool = False
     num_warps: int = 4
     num_stages: int = 2
-    per_value: bool = False  # 4-bit one-row path: scale each value, reduce once (not yet measured on a GPU)
 
 
 #: rows the fused GEMV takes (FMAs, one accumulator per row)
 FUSED_MAX_ROWS = 4
-
 
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 0.0,
                  scale: torch.Tensor | None = None, gated: bool = False, residual: torch.Tensor | None = None,
@@ -477,20 +509,45 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, *, norm: torch.Tensor | 
     m, k = x.shape
     n = weight.shape[0] // 2 if gated else weight.shape[0]
     config = config or gemv_config(m, n, k, gated=gated)
-    out = x.new_empty((m, n))
-    unused = x
-    gain = norm if norm is not None else unused
-    scale_rows = scale if scale is not None else unused
-    res = residual if residual is not None else unused
+    out, extras = _fused_arguments(x, n, norm, scale, residual)
     _fused_gemv_kernel[(n // config.block_n,)](
-        x, weight, out, gain, scale_rows, res, m,
-        x.stride(0), weight.stride(0), out.stride(0), scale_rows.stride(0) if scale_rows.dim() == 2 else 0,
-        res.stride(0), n, eps,
+        x, weight, out, *extras[:3], m, x.stride(0), weight.stride(0), out.stride(0), *extras[3:], n, eps,
         K=k, M_PAD=triton.next_power_of_2(m), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         NORM=norm is not None, HAS_SCALE=scale is not None, GATED=gated, RESIDUAL=residual is not None, PDL=pdl,
         num_warps=config.num_warps, num_stages=1, **({"launch_pdl": True} if pdl else {}),
     )
     return out
+
+
+def fused_q4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, *,
+                    norm: torch.Tensor | None = None, eps: float = 0.0, scale: torch.Tensor | None = None,
+                    gated: bool = False, residual: torch.Tensor | None = None, config: MatmulConfig | None = None,
+                    pdl: bool = False) -> torch.Tensor:
+    """:func:`fused_linear` for one row of x [1, K] and a 4-bit weight (layout: :func:`q4_matmul`)."""
+    m, k = x.shape
+    if m != 1:
+        raise ValueError(f"the fused 4-bit GEMV takes one row, not {m}")
+    n = qweight.shape[0] // 2 if gated else qweight.shape[0]
+    config = config or q4_config(1, n, k)
+    out, extras = _fused_arguments(x, n, norm, scale, residual)
+    _fused_q4_gemv_kernel[(n // config.block_n,)](
+        x, qweight, scales, offsets, out, *extras[:3], qweight.stride(0), scales.stride(0), n, eps,
+        K=k, BLOCK_N=config.block_n, GROUPS=config.block_k // 32, NORM=norm is not None, HAS_SCALE=scale is not None,
+        GATED=gated, RESIDUAL=residual is not None, PDL=pdl, num_warps=config.num_warps, num_stages=1,
+        **({"launch_pdl": True} if pdl else {}),
+    )
+    return out
+
+
+def _fused_arguments(x: torch.Tensor, n: int, norm: torch.Tensor | None, scale: torch.Tensor | None,
+                     residual: torch.Tensor | None) -> tuple[torch.Tensor, tuple]:
+    """The output [M, n] and (gain, scale rows, residual, scale row stride, residual row stride) for the fused
+    kernels; what is not given is passed as x (never read)."""
+    out = x.new_empty((x.shape[0], n))
+    gain = norm if norm is not None else x
+    scale_rows = scale if scale is not None else x
+    res = residual if residual is not None else x
+    return out, (gain, scale_rows, res, scale_rows.stride(0) if scale_rows.dim() == 2 else 0, res.stride(0))
 
 
 #: fused-GEMV tilings for one row of the decoder's products, (N, K, gated) -> config (bench/tune_gemv.py --fused-rows;
@@ -535,21 +592,21 @@ def q4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs
               config: MatmulConfig, block_m: int = 16) -> torch.Tensor:
     """x [M, K] @ w.T with w [N, K] stored in 4 bits: ``qweight`` uint8 [N, K/2] (in each group of 32 values,
     byte b holds value b in its low nibble and value 16 + b in its high one), ``scales``/``offsets`` [N, K/32]
-    (w = scale * q + offset).  ``use_dot``: ``block_m`` rows per program on tensor cores; without it, one
-    program row per row of x (meant for M = 1).  N must be a multiple of ``block_n`` and K/32 of the groups per
-    iteration times ``split_k``."""
+    (w = scale * q + offset).  ``use_dot``: ``block_m`` rows per program on tensor cores; without it, one row
+    of x with FMAs (:func:`fused_q4_linear`, nothing fused around it).  N must be a multiple of ``block_n`` and
+    K/32 of the groups per iteration times ``split_k``."""
+    if not config.use_dot:
+        return fused_q4_linear(x, qweight, scales, offsets, config=config)
     m, k = x.shape
     n = qweight.shape[0]
     split = config.split_k
-    block_m = block_m if config.use_dot else 1
     out = x.new_empty((split, m, n), dtype=torch.float32 if split > 1 else x.dtype)
     grid = (triton.cdiv(m, block_m), n // config.block_n, split)
     _q4_matmul_kernel[grid](
         x, qweight, scales, offsets, out, m, n, k,
         x.stride(0), qweight.stride(0), scales.stride(0), out.stride(1), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=config.block_n, GROUPS=config.block_k // 32, SPLIT_K=split,
-        USE_DOT=config.use_dot, PER_VALUE=config.per_value, num_warps=config.num_warps,
-        num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out[0] if split == 1 else out.sum(0).to(x.dtype)
 
@@ -558,13 +615,15 @@ def _largest_divisor(n: int, choices: tuple[int, ...]) -> int:
     return next((c for c in choices if n % c == 0), 1)
 
 
-#: one-row 4-bit tilings measured fastest on an H200 for the decoder's (N, K) (bench/results/tune_q4_wide_h200.*)
+#: one-row 4-bit tilings measured fastest on an H200 for the decoder's (N, K) (bench/results/tune_q4_wide_h200.*,
+#: for the one-row kernel before it took the fused step's prologue and epilogue)
 _Q4_ONE_ROW = {
-    (6144, 3072): MatmulConfig(block_n=4, block_k=512, num_stages=1),  # wqkv
-    (3072, 4096): MatmulConfig(block_n=1, block_k=2048, num_stages=3),  # wo
-    (18432, 3072): MatmulConfig(block_n=8, block_k=512, num_stages=1),  # w13
-    (3072, 9216): MatmulConfig(block_n=4, block_k=1024, num_warps=8, num_stages=1),  # w2
-    (131072, 3072): MatmulConfig(block_n=32, block_k=256, num_stages=1),  # LM head
+    (6144, 3072): MatmulConfig(block_n=4, block_k=512),  # wqkv
+    (3072, 4096): MatmulConfig(block_n=1, block_k=2048),  # wo
+    (18432, 3072): MatmulConfig(block_n=8, block_k=512),  # w13
+    (9216, 3072): MatmulConfig(block_n=4, block_k=512),  # w13 in the fused step: gate and up rows per program
+    (3072, 9216): MatmulConfig(block_n=4, block_k=1024, num_warps=8),  # w2
+    (131072, 3072): MatmulConfig(block_n=32, block_k=256),  # LM head
 }
 
 
