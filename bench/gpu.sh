@@ -2,7 +2,7 @@
 # The speed measurements on the lent GPU machine (bench/results/).  Parts, run in the order given (default: all,
 # in the order of their value if time runs out):
 #   tests    GPU and kernel tests (tiny model on CUDA, compiled engines, the matmul kernels on every model shape)
-#   tune     the skinny-matmul tuner: 4-bit kernel configs (M = 1, 16) and bf16 M = 1 against cuBLAS
+#   tune     the matmul tuner: 4-bit kernel configs (M = 1, 16) and the fused bf16 GEMV (M = 1) against cuBLAS
 #   step     the decoder step: plain layers compiled vs the fused step (with / without PDL), their logits, profiles
 #   fused    the fused GEMV's tilings (kernels.fused_linear, M = 1 and 4) against cuBLAS
 #   bench    the compiled single stream against transformers in the same run, bf16 vs f32, q4_0 and q4_k rows
@@ -34,7 +34,7 @@ part_step() {
         | tee "$OUT/tune_step_$TAG.txt"
 }
 part_fused() {
-    timeout 200 python3 bench/tune_gemv.py --rows "" --q4-rows "" --fused-rows 1,4 \
+    timeout 200 python3 bench/tune_gemv.py --q4-rows "" --fused-rows 1,4 \
         --seconds-per-case "${TUNE_SECONDS:-8}" --json "$OUT/tune_fused_$TAG.json" 2>&1 | grep -v Warn \
         | tee "$OUT/tune_fused_$TAG.txt"
 }
@@ -44,7 +44,7 @@ part_bench() {
 }
 part_q4() {
     timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_matmul_kernels.py 2>&1 | tail -2
-    timeout 150 python3 bench/tune_gemv.py --rows "" --q4-rows 1 --seconds-per-case "${TUNE_SECONDS:-12}" \
+    timeout 150 python3 bench/tune_gemv.py --fused-rows "" --q4-rows 1 --seconds-per-case "${TUNE_SECONDS:-12}" \
         --json "$OUT/tune_q4_$TAG.json" 2>&1 | grep -v Warn > "$OUT/tune_q4_$TAG.txt"
     grep -A8 "best per case" "$OUT/tune_q4_$TAG.txt"
     bench 250 "bench_${TAG}_q4" --compile --step-batches 1 --quant q4_0

@@ -1,4 +1,5 @@
-"""Measure the skinny-matmul kernels (bf16 and 4-bit) against cuBLAS on the decoder's weight shapes.
+"""Measure the few-row matmul kernels (the fused bf16 GEMV as the decoder step calls it, and the 4-bit kernel)
+against cuBLAS on the decoder's weight shapes.
 
 Each timing replays a CUDA graph of 20 calls that rotate over enough weight copies (>= 400 MB) that nothing is
 served from L2, as in a real decoder step, where every weight is read once.  Prints, per shape and M, the best
@@ -64,19 +65,6 @@ def dequantize_q4(q, scales, offsets):
     lo = (q & 15).float().view(n, k // 32, 16)
     hi = (q >> 4).float().view(n, k // 32, 16)
     return (torch.cat([lo, hi], -1) * scales.float()[..., None] + offsets.float()[..., None]).view(n, k)
-
-
-def skinny_configs(n: int, k: int, m: int):
-    for bn, bk, warps, stages in itertools.product((4, 8, 16, 32), (128, 256, 512), (4, 8), (1, 3)):
-        if bn * bk * m > 16384 or bn * bk < 1024:
-            continue
-        for split in (1, 2, 4) if n <= 4096 else (1,):
-            if n % bn == 0 and k % (split * bk) == 0:
-                yield MatmulConfig(bn, bk, split, False, warps, stages)
-    for bn, bk, stages in itertools.product((16, 32, 64), (128, 256), (3, 4, 5)):
-        for split in (1, 2) if n <= 4096 else (1,):
-            if n % bn == 0 and k % (split * bk) == 0:
-                yield MatmulConfig(bn, bk, split, True, 4, stages)
 
 
 def fused_configs(n: int, k: int, m: int, gated: bool):
@@ -169,8 +157,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="which of " + ", ".join(SHAPES))
-    parser.add_argument("--rows", default="1", help="bf16 rows (M) to tune; empty: none")
-    parser.add_argument("--fused-rows", default="", help="rows (M) to tune the fused bf16 GEMV (kernels.fused_linear) "
+    parser.add_argument("--fused-rows", default="1", help="rows (M) to tune the fused bf16 GEMV (kernels.fused_linear) "
                         "for; empty: none")
     parser.add_argument("--q4-rows", default="1,16", help="4-bit rows (M) to tune; empty: none")
     parser.add_argument("--seconds-per-case", type=float, default=12, help="search budget per shape and M")
@@ -181,21 +168,9 @@ def main() -> None:
     for name in args.shapes.split(","):
         n, k = SHAPES[name]
         nbytes = 2 * n * k
-        if rows_of(args.rows) or rows_of(args.fused_rows):
+        if rows_of(args.fused_rows):
             copies = max(2, math.ceil(400e6 / nbytes))
             weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
-        for m in rows_of(args.rows):
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            ref = x.float() @ weights[0].float().T
-            base = timed(lambda i, x=x, w=weights: F.linear(x, w[i % len(w)]))
-            ranked = _search(
-                f"bf16 {name} N={n} K={k} M={m} (cublas {base * 1e6:.1f} us, {nbytes / base / 1e9:.0f} GB/s)",
-                nbytes, _sampled(skinny_configs(n, k, m), None, n + m),
-                lambda cfg, i, x=x, w=weights: kernels.skinny_matmul(x, w[i % len(w)], cfg),
-                lambda cfg, x=x, ref=ref, w=weights[0]: (kernels.skinny_matmul(x, w, cfg).float() - ref).abs().max().item(),
-                args.seconds_per_case, baseline=("cublas", base))
-            results["rows"].append({"kind": "bf16", "name": name, "n": n, "k": k, "m": m, "bytes": nbytes,
-                                    "cublas_s": base, "ranked": ranked[:8]})
         for m in rows_of(args.fused_rows):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             kwargs = step_arguments(name, x, n // 2 if name == "w13" else n)
@@ -215,7 +190,7 @@ def main() -> None:
                 args.seconds_per_case, baseline=("cublas", base))
             results["rows"].append({"kind": "fused", "name": name, "form": STEP_FORM[name], "n": n, "k": k, "m": m,
                                     "bytes": nbytes, "cublas_s": base, "ranked": ranked[:8]})
-        if rows_of(args.rows) or rows_of(args.fused_rows):
+        if rows_of(args.fused_rows):
             del weights
         qbytes = n * k // 2 + 4 * n * k // 32
         copies = max(2, math.ceil(400e6 / qbytes))

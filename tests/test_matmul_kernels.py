@@ -1,4 +1,4 @@
-"""The 4-bit (and bf16 skinny) matmul kernels against dequantize-then-matmul in float32.
+"""The 4-bit matmul kernels against dequantize-then-matmul in float32.
 
 On a GPU: every weight shape of the full-size decoder, batches 1..256, bf16 activations, and output memory that
 was poisoned with NaN before the call.  Without one: small shapes in Triton's interpreter on the CPU (the layout
@@ -83,20 +83,6 @@ def test_every_q4_variant(config):
         x = torch.randn(m, k, device=DEVICE, generator=generator)
         out = kernels.q4_matmul(x, q, scales, offsets, config)
         assert _relative_error(out, x @ weight.T) <= (1e-2 if CUDA else 1e-5)
-
-
-@pytest.mark.parametrize("config", [
-    MatmulConfig(block_n=16, block_k=64),
-    MatmulConfig(block_n=8, block_k=64, split_k=2),
-    MatmulConfig(block_n=16, block_k=64, use_dot=True),
-])
-@pytest.mark.parametrize("m", [1, 3])
-def test_skinny_matmul(config, m):
-    generator = torch.Generator(device=DEVICE).manual_seed(m)
-    x = torch.randn(m, 256, device=DEVICE, generator=generator)
-    weight = torch.randn(64, 256, device=DEVICE, generator=generator)
-    out = kernels.skinny_matmul(x, weight, config)
-    assert _relative_error(out, x @ weight.T) <= (1e-2 if CUDA else 1e-5)
 
 
 def test_leading_dimensions_and_bias():

@@ -8,11 +8,18 @@ of the keys.  Cost follows each stream's own context length, not the buffer size
 programs for 132 SMs) each stream's columns are split between several programs whose partial softmax sums a
 second kernel combines ("flash decoding").
 
+:func:`decode_attention_from_qkv` is the same kernel taking the fused QKV projection's output: it applies the
+rotary embedding and writes the new key and value into the cache itself.
+
+:func:`fused_linear` / :func:`fused_q4_linear`: the one-stream decoder step's matrix products (a few rows of x;
+bf16/f16/f32 or 4-bit weights) with the elementwise work around them folded in: RMSNorm (its 1/rms applied to the
+sums), SwiGLU (gate and up rows in one program) and the residual add.  With programmatic dependent launch a kernel
+starts, and loads its first weights, while the one before it drains.  ``DecoderLayer.step`` runs on these.
+
 :func:`q4_matmul` / :func:`quantized_matmul`: a matrix product with 4-bit weights (GGUF Q4_0 / Q4_K values in
-the layout of :class:`.quantization.QuantizedLinear`) dequantized in registers, never in memory: for one row (the
-decode step of one stream) with FMAs, for more rows (batched streams, prefill) by dequantizing each weight tile
-for the tensor cores.  :func:`skinny_matmul` is the same for bf16/f16 weights (kept as the bf16 comparison in
-``bench/tune_gemv.py``; cuBLAS serves the bf16 model).
+the layout of :class:`.quantization.QuantizedLinear`) dequantized in registers, never in memory: for one row with
+FMAs (:func:`fused_q4_linear`), for more rows (batched streams, prefill) by dequantizing each weight tile for the
+tensor cores.
 
 Under ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (slowly): the CPU test suite checks them so.
 """
@@ -150,42 +157,6 @@ if triton is not None:
             tl.store(part_ptr + slot * GROUP_PAD * D + offs_g[:, None] * D + offs_d[None, :], acc)
             tl.store(stats_ptr + slot * 2 * GROUP_PAD + offs_g, m_i)
             tl.store(stats_ptr + slot * 2 * GROUP_PAD + GROUP_PAD + offs_g, l_i)
-
-    @triton.jit
-    def _skinny_matmul_kernel(
-        x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om, stride_os,
-        M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-        USE_DOT: tl.constexpr,
-    ):
-        """out[split, m, n] = sum over this split's k of x[m, k] * w[n, k]; N % BLOCK_N == 0 and
-        K % (SPLIT_K * BLOCK_K) == 0 (the caller checks).  USE_DOT: tensor cores (M_PAD >= 16), else FMAs
-        accumulated per k lane and reduced once at the end."""
-        pid_n = tl.program_id(0)
-        split = tl.program_id(1)
-        k_span = K // SPLIT_K
-        offs_m = tl.arange(0, M_PAD)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = split * k_span + tl.arange(0, BLOCK_K)
-        m_mask = (offs_m < M)[:, None]
-        w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
-        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
-        if USE_DOT:
-            acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
-        else:
-            acc3 = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], tl.float32)
-        for _ in range(0, k_span, BLOCK_K):
-            w = tl.load(w_ptrs)
-            x = tl.load(x_ptrs, mask=m_mask, other=0.0)
-            if USE_DOT:
-                acc += tl.dot(x, tl.trans(w))
-            else:
-                acc3 += x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32)
-            w_ptrs += BLOCK_K
-            x_ptrs += BLOCK_K
-        if not USE_DOT:
-            acc = tl.sum(acc3, axis=2)
-        out_ptrs = out_ptr + split * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask)
 
     @triton.jit
     def _fused_gemv_kernel(
@@ -483,7 +454,7 @@ def decode_attention_from_qkv(qkv: torch.Tensor, keys: torch.Tensor, values: tor
 
 @dataclass(frozen=True)
 class MatmulConfig:
-    """Tile shape of the skinny (few-row) matmul kernels; ``bench/tune_gemv.py`` measures the choices."""
+    """Tile shape of the few-row matmul kernels; ``bench/tune_gemv.py`` measures the choices."""
 
     block_n: int = 16
     block_k: int = 256  # for the 4-bit kernel: values per iteration, a multiple of 32
@@ -571,21 +542,6 @@ def gemv_config(m: int, n: int, k: int, *, gated: bool = False) -> MatmulConfig:
     while config.block_n * config.block_k * values > 16384 and config.block_k > 16 and k % (config.block_k // 2) == 0:
         config = replace(config, block_k=config.block_k // 2)
     return replace(config, num_stages=1)
-
-
-def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, config: MatmulConfig) -> torch.Tensor:
-    """x [M, K] @ weight[N, K].T for a few rows M (<= 4 without ``use_dot``), in x's dtype."""
-    m, k = x.shape
-    n = weight.shape[0]
-    m_pad = max(16, triton.next_power_of_2(m)) if config.use_dot else triton.next_power_of_2(m)
-    split = config.split_k
-    out = x.new_empty((split, m, n), dtype=torch.float32 if split > 1 else x.dtype)
-    _skinny_matmul_kernel[(n // config.block_n, split)](
-        x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(1), out.stride(0),
-        M_PAD=m_pad, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split, USE_DOT=config.use_dot,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-    return out[0] if split == 1 else out.sum(0).to(x.dtype)
 
 
 def q4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
