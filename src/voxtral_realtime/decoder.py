@@ -8,6 +8,10 @@ A Mistral-style pre-norm GQA decoder.  Two things are particular to Voxtral Real
   per delay value and each step only multiplies.
 
 The LM head is the token embedding (tied).
+
+On CUDA a step of one new position for one stream runs :meth:`DecoderLayer.step` instead of ``forward``: the same
+computation in five hand-fused kernels per layer (see kernels.fused_linear), about half the kernels of the plain
+layers compiled.
 """
 
 from __future__ import annotations
@@ -22,9 +26,9 @@ from . import kernels
 from .config import DecoderConfig
 from .layers import Attention, AttentionContext, FeedForward, KVCache, RMSNorm, Rotary
 
-#: rows (streams) up to which a one-position step runs :meth:`DecoderLayer.step`: measured faster than the plain
-#: layers compiled for one row only on an H200 (bench/results/tune_step_h200.*); more rows multiply the fused
-#: GEMV's FMA work while cuBLAS's cost stays that of reading the weights
+#: rows (streams) up to which a one-position step runs :meth:`DecoderLayer.step`: on an H200 it beats the plain
+#: layers compiled only for one row (bench/results/tune_step_h200*); more rows multiply the fused GEMV's FMA
+#: work, while cuBLAS's cost stays that of reading the weights
 FUSED_STEP_ROWS = 1
 
 
@@ -103,8 +107,9 @@ class TextDecoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
-        #: whether a step of one new position for a few rows runs :meth:`DecoderLayer.step` where it can (CUDA,
-        #: unquantized weights); ``pdl``: with programmatic dependent launch where the GPU has it
+        #: whether a one-position step of up to FUSED_STEP_ROWS rows runs :meth:`DecoderLayer.step` where it can
+        #: (CUDA); ``pdl``: with programmatic dependent launch where the GPU has it.  Set both before making
+        #: engines: their CUDA graphs keep the kernels they captured.
         self.fused_step = True
         self.pdl = True
 
