@@ -164,6 +164,21 @@ def time_numpy(sessions: dict[str, Any], manifest: dict, steps: int, deadline: f
     return _summary(audio_times, decoder_times, tokens, embeddings)
 
 
+def _run_bound(session, host_feeds: dict, device_feeds: dict, output_names: list[str], host_output: str,
+               device: str) -> dict:
+    """One ``run_with_iobinding``: host inputs copied in, device values bound as they are, every output left on
+    ``device`` except ``host_output``."""
+    binding = session.io_binding()
+    for name, value in host_feeds.items():
+        binding.bind_cpu_input(name, value)
+    for name, value in device_feeds.items():
+        binding.bind_ortvalue_input(name, value)
+    for name in output_names:
+        binding.bind_output(name, "cpu" if name == host_output else device, 0)
+    session.run_with_iobinding(binding)
+    return dict(zip(output_names, binding.get_outputs()))
+
+
 def time_bound(ort: Any, sessions: dict[str, Any], manifest: dict, steps: int, deadline: float,
                device: str) -> dict[str, Any]:
     """As :func:`time_numpy`, with the state kept on ``device`` ("cuda" or "cpu") between steps through IO
@@ -186,30 +201,14 @@ def time_bound(ort: Any, sessions: dict[str, Any], manifest: dict, steps: int, d
             break
         feeds = _audio_feeds(rng, manifest["audio"]["step_window"], step)
         t = time.perf_counter()
-        binding = audio.io_binding()
-        for name, value in feeds.items():
-            binding.bind_cpu_input(name, value)
-        for name, value in audio_state.items():
-            binding.bind_ortvalue_input(name, value)
-        for name in audio_out:
-            binding.bind_output(name, "cpu" if name == "embedding" else device, 0)
-        audio.run_with_iobinding(binding)
-        outputs = dict(zip(audio_out, binding.get_outputs()))
+        outputs = _run_bound(audio, feeds, audio_state, audio_out, "embedding", device)
         audio_times.append(time.perf_counter() - t)
         audio_state = {audio_back[name]: value for name, value in outputs.items() if name in audio_back}
         outputs_embedding = outputs["embedding"].numpy()
         feeds = _decoder_feeds(step)
         t = time.perf_counter()
-        binding = decoder.io_binding()
-        for name, value in feeds.items():
-            binding.bind_cpu_input(name, value)
-        binding.bind_ortvalue_input("audio", outputs["embedding"])
-        for name, value in decoder_state.items():
-            binding.bind_ortvalue_input(name, value)
-        for name in decoder_out:
-            binding.bind_output(name, "cpu" if name == "next_token" else device, 0)
-        decoder.run_with_iobinding(binding)
-        outputs = dict(zip(decoder_out, binding.get_outputs()))
+        outputs = _run_bound(decoder, feeds, {"audio": outputs["embedding"], **decoder_state}, decoder_out,
+                             "next_token", device)
         token = int(outputs["next_token"].numpy()[0])
         decoder_times.append(time.perf_counter() - t)
         decoder_state = {decoder_back[name]: value for name, value in outputs.items() if name in decoder_back}
