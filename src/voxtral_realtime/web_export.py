@@ -915,9 +915,10 @@ def copy_page(out: Path, onnxruntime_web: str | os.PathLike[str] | None) -> list
     (an ``npm pack`` tarball, a ``node_modules/onnxruntime-web`` folder, or "npm": the pinned version fetched with
     npm pack), the onnxruntime-web files it loads; return the copied names."""
     package = Path(__file__).parent
-    # the transcript-file writers are the server page's module: one implementation of the subtitle rules
+    # the transcript-file writers and the microphone capture (with its resampler) are the server page's modules:
+    # one implementation of each
     files = [f for f in sorted((package / "web_local").iterdir()) if f.is_file()]
-    files.append(package / "server" / "web" / "subtitles.js")
+    files += [package / "server" / "web" / name for name in ("subtitles.js", "pcm-capture.worklet.js", "resampler.js")]
     copied = []
     for f in files:
         shutil.copyfile(f, out / f.name)

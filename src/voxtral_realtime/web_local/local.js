@@ -72,9 +72,14 @@ async function startMic() {
   }
   $("error").hidden = true;
   const context = new AudioContext();
-  await context.audioWorklet.addModule(new URL("capture.worklet.js", import.meta.url));
+  // the server page's capture worklet (copied into the export with its resampler): 80 ms PCM16 frames at 16 kHz
+  await context.audioWorklet.addModule(new URL("pcm-capture.worklet.js", import.meta.url));
   const source = context.createMediaStreamSource(media);
-  const capture = new AudioWorkletNode(context, "voxtral-capture");
+  // one input channel: the node mixes the microphone down to mono
+  const capture = new AudioWorkletNode(context, "pcm16-capture", {
+    numberOfInputs: 1, numberOfOutputs: 1, channelCount: 1, channelCountMode: "explicit",
+    channelInterpretation: "speakers",
+  });
   const captions = $("captions");
   captions.textContent = "";
   setResult(null);
@@ -85,10 +90,16 @@ async function startMic() {
   });
   page.captured = []; // the 16 kHz blocks fed to the model, for tests that replay them elsewhere
   capture.port.onmessage = (event) => {
-    page.captured.push(event.data);
-    stream.feed(event.data).catch((err) => showError(`transcription failed: ${err.message}`));
+    if (event.data.type === "flushed") {
+      page.live?.flushed();
+      return;
+    }
+    const samples = Float32Array.from(event.data.pcm, (v) => v / 32768);
+    page.captured.push(samples);
+    stream.feed(samples).catch((err) => showError(`transcription failed: ${err.message}`));
   };
   source.connect(capture);
+  capture.connect(context.destination); // it outputs silence; connected, every browser keeps pulling it
   page.stream = stream;
   page.live = { context, media, source, capture };
   $("mic").textContent = "Stop microphone";
@@ -99,6 +110,11 @@ async function startMic() {
 async function stopMic() {
   const { context, media, source, capture } = page.live;
   source.disconnect();
+  // the resampler's last samples (and a part-filled frame) come back before the worklet stops
+  await new Promise((resolve) => {
+    page.live.flushed = resolve;
+    capture.port.postMessage({ type: "flush" });
+  });
   capture.port.onmessage = null;
   media.getTracks().forEach((t) => t.stop());
   await context.close();
