@@ -10,11 +10,26 @@
 #   batch    `voxtral batch` throughput over 256 synthetic 30 s files (issue 7)
 #   streams  the decoder-step sweep and 64 / 128 live streams
 #   streams256  256 live streams in a fresh process (a process that has run the sweep has less free memory)
+#   webexport   issue 9: the full-size q4 export (sizes) and onnxruntime step times (CUDA when onnxruntime-gpu is
+#               importable: carried in parts as .ortgpu/p0..p5/part, one per call, reassembled here; else CPU only)
 # Writes into $OUT (default bench/results), file names tagged with $TAG (default: the GPU's model, e.g. h200).
 # Run from the repository root with the package importable:  bash bench/gpu.sh tests tune
 set -u
 OUT=${OUT:-bench/results}
-TAG=${TAG:-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE 'h100|h200|a100|l40s|b200' \
+TAG=${TAG:-$(part_webexport() {
+    if ls .ortgpu/p?/part >/dev/null 2>&1 && [ "$(ls .ortgpu/p?/part | wc -l)" -eq 6 ] && [ ! -d /tmp/ortgpu-site ]; then
+        cat .ortgpu/p0/part .ortgpu/p1/part .ortgpu/p2/part .ortgpu/p3/part .ortgpu/p4/part .ortgpu/p5/part \
+            > /tmp/onnxruntime_gpu-1.30.0-cp312-cp312-manylinux_2_28_x86_64.whl
+        python3 -m pip install -q --no-deps --no-index --target /tmp/ortgpu-site \
+            /tmp/onnxruntime_gpu-1.30.0-cp312-cp312-manylinux_2_28_x86_64.whl
+    fi
+    [ -d /tmp/ortgpu-site ] && export PYTHONPATH=/tmp/ortgpu-site:$PYTHONPATH
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 timeout -k 5 585 python3 bench/web_export_full.py --quant q4 \
+        --out /tmp/web-q4 --steps 20 --cuda-numpy-steps 5 --cpu-steps 10 --budget-s 530 \
+        --json "$OUT/web_export_full_q4_$TAG.json" 2>&1 | tee "$OUT/web_export_full_q4_$TAG.txt" | tail -30
+}
+
+nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE 'h100|h200|a100|l40s|b200' \
              | tr '[:upper:]' '[:lower:]')}
 TAG=${TAG:-gpu}
 mkdir -p "$OUT"
@@ -72,6 +87,19 @@ part_streams() {
 }
 part_streams256() {
     bench 120 "bench_${TAG}_256streams" --audio-seconds 2 --streams 256 --stream-seconds 20
+}
+
+part_webexport() {
+    if ls .ortgpu/p?/part >/dev/null 2>&1 && [ "$(ls .ortgpu/p?/part | wc -l)" -eq 6 ] && [ ! -d /tmp/ortgpu-site ]; then
+        cat .ortgpu/p0/part .ortgpu/p1/part .ortgpu/p2/part .ortgpu/p3/part .ortgpu/p4/part .ortgpu/p5/part \
+            > /tmp/onnxruntime_gpu-1.30.0-cp312-cp312-manylinux_2_28_x86_64.whl
+        python3 -m pip install -q --no-deps --no-index --target /tmp/ortgpu-site \
+            /tmp/onnxruntime_gpu-1.30.0-cp312-cp312-manylinux_2_28_x86_64.whl
+    fi
+    [ -d /tmp/ortgpu-site ] && export PYTHONPATH=/tmp/ortgpu-site:$PYTHONPATH
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 timeout -k 5 585 python3 bench/web_export_full.py --quant q4 \
+        --out /tmp/web-q4 --steps 20 --cuda-numpy-steps 5 --cpu-steps 10 --budget-s 530 \
+        --json "$OUT/web_export_full_q4_$TAG.json" 2>&1 | tee "$OUT/web_export_full_q4_$TAG.txt" | tail -30
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu_$TAG.txt"
