@@ -26,6 +26,7 @@ Under ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (slowly): the C
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, replace
@@ -51,8 +52,14 @@ def _interpreted() -> bool:
 def programmatic_launch_available(device: torch.device) -> bool:
     """Programmatic dependent launch (Hopper and newer, compiled Triton): a kernel may start while the one before
     it drains, and waits for that one's results only where it reads them."""
-    return (triton is not None and device.type == "cuda" and not _interpreted()
-            and hasattr(tl.extra.cuda, "gdc_wait") and torch.cuda.get_device_capability(device)[0] >= 9)
+    return device.type == "cuda" and _programmatic_launch(torch.cuda.current_device() if device.index is None
+                                                          else device.index)
+
+
+@functools.cache
+def _programmatic_launch(index: int) -> bool:
+    return (triton is not None and not _interpreted() and hasattr(tl.extra.cuda, "gdc_wait")
+            and torch.cuda.get_device_capability(index)[0] >= 9)
 
 
 if triton is not None:
