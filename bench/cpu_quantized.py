@@ -1,4 +1,5 @@
-"""CPU memory and speed of a quantized GGUF model: peak and steady resident memory, and time per decoder step.
+"""CPU memory and speed of a quantized GGUF model: peak and steady resident memory, time per decoder step (with
+the encoder, through a transcription; and the decoder step alone, one stream 400 tokens in).
 
     python bench/cpu_quantized.py write --full --type q4_0 --out /tmp/voxtral-full-q4_0.gguf   # random weights
     python bench/cpu_quantized.py run /tmp/voxtral-full-q4_0.gguf --seconds 2                 # fresh process
@@ -50,6 +51,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     import torch
 
     import voxtral_realtime
+    from voxtral_realtime import benchmark
     from voxtral_realtime.quantization import quantized_bytes
     from voxtral_realtime.signals import speechlike
 
@@ -64,12 +66,15 @@ def cmd_run(args: argparse.Namespace) -> None:
     result = model.transcribe(audio)
     seconds, cpu_s = time.perf_counter() - started, time.process_time() - cpu
     steps = len(result.tokens) + model.config.audio.n_left_pad_tokens + model.config.audio.delay_tokens(None)
+    step = benchmark.bench_step(model, 1, 400, steps=10)  # the decoder alone, one stream 400 tokens in
     print(json.dumps({"model": str(args.model), "threads": args.threads, "weights_gib":
                       {k: v / 2**30 for k, v in quantized_bytes(model.network).items()},
                       "rss_before_gib": before["VmRSS"], "rss_after_load_gib": after_load["VmRSS"],
                       "peak_during_load_gib": after_load["VmHWM"], "load_s": load_s,
                       "load_cpu_s": load_cpu_s, "audio_s": args.seconds, "transcribe_s": seconds,
-                      "transcribe_cpu_s": cpu_s, "decoder_steps": steps, "s_per_step_incl_encoder": seconds / steps, "rss_after_run_gib": _memory()["VmRSS"],
+                      "transcribe_cpu_s": cpu_s, "decoder_steps": steps, "s_per_step_incl_encoder": seconds / steps,
+                      "decoder_ms_per_step": step["ms_per_step"], "decoder_gb_per_s": step["gb_per_s"],
+                      "rss_after_run_gib": _memory()["VmRSS"],
                       "peak_gib": _memory()["VmHWM"]}))
 
 
