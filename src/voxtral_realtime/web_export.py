@@ -30,7 +30,6 @@ import math
 import os
 import shutil
 import tempfile
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import AudioConfig
+from .engine import Slot
 from .errors import VoxtralError, first_line
 
 QUANTS = ("fp32", "fp16", "q4", "q8")
@@ -761,17 +761,10 @@ class _State:
 
 
 @dataclass(eq=False)
-class _OnnxSlot:
-    index: int
-    client: Any
-    prompt: list[int] = field(default_factory=list)
-    samples: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
-    samples_pushed: int = 0
-    steps_encoded: int = 0
-    embeddings: deque = field(default_factory=deque)
-    position: int = 0
-    embedding_limit: int | None = None
-    stopped: bool = False
+class _OnnxSlot(Slot):
+    """The engine's slot (its embeddings are numpy arrays here) plus what the exported graphs take per step: the
+    delay, and the last chosen token (fed back from the host: the graphs keep no buffer for it)."""
+
     delay_tokens: int = 0
     chosen: int = 0
 
@@ -813,7 +806,7 @@ class OnnxEngine:
         self.decoder_state.reset()
         slot.prompt, slot.delay_tokens = list(prompt), delay_tokens
         slot.samples = np.zeros(audio.window_size // 2, np.float32)  # the first frame is centred on sample 0
-        slot.samples_pushed = slot.steps_encoded = slot.position = 0
+        slot.samples_pushed = slot.encoder_position = slot.position = 0
         slot.embeddings.clear()
         slot.embedding_limit, slot.stopped = None, False
         self.push(slot, np.zeros(audio.n_left_pad_tokens * self.step_samples, np.float32))
@@ -829,7 +822,7 @@ class OnnxEngine:
 
     def has_work(self, slot: _OnnxSlot) -> bool:
         """Whether :meth:`run` would still compute something for ``slot``."""
-        return len(slot.samples) >= self.step_window or self._decodable(slot)
+        return len(slot.samples) >= self.step_window or slot.decodable() > 0
 
     def run(self) -> None:
         slot = self.slot
@@ -838,23 +831,18 @@ class OnnxEngine:
         while len(slot.samples) >= self.step_window:
             self._audio_step(slot, slot.samples[:self.step_window])
             slot.samples = slot.samples[self.step_samples:]
-            while self._decodable(slot):
+            while slot.decodable():
                 self._decoder_step(slot)
-        while self._decodable(slot):
+        while slot.decodable():
             self._decoder_step(slot)
 
-    def _decodable(self, slot: _OnnxSlot) -> bool:
-        if slot.stopped or not slot.embeddings:
-            return False
-        return slot.embedding_limit is None or slot.position < slot.embedding_limit
-
     def _audio_step(self, slot: _OnnxSlot, window: np.ndarray) -> None:
-        position = np.array([slot.steps_encoded * self.frames_per_step], np.int64)
+        position = np.array([slot.encoder_position], np.int64)
         feeds = {"samples": np.ascontiguousarray(window), "position": position, **self.audio_state.values}
         results = self._audio_session.run(self._audio_outputs, feeds)
         self.audio_state.update(self._audio_outputs, results)
         slot.embeddings.append(results[0])
-        slot.steps_encoded += 1
+        slot.encoder_position += self.frames_per_step
 
     def _decoder_step(self, slot: _OnnxSlot) -> None:
         prompted = slot.position < len(slot.prompt)
