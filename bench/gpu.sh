@@ -16,20 +16,7 @@
 # Run from the repository root with the package importable:  bash bench/gpu.sh tests tune
 set -u
 OUT=${OUT:-bench/results}
-TAG=${TAG:-$(part_webexport() {
-    if ls .ortgpu/p?/part >/dev/null 2>&1 && [ "$(ls .ortgpu/p?/part | wc -l)" -eq 6 ] && [ ! -d /tmp/ortgpu-site ]; then
-        cat .ortgpu/p0/part .ortgpu/p1/part .ortgpu/p2/part .ortgpu/p3/part .ortgpu/p4/part .ortgpu/p5/part \
-            > /tmp/onnxruntime_gpu-1.30.0-cp312-cp312-manylinux_2_28_x86_64.whl
-        python3 -m pip install -q --no-deps --no-index --target /tmp/ortgpu-site \
-            /tmp/onnxruntime_gpu-1.30.0-cp312-cp312-manylinux_2_28_x86_64.whl
-    fi
-    [ -d /tmp/ortgpu-site ] && export PYTHONPATH=/tmp/ortgpu-site:$PYTHONPATH
-    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 timeout -k 5 585 python3 bench/web_export_full.py --quant q4 \
-        --out /tmp/web-q4 --steps 20 --cuda-numpy-steps 5 --cpu-steps 10 --budget-s 530 \
-        --json "$OUT/web_export_full_q4_$TAG.json" 2>&1 | tee "$OUT/web_export_full_q4_$TAG.txt" | tail -30
-}
-
-nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE 'h100|h200|a100|l40s|b200' \
+TAG=${TAG:-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE 'h100|h200|a100|l40s|b200' \
              | tr '[:upper:]' '[:lower:]')}
 TAG=${TAG:-gpu}
 mkdir -p "$OUT"
