@@ -485,6 +485,8 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, *, norm: torch.Tensor | 
     Rounding differs from separate kernels in one place: the normalised input is not rounded to x's dtype
     before the product (the 1/rms factor is applied to the sums)."""
     m, k = x.shape
+    if m > FUSED_MAX_ROWS:
+        raise ValueError(f"the fused GEMV takes up to {FUSED_MAX_ROWS} rows, not {m}")
     n = weight.shape[0] // 2 if gated else weight.shape[0]
     config = config or gemv_config(m, n, k, gated=gated)
     out, extras = _fused_arguments(x, n, norm, scale, residual)
@@ -506,7 +508,7 @@ def fused_q4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     if m != 1:
         raise ValueError(f"the fused 4-bit GEMV takes one row, not {m}")
     n = qweight.shape[0] // 2 if gated else qweight.shape[0]
-    config = config or q4_config(1, n, k)
+    config = config or q4_config(1, n, k, gated=gated)
     out, extras = _fused_arguments(x, n, norm, scale, residual)
     _fused_q4_gemv_kernel[(n // config.block_n,)](
         x, qweight, scales, offsets, out, *extras[:3], qweight.stride(0), scales.stride(0), n, eps,
@@ -548,7 +550,7 @@ def gemv_config(m: int, n: int, k: int, *, gated: bool = False) -> MatmulConfig:
     values = triton.next_power_of_2(m) * (2 if gated else 1)
     while config.block_n * config.block_k * values > 16384 and config.block_k > 16 and k % (config.block_k // 2) == 0:
         config = replace(config, block_k=config.block_k // 2)
-    return replace(config, num_stages=1)
+    return config
 
 
 def q4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
@@ -578,32 +580,32 @@ def _largest_divisor(n: int, choices: tuple[int, ...]) -> int:
     return next((c for c in choices if n % c == 0), 1)
 
 
-#: one-row 4-bit tilings measured fastest on an H200 for the decoder's (N, K) (bench/results/tune_q4_wide_h200.*,
-#: for the one-row kernel before it took the fused step's prologue and epilogue)
+#: one-row 4-bit tilings measured fastest on an H200 for the decoder's products, (N, K, gated) -> config
+#: (bench/results/tune_q4_wide_h200.*, for the one-row kernel before it took the fused step's prologue and epilogue)
 _Q4_ONE_ROW = {
-    (6144, 3072): MatmulConfig(block_n=4, block_k=512),  # wqkv
-    (3072, 4096): MatmulConfig(block_n=1, block_k=2048),  # wo
-    (18432, 3072): MatmulConfig(block_n=8, block_k=512),  # w13
-    (9216, 3072): MatmulConfig(block_n=4, block_k=512),  # w13 in the fused step: gate and up rows per program
-    (3072, 9216): MatmulConfig(block_n=4, block_k=1024, num_warps=8),  # w2
-    (131072, 3072): MatmulConfig(block_n=32, block_k=256),  # LM head
+    (6144, 3072, False): MatmulConfig(block_n=4, block_k=512),  # wqkv
+    (3072, 4096, False): MatmulConfig(block_n=1, block_k=2048),  # wo
+    (18432, 3072, False): MatmulConfig(block_n=8, block_k=512),  # w13
+    (9216, 3072, True): MatmulConfig(block_n=4, block_k=512),  # w13 in the fused step (gate and up rows)
+    (3072, 9216, False): MatmulConfig(block_n=4, block_k=1024, num_warps=8),  # w2
+    (131072, 3072, False): MatmulConfig(block_n=32, block_k=256),  # LM head
 }
 
 
-def q4_config(m: int, n: int, k: int) -> MatmulConfig:
-    """The configuration :func:`quantized_matmul` uses for an [m, k] x [n, k] product: for one row, the tuned
-    tiling of a decoder shape, else rules drawn from those (``bench/tune_gemv.py`` measures them; results in
-    bench/results/tune_*_h200.*)."""
+def q4_config(m: int, n: int, k: int, *, gated: bool = False) -> MatmulConfig:
+    """The configuration :func:`quantized_matmul` (and, ``gated``, the fused step's gate/up product) uses for an
+    [m, k] x [n, k] product: for one row, the tuned tiling of a decoder shape, else rules drawn from those
+    (``bench/tune_gemv.py`` measures them; results in bench/results/tune_*_h200.*)."""
     block_k = _largest_divisor(k, (512, 256, 128, 64, 32))
     if m == 1:
-        if (n, k) in _Q4_ONE_ROW:
-            return _Q4_ONE_ROW[(n, k)]
+        if (n, k, gated) in _Q4_ONE_ROW:
+            return _Q4_ONE_ROW[(n, k, gated)]
         # few columns per program and long rows: many programs in flight, each streaming whole rows
         block_n = _largest_divisor(n, (4, 2)) if n <= 8192 else _largest_divisor(n, (8, 4, 2) if n <= 32768 else
                                                                                    (32, 16, 8, 4, 2))
         if n > 32768:
             block_k = _largest_divisor(k, (256, 128, 64, 32))
-        return MatmulConfig(block_n=block_n, block_k=block_k, num_stages=1)
+        return MatmulConfig(block_n=block_n, block_k=block_k)
     block_k = min(block_k, 256 if n <= 8192 else 128)
     split = 2 if n <= 4096 and m <= 16 and k % (2 * block_k) == 0 else 1
     return MatmulConfig(block_n=_largest_divisor(n, (64, 32, 16)), block_k=block_k, split_k=split, use_dot=True,
