@@ -42,7 +42,7 @@ from voxtral_realtime.config import ModelConfig
 from voxtral_realtime.errors import first_line
 from voxtral_realtime.random_weights import AUDIO_BLOCK, full_size_config, random_network, write_tekken_json
 from voxtral_realtime.tokenizer import Tokenizer
-from voxtral_realtime.web_export import estimate_export_bytes, export_web
+from voxtral_realtime.web_export import GraphState, estimate_export_bytes, export_web
 
 #: the first calls of each graph, not counted (allocations, kernel choices); every step feeds 80 ms of noise to the
 #: audio graph, then its embedding with token 32 to the decoder graph
@@ -118,10 +118,6 @@ def _decoder_feeds(step: int) -> dict[str, np.ndarray]:
             "delay": np.array([6.0], np.float32)}
 
 
-def _initial_state(graph: dict) -> dict[str, np.ndarray]:
-    return {s["input"]: np.full(s["shape"], s["fill"], np.float32) for s in graph["state"]}
-
-
 def _summary(audio_times: list[float], decoder_times: list[float], tokens: list[int],
              embeddings: list[np.ndarray]) -> dict[str, Any]:
     audio_ms, decoder_ms = 1000 * np.array(audio_times[WARMUP_STEPS:]), 1000 * np.array(decoder_times[WARMUP_STEPS:])
@@ -139,27 +135,23 @@ def time_numpy(sessions: dict[str, Any], manifest: dict, steps: int, deadline: f
     audio, decoder = sessions["audio"], sessions["decoder"]
     graphs = manifest["graphs"]
     audio_out, decoder_out = [o.name for o in audio.get_outputs()], [o.name for o in decoder.get_outputs()]
-    audio_back = {s["output"]: s["input"] for s in graphs["audio"]["state"]}
-    decoder_back = {s["output"]: s["input"] for s in graphs["decoder"]["state"]}
-    audio_state, decoder_state = _initial_state(graphs["audio"]), _initial_state(graphs["decoder"])
+    audio_state, decoder_state = GraphState(graphs["audio"]), GraphState(graphs["decoder"])
     rng = np.random.default_rng(0)
     audio_times, decoder_times, tokens, embeddings = [], [], [], []
     for step in range(steps + WARMUP_STEPS):
         if step > WARMUP_STEPS and time.perf_counter() > deadline:
             break
-        feeds = {**_audio_feeds(rng, manifest["audio"]["step_window"], step), **audio_state}
+        feeds = {**_audio_feeds(rng, manifest["audio"]["step_window"], step), **audio_state.values}
         t = time.perf_counter()
         results = audio.run(audio_out, feeds)
         audio_times.append(time.perf_counter() - t)
-        outputs = dict(zip(audio_out, results))
-        audio_state = {audio_back[name]: value for name, value in outputs.items() if name in audio_back}
-        feeds = {**_decoder_feeds(step), "audio": outputs["embedding"], **decoder_state}
+        audio_state.update(audio_out, results)
+        feeds = {**_decoder_feeds(step), "audio": dict(zip(audio_out, results))["embedding"], **decoder_state.values}
         t = time.perf_counter()
         results = decoder.run(decoder_out, feeds)
         decoder_times.append(time.perf_counter() - t)
-        outputs = dict(zip(decoder_out, results))
-        decoder_state = {decoder_back[name]: value for name, value in outputs.items() if name in decoder_back}
-        tokens.append(int(outputs["next_token"][0]))
+        decoder_state.update(decoder_out, results)
+        tokens.append(int(dict(zip(decoder_out, results))["next_token"][0]))
         embeddings.append(feeds["audio"].reshape(-1))
     return _summary(audio_times, decoder_times, tokens, embeddings)
 
@@ -187,13 +179,9 @@ def time_bound(ort: Any, sessions: dict[str, Any], manifest: dict, steps: int, d
     audio, decoder = sessions["audio"], sessions["decoder"]
     graphs = manifest["graphs"]
     audio_out, decoder_out = [o.name for o in audio.get_outputs()], [o.name for o in decoder.get_outputs()]
-    audio_back = {s["output"]: s["input"] for s in graphs["audio"]["state"]}
-    decoder_back = {s["output"]: s["input"] for s in graphs["decoder"]["state"]}
-
-    def upload(state: dict[str, np.ndarray]) -> dict[str, Any]:
-        return {name: ort.OrtValue.ortvalue_from_numpy(value, device, 0) for name, value in state.items()}
-
-    audio_state, decoder_state = upload(_initial_state(graphs["audio"])), upload(_initial_state(graphs["decoder"]))
+    audio_state, decoder_state = GraphState(graphs["audio"]), GraphState(graphs["decoder"])
+    for state in (audio_state, decoder_state):  # on the device from the start
+        state.values = {name: ort.OrtValue.ortvalue_from_numpy(value, device, 0) for name, value in state.values.items()}
     rng = np.random.default_rng(0)
     audio_times, decoder_times, tokens, embeddings = [], [], [], []
     for step in range(steps + WARMUP_STEPS):
@@ -201,17 +189,17 @@ def time_bound(ort: Any, sessions: dict[str, Any], manifest: dict, steps: int, d
             break
         feeds = _audio_feeds(rng, manifest["audio"]["step_window"], step)
         t = time.perf_counter()
-        outputs = _run_bound(audio, feeds, audio_state, audio_out, "embedding", device)
+        outputs = _run_bound(audio, feeds, audio_state.values, audio_out, "embedding", device)
         audio_times.append(time.perf_counter() - t)
-        audio_state = {audio_back[name]: value for name, value in outputs.items() if name in audio_back}
+        audio_state.update(list(outputs), list(outputs.values()))
         outputs_embedding = outputs["embedding"].numpy()
         feeds = _decoder_feeds(step)
         t = time.perf_counter()
-        outputs = _run_bound(decoder, feeds, {"audio": outputs["embedding"], **decoder_state}, decoder_out,
+        outputs = _run_bound(decoder, feeds, {"audio": outputs["embedding"], **decoder_state.values}, decoder_out,
                              "next_token", device)
         token = int(outputs["next_token"].numpy()[0])
         decoder_times.append(time.perf_counter() - t)
-        decoder_state = {decoder_back[name]: value for name, value in outputs.items() if name in decoder_back}
+        decoder_state.update(list(outputs), list(outputs.values()))
         tokens.append(token)
         embeddings.append(outputs_embedding.reshape(-1))
     return _summary(audio_times, decoder_times, tokens, embeddings)

@@ -743,8 +743,9 @@ def step_agreement(export: WebExport, audio: Any, reference_tokens: Sequence[int
     return same / max(1, len(reference_tokens))
 
 
-class _State:
-    """The state tensors of one graph, by input name, and the map from its outputs back to them."""
+class GraphState:
+    """The state tensors of one exported graph, by input name (numpy arrays from :meth:`reset`, or whatever a
+    runner puts there), and the map from its outputs back to them."""
 
     def __init__(self, graph: dict) -> None:
         self.specs = graph["state"]
@@ -754,7 +755,7 @@ class _State:
     def reset(self) -> None:
         self.values = {s["input"]: np.full(s["shape"], s["fill"], np.float32) for s in self.specs}
 
-    def update(self, names: Sequence[str], results: Sequence[np.ndarray]) -> None:
+    def update(self, names: Sequence[str], results: Sequence[Any]) -> None:
         outputs = dict(zip(names, results))
         for s in self.specs:
             self.values[s["input"]] = outputs[s["output"]]
@@ -780,8 +781,8 @@ class OnnxEngine:
         self.step_samples = m["audio"]["samples_per_step"]
         self.step_window = m["audio"]["step_window"]
         self.frames_per_step = m["encoder"]["frames_per_step"]
-        self.audio_state = _State(m["graphs"]["audio"])
-        self.decoder_state = _State(m["graphs"]["decoder"])
+        self.audio_state = GraphState(m["graphs"]["audio"])
+        self.decoder_state = GraphState(m["graphs"]["decoder"])
         self._audio_session, self._decoder_session = export.sessions["audio"], export.sessions["decoder"]
         self._audio_outputs = [o.name for o in self._audio_session.get_outputs()]
         self._decoder_outputs = [o.name for o in self._decoder_session.get_outputs()]
