@@ -3,6 +3,8 @@ kernels) against the layer's plain PyTorch forward, on a GPU or in Triton's CPU 
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 
@@ -30,10 +32,11 @@ def _randomize(module: torch.nn.Module, seed: int) -> None:
 def _kernel_context(decoder: TextDecoder, cache: KVCache, positions: torch.Tensor, enabled: torch.Tensor,
                     rows: slice) -> AttentionContext:
     """The context the CUDA path builds (query positions, no mask), also on the CPU for the interpreter."""
-    cos, sin = decoder.rotary.cos_sin(positions, cache.keys[0].dtype)
-    columns, _ = cache.advance(positions, enabled, rows, with_mask=False)
-    query = torch.where(enabled, positions[:, 0], -1)
-    return AttentionContext(cos, sin, cache, rows, cache.write_index(columns, rows), None, query)
+    with mock.patch.object(kernels, "decode_attention_available", lambda device: True):
+        ctx = AttentionContext.prepare(decoder.rotary, cache, positions, cache.keys[0].dtype, rows=rows,
+                                       enabled=enabled)
+    assert ctx.query_positions is not None
+    return ctx
 
 
 def _history(decoder: TextDecoder, rows: int, lengths: list[int], dtype: torch.dtype) -> KVCache:
