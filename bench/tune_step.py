@@ -4,7 +4,7 @@ fused step's logits against the plain ones; the kernels of one fused step.  A di
 (bench/results/tune_step_*.txt).  ``--quant q4_0``: the same for the 4-bit model (the fused step then takes one
 row only).
 
-    python bench/tune_step.py [--context 400] [--steps 200] [--quant q4_0] [--prefetch-mb 0,24,40]
+    python bench/tune_step.py [--context 400] [--steps 200] [--quant q4_0]
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from torch.profiler import ProfilerActivity, profile
 
 from voxtral_realtime import benchmark
 from voxtral_realtime import decoder as decoder_module
-from voxtral_realtime import kernels
 from voxtral_realtime.engine import Engine
 from voxtral_realtime.quantization import quantize_network
 from voxtral_realtime.random_weights import random_model
@@ -87,8 +86,6 @@ def main() -> None:
     parser.add_argument("--batches", default="1,2")
     parser.add_argument("--quant", help="quantize the model first (q4_0, q4_k): the 4-bit step, plain vs fused")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="which of: " + ", ".join(VARIANTS))
-    parser.add_argument("--prefetch-mb", default=str(kernels.PREFETCH_BYTES >> 20),
-                        help="L2 prefetch budgets (kernels.PREFETCH_BYTES, MiB) the PDL variants are measured with")
     parser.add_argument("--json")
     args = parser.parse_args()
     model = random_model(device="cuda", dtype=torch.bfloat16)
@@ -109,28 +106,24 @@ def main() -> None:
                                 "top1_agreement": (fused.argmax(-1) == reference.argmax(-1)).float().mean().item()}
     print("fused vs plain logits (teacher-forced, same inputs):", report["fused_vs_plain"], flush=True)
 
-    budgets = [int(mb) << 20 for mb in args.prefetch_mb.split(",")]
     for variant in args.variants.split(","):
-        for budget in budgets if VARIANTS[variant][1] else budgets[:1]:
-            kernels.PREFETCH_BYTES = budget
-            name = f"{variant}, prefetch {budget >> 20} MiB" if VARIANTS[variant][1] else variant
-            for batch in (int(b) for b in args.batches.split(",")):
-                _configure(model, variant, batch)
-                began = time.perf_counter()
-                try:
-                    result = benchmark.bench_step(model, batch, args.context, steps=args.steps)
-                except Exception as exc:  # noqa: BLE001 - a failing variant is reported, the others still run
-                    print(f"{name:40s} B={batch}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
-                    continue
-                result["variant"], result["prefetch_bytes"] = variant, budget
-                report["rows"].append(result)
-                print(f"{name:40s} B={batch}: {result['ms_per_step']:.3f} ms wall, "
-                      f"{result['gpu_ms_per_step']:.3f} ms GPU = {result['gpu_ms_per_step'] / floor_ms:.2f}x floor "
-                      f"({time.perf_counter() - began:.0f} s)", flush=True)
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump(report, f, indent=1)
-    kernels.PREFETCH_BYTES = budgets[-1]
+        _configure(model, variant)
+        for batch in (int(b) for b in args.batches.split(",")):
+            _configure(model, variant, batch)
+            began = time.perf_counter()
+            try:
+                result = benchmark.bench_step(model, batch, args.context, steps=args.steps)
+            except Exception as exc:  # noqa: BLE001 - a failing variant is reported, the others still run
+                print(f"{variant:28s} B={batch}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                continue
+            result["variant"] = variant
+            report["rows"].append(result)
+            print(f"{variant:28s} B={batch}: {result['ms_per_step']:.3f} ms wall, {result['gpu_ms_per_step']:.3f} ms "
+                  f"GPU = {result['gpu_ms_per_step'] / floor_ms:.2f}x floor ({time.perf_counter() - began:.0f} s)",
+                  flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
     _configure(model, "fused+PDL")
     print(f"--- fused+PDL:\n{_profile(model, args.context)}", flush=True)
 

@@ -199,24 +199,3 @@ def test_four_bit_step_equals_the_quantized_layers_forward():
     expected = layer(x[:, None], plain_ctx, 1, scale)[:, 0]
     got = layer.step(x, _kernel_context(decoder, fused, positions, enabled, rows), 1, scale, pdl=False)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.skipif(not (CUDA and kernels.programmatic_launch_available(DEVICE)), reason="Hopper GPU only")
-@pytest.mark.parametrize("budget", [0, 1 << 20, 64 << 20])
-def test_prefetching_launch_gives_the_same_bits(budget, monkeypatch):
-    """With PDL the GEMVs ask L2 for their weights before waiting (all of each row, some lines of it, or none):
-    the results are bit for bit those of the plain launch, bf16 and 4-bit, gated or not."""
-    from voxtral_realtime.quantization import QuantizedLinear
-
-    monkeypatch.setattr(kernels, "PREFETCH_BYTES", budget)
-    generator = torch.Generator(device=DEVICE).manual_seed(11)
-    rand = lambda *shape: torch.randn(*shape, device=DEVICE, generator=generator)
-    for n, k, gated in ((256, 3072, False), (128, 9216, True), (512, 4096, False)):
-        weight, x, gain = rand(2 * n if gated else n, k) * 0.1, rand(1, k), 1 + 0.3 * rand(k)
-        four_bit = QuantizedLinear.from_float(weight.cpu(), "q4_0").to(DEVICE)
-        for dtype in (torch.bfloat16, torch.float32):
-            args = (x.to(dtype), weight.to(dtype))
-            kwargs = dict(norm=gain.to(dtype), eps=1e-5, gated=gated, residual=None if gated else x[:, :n].to(dtype))
-            assert torch.equal(kernels.fused_linear(*args, **kwargs, pdl=True), kernels.fused_linear(*args, **kwargs))
-            q4 = (x.to(dtype), four_bit.qweight, four_bit.scales, four_bit.offsets)
-            assert torch.equal(kernels.fused_q4_linear(*q4, **kwargs, pdl=True), kernels.fused_q4_linear(*q4, **kwargs))

@@ -74,14 +74,6 @@ if triton is not None:
         return x * cos[None, :] + rolled.to(tl.float32) * signed_sin[None, :]
 
     @triton.jit
-    def _prefetch_l2(row_ptrs, LINES: tl.constexpr, LINES_PAD: tl.constexpr, LINE: tl.constexpr):
-        """Asks L2 for the first LINES 128-byte lines (LINE elements each) of the rows at ``row_ptrs`` and goes on
-        without waiting for them (index past LINES repeat the last line: arange needs a power of two)."""
-        index = tl.minimum(tl.arange(0, LINES_PAD), LINES - 1) * LINE
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n mov.u32 $0, 0;", "=r,l",
-                                  [row_ptrs[:, None] + index[None, :]], dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
     def _decode_attention_kernel(
         q_ptr, k_ptr, v_ptr, table_ptr, qpos_ptr, out_ptr, part_ptr, stats_ptr, cos_ptr, sin_ptr,
         row_start, capacity, window, scale,
@@ -179,7 +171,7 @@ if triton is not None:
         stride_xm, stride_wn, stride_om, stride_sm, stride_rm, gate_rows, eps,
         K: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         NORM: tl.constexpr, HAS_SCALE: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
-        PDL: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_PAD: tl.constexpr, LINE: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """out[m, n] = (res[m, n] +) sum_k input(x)[m, k] * w[n, k] for M <= M_PAD rows, FMAs reduced once.
 
@@ -188,18 +180,12 @@ if triton is not None:
         weight rows n + gate_rows (SwiGLU's "up" half of a fused gate/up matrix) and writes silu(gate) * up.
         A weight does not depend on the kernel before this one, so the first weight tiles are loaded before
         waiting for that kernel (PDL: programmatic dependent launch lets this kernel start while the previous one
-        drains); each further tile is loaded one iteration ahead.  PREFETCH > 0: first the program asks L2 for
-        that many lines of each of its weight rows, so that they stream in during the previous kernel's tail."""
+        drains); each further tile is loaded one iteration ahead."""
         pid = tl.program_id(0)
         offs_m = tl.arange(0, M_PAD)
         m_mask = offs_m < M
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows = w_ptr + offs_n.to(tl.int64) * stride_wn
-        if PREFETCH > 0:
-            _prefetch_l2(rows, PREFETCH, PREFETCH_PAD, LINE)
-            if GATED:
-                _prefetch_l2(rows + gate_rows * stride_wn, PREFETCH, PREFETCH_PAD, LINE)
-        w_ptrs = rows[:, None] + tl.arange(0, BLOCK_K)[None, :]
+        w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + tl.arange(0, BLOCK_K)[None, :]
         up_ptrs = w_ptrs + gate_rows * stride_wn
         w = tl.load(w_ptrs)
         w_up = tl.load(up_ptrs) if GATED else w
@@ -261,8 +247,7 @@ if triton is not None:
         stride_qn, stride_sn, gate_rows, eps,
         K: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
         NORM: tl.constexpr, HAS_SCALE: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
-        PDL: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_PAD: tl.constexpr, SCALE_LINES: tl.constexpr,
-        SCALE_LINES_PAD: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """:func:`_fused_gemv_kernel` for one row of x and a 4-bit weight (layout: :func:`q4_matmul`): per group
         of 32 values the nibbles are multiplied by x in storage order (x gathered as its low and high halves) and
@@ -275,13 +260,6 @@ if triton is not None:
             + offs_b[None, None, :]
         s_index = offs_n.to(tl.int64)[:, None] * stride_sn + offs_g[None, :]
         up_q, up_s = gate_rows * stride_qn, gate_rows * stride_sn
-        if PREFETCH > 0:  # the packed rows' first PREFETCH lines and all of their scales and offsets
-            for gate_or_up in tl.static_range(2 if GATED else 1):
-                _prefetch_l2(qw_ptr + offs_n.to(tl.int64) * stride_qn + gate_or_up * up_q, PREFETCH, PREFETCH_PAD,
-                             128)
-                s_rows = offs_n.to(tl.int64) * stride_sn + gate_or_up * up_s
-                _prefetch_l2(qscale_ptr + s_rows, SCALE_LINES, SCALE_LINES_PAD, 64)
-                _prefetch_l2(qoffset_ptr + s_rows, SCALE_LINES, SCALE_LINES_PAD, 64)
         q, w_scale, w_offset = tl.load(q_ptrs), tl.load(qscale_ptr + s_index), tl.load(qoffset_ptr + s_index)
         if GATED:
             q_up = tl.load(q_ptrs + up_q)
@@ -512,13 +490,10 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, *, norm: torch.Tensor | 
     n = weight.shape[0] // 2 if gated else weight.shape[0]
     config = config or gemv_config(m, n, k, gated=gated)
     out, extras = _fused_arguments(x, n, norm, scale, residual)
-    line = 128 // weight.element_size()
-    prefetch = _prefetch_lines(weight.shape[0], k // line) if pdl else 0
     _fused_gemv_kernel[(n // config.block_n,)](
         x, weight, out, *extras[:3], m, x.stride(0), weight.stride(0), out.stride(0), *extras[3:], n, eps,
         K=k, M_PAD=triton.next_power_of_2(m), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         NORM=norm is not None, HAS_SCALE=scale is not None, GATED=gated, RESIDUAL=residual is not None, PDL=pdl,
-        PREFETCH=prefetch, PREFETCH_PAD=triton.next_power_of_2(max(prefetch, 1)), LINE=line,
         num_warps=config.num_warps, num_stages=1, **({"launch_pdl": True} if pdl else {}),
     )
     return out
@@ -535,28 +510,13 @@ def fused_q4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     n = qweight.shape[0] // 2 if gated else qweight.shape[0]
     config = config or q4_config(1, n, k, gated=gated)
     out, extras = _fused_arguments(x, n, norm, scale, residual)
-    prefetch = _prefetch_lines(qweight.shape[0], k // 256) if pdl else 0
-    scale_lines = triton.cdiv(k // 32, 64)  # float16 scales
     _fused_q4_gemv_kernel[(n // config.block_n,)](
         x, qweight, scales, offsets, out, *extras[:3], qweight.stride(0), scales.stride(0), n, eps,
         K=k, BLOCK_N=config.block_n, GROUPS=config.block_k // 32, NORM=norm is not None, HAS_SCALE=scale is not None,
-        GATED=gated, RESIDUAL=residual is not None, PDL=pdl, PREFETCH=prefetch,
-        PREFETCH_PAD=triton.next_power_of_2(max(prefetch, 1)), SCALE_LINES=scale_lines,
-        SCALE_LINES_PAD=triton.next_power_of_2(scale_lines), num_warps=config.num_warps, num_stages=1,
+        GATED=gated, RESIDUAL=residual is not None, PDL=pdl, num_warps=config.num_warps, num_stages=1,
         **({"launch_pdl": True} if pdl else {}),
     )
     return out
-
-
-#: L2 bytes a fused GEMV launched with PDL asks for ahead of its loads, in all (H100/H200 L2: 50 MB): each row's
-#: first lines up to this budget, so that what one kernel prefetches is not evicted before it is read.
-#: 0 turns prefetching off (bench/tune_step.py compares).
-PREFETCH_BYTES = 24 << 20
-
-
-def _prefetch_lines(rows: int, row_lines: int) -> int:
-    """128-byte lines of each of ``rows`` weight rows (``row_lines`` each) to prefetch within PREFETCH_BYTES."""
-    return min(row_lines, PREFETCH_BYTES // (128 * rows))
 
 
 def _fused_arguments(x: torch.Tensor, n: int, norm: torch.Tensor | None, scale: torch.Tensor | None,
