@@ -10,8 +10,11 @@
 #   batch    `voxtral batch` throughput over 256 synthetic 30 s files (issue 7)
 #   streams  the decoder-step sweep and 64 / 128 live streams
 #   streams256  256 live streams in a fresh process (a process that has run the sweep has less free memory)
+#   ortgpu   keeps a carried .ortgpu/pN/part (onnxruntime-gpu in six parts: the wheel is over the carry limit) in
+#            /tmp/ortparts, which lasts while the machine stays warm (a carried path the next call does not name is
+#            removed), and installs the wheel once all six are there; run it with one part carried per call
 #   webexport   issue 9: the full-size q4 export (sizes) and onnxruntime step times (CUDA when onnxruntime-gpu is
-#               importable: carried in parts as .ortgpu/p0..p5/part, one per call, reassembled here; else CPU only)
+#               installed by the ortgpu part; else CPU only)
 # Writes into $OUT (default bench/results), file names tagged with $TAG (default: the GPU's model, e.g. h200).
 # Run from the repository root with the package importable:  bash bench/gpu.sh tests tune
 set -u
@@ -76,13 +79,18 @@ part_streams256() {
     bench 120 "bench_${TAG}_256streams" --audio-seconds 2 --streams 256 --stream-seconds 20
 }
 
-part_webexport() {
-    if ls .ortgpu/p?/part >/dev/null 2>&1 && [ "$(ls .ortgpu/p?/part | wc -l)" -eq 6 ] && [ ! -d /tmp/ortgpu-site ]; then
-        cat .ortgpu/p0/part .ortgpu/p1/part .ortgpu/p2/part .ortgpu/p3/part .ortgpu/p4/part .ortgpu/p5/part \
-            > /tmp/onnxruntime_gpu-1.30.0-cp312-cp312-manylinux_2_28_x86_64.whl
-        python3 -m pip install -q --no-deps --no-index --target /tmp/ortgpu-site \
-            /tmp/onnxruntime_gpu-1.30.0-cp312-cp312-manylinux_2_28_x86_64.whl
+part_ortgpu() {
+    mkdir -p /tmp/ortparts
+    for part in .ortgpu/p?/part; do [ -f "$part" ] && cp "$part" "/tmp/ortparts/$(basename "$(dirname "$part")")"; done
+    ls /tmp/ortparts
+    if [ "$(ls /tmp/ortparts | wc -l)" -eq 6 ] && [ ! -d /tmp/ortgpu-site ]; then
+        local wheel=/tmp/onnxruntime_gpu-1.30.0-cp312-cp312-manylinux_2_28_x86_64.whl
+        cat /tmp/ortparts/p0 /tmp/ortparts/p1 /tmp/ortparts/p2 /tmp/ortparts/p3 /tmp/ortparts/p4 /tmp/ortparts/p5 > $wheel
+        sha256sum $wheel
+        python3 -m pip install -q --no-deps --no-index --target /tmp/ortgpu-site $wheel
     fi
+}
+part_webexport() {
     [ -d /tmp/ortgpu-site ] && export PYTHONPATH=/tmp/ortgpu-site:$PYTHONPATH
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 timeout -k 5 585 python3 bench/web_export_full.py --quant q4 \
         --out /tmp/web-q4 --steps 20 --cuda-numpy-steps 5 --cpu-steps 10 --budget-s 530 \
