@@ -65,6 +65,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     started, cpu = time.perf_counter(), time.process_time()
     result = model.transcribe(audio)
     seconds, cpu_s = time.perf_counter() - started, time.process_time() - cpu
+    after_transcribe = _memory()
     steps = len(result.tokens) + model.config.audio.n_left_pad_tokens + model.config.audio.delay_tokens(None)
     step = benchmark.bench_step(model, 1, 400, steps=10)  # the decoder alone, one stream 400 tokens in
     print(json.dumps({"model": str(args.model), "threads": args.threads, "weights_gib":
@@ -74,8 +75,9 @@ def cmd_run(args: argparse.Namespace) -> None:
                       "load_cpu_s": load_cpu_s, "audio_s": args.seconds, "transcribe_s": seconds,
                       "transcribe_cpu_s": cpu_s, "decoder_steps": steps, "s_per_step_incl_encoder": seconds / steps,
                       "decoder_ms_per_step": step["ms_per_step"], "decoder_gb_per_s": step["gb_per_s"],
-                      "rss_after_run_gib": _memory()["VmRSS"],
-                      "peak_gib": _memory()["VmHWM"]}))
+                      "rss_after_transcribe_gib": after_transcribe["VmRSS"],
+                      "peak_through_transcribe_gib": after_transcribe["VmHWM"],
+                      "rss_after_step_bench_gib": _memory()["VmRSS"], "peak_gib": _memory()["VmHWM"]}))
 
 
 def main() -> None:

@@ -229,6 +229,28 @@ def test_quantized_embedding_rows_and_tied_head():
         torch.testing.assert_close(embedding.logits(h), h @ layer.dequantize().t(), rtol=1e-5, atol=1e-5)
 
 
+def test_cpu_token_table_is_held_once_and_its_rows_read_from_the_packed_layout():
+    """On the CPU the 4-bit table is one CpuInt4Linear: the LM head's packed int4 bytes are also where the lookups
+    read their rows (three 64-row groups and a 16-row rest, lookups in each)."""
+    layer = Q.quantize_linear(weights(208, 96, seed=16), "q4_0")
+    network = torch.nn.Module()
+    network.decoder = torch.nn.Module()
+    network.decoder.tok_embeddings = Q.QuantizedEmbedding(layer, torch.float32)
+    network.layers_version = 0
+    Q.use_cpu_int4_kernels(network)
+    embedding = network.decoder.tok_embeddings
+    assert isinstance(embedding.table, Q.CpuInt4Linear) and len(list(embedding.buffers())) == 2  # bytes, scales
+    scales = layer.scales.float().bfloat16().float()  # the kernel's rounding of the scale/zero pairs
+    zeros = (layer.offsets.float() + 8 * layer.scales.float()).bfloat16().float()
+    q = Q._unpack_qweight(layer.qweight).float().reshape(208, -1, 32)
+    weight = ((q - 8) * scales[..., None] + zeros[..., None]).reshape(208, -1)
+    tokens = torch.tensor([[0, 63, 64, 130], [191, 192, 207, 5]])
+    assert torch.equal(embedding(tokens), weight[tokens])
+    h = torch.randn(2, 96)
+    torch.testing.assert_close(embedding.logits(h), (h.bfloat16().float() @ weight.t()).bfloat16().float(),
+                               rtol=8e-3, atol=1e-3)
+
+
 def test_bad_type_and_bad_row_length_are_value_errors():
     with pytest.raises(ValueError, match="unknown quantization type"):
         Q.quantize_blocks(torch.zeros(2, 32), "q5_0")

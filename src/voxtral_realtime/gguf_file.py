@@ -602,14 +602,13 @@ def load_gguf(files: list[Path], *, tokenizer: str | os.PathLike[str] | None = N
         module_path = name.removesuffix(".weight")
         bias = dense.pop(f"{module_path}.bias", None)
         module = _quantized_module(tensors, parts, kinds, device, bias)
+        if device.type == "cpu" and isinstance(module, QuantizedLinear) and CpuInt4Linear.supports(module):
+            module = CpuInt4Linear.from_quantized(module)  # frees the other layout as it goes
         if name == EMBEDDING_NETWORK_NAME:
-            head = CpuInt4Linear.from_quantized(module) if device.type == "cpu" and \
-                isinstance(module, QuantizedLinear) and CpuInt4Linear.supports(module) else None
-            _replace_module(network, "decoder.tok_embeddings", QuantizedEmbedding(module, dtype, head))
+            _replace_module(network, "decoder.tok_embeddings", QuantizedEmbedding(module, dtype))
         else:
-            if device.type == "cpu" and isinstance(module, QuantizedLinear) and CpuInt4Linear.supports(module):
-                module = CpuInt4Linear.from_quantized(module)  # frees the other layout as it goes
             _replace_module(network, module_path, module)
+        _return_freed_memory()  # each conversion's temporaries, before the next one's raise the peak
         done += 1
         if progress:
             progress(done, total)

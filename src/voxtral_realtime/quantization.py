@@ -487,30 +487,57 @@ class CpuInt4Linear(nn.Module):
         out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return out + self.bias.to(x.dtype) if self.bias is not None else out
 
-    def dequantize(self) -> torch.Tensor:
-        """The weight the kernel uses, float32 [out, in].  A debugging aid: it recovers torch's private nibble
-        order by packing index patterns with torch's own packer (16 bytes of temporaries per weight)."""
-        n, k = self.out_features, self.in_features
-        index = torch.arange(n * k, dtype=torch.int64).reshape(n, k)
-        source = torch.zeros(n * k, dtype=torch.int64)  # flat [out, in] position of each packed nibble
-        for shift in range(0, max(4, (n * k - 1).bit_length()), 4):
-            probe = torch.ops.aten._convert_weight_to_int4pack_for_cpu(((index >> shift) & 15).to(torch.int32), 1)
-            probe = probe.reshape(-1).long()
-            source[0::2] |= (probe & 15) << shift
-            source[1::2] |= (probe >> 4) << shift
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` [n] of the weight the kernel uses, float32 [n, in]: the tied token table's lookups read
+        this layout, so the table is held once.  Torch packs each block of 64 rows (or 32 or 16, by CPU) on its
+        own, contiguous in row order, so one map of where each value of a 64-row group lies (and one for a
+        shorter last group) serves every row."""
+        k = self.in_features
+        group, local = torch.div(index, _PACK_GROUP, rounding_mode="floor"), index % _PACK_GROUP
+        tail_start = self.out_features - self.out_features % _PACK_GROUP
+        values = torch.empty(index.shape[0], k, dtype=torch.float32)
         packed = self.packed.reshape(-1)
-        q = torch.empty(n * k, dtype=torch.float32)
-        q[source] = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(-1).float()
-        scales = self.scales_and_zeros[..., 0].float().t()
-        zeros = self.scales_and_zeros[..., 1].float().t()
-        groups = q.reshape(n, k // GROUP, GROUP)
-        return ((groups - 8) * scales[..., None] + zeros[..., None]).reshape(n, k)
+        for in_tail, rows_in_group in ((False, _PACK_GROUP), (True, self.out_features % _PACK_GROUP)):
+            chosen = (index >= tail_start) if in_tail else (index < tail_start)
+            if rows_in_group == 0 or not bool(chosen.any()):
+                continue
+            nibble = self._nibble_map(rows_in_group)[local[chosen]]  # [n, k]: nibble index within the group
+            base = (group[chosen] * (_PACK_GROUP * k // 2))[:, None]
+            byte = packed[base + torch.div(nibble, 2, rounding_mode="floor")].to(torch.int32)
+            values[chosen] = ((byte >> (4 * (nibble % 2))) & 15).float()
+        pairs = self.scales_and_zeros[:, index].float()  # [k/32, n, 2]
+        scales, zeros = pairs[..., 0].t()[..., None], pairs[..., 1].t()[..., None]
+        return ((values.reshape(-1, k // GROUP, GROUP) - 8) * scales + zeros).reshape(-1, k)
+
+    def _nibble_map(self, rows: int) -> torch.Tensor:
+        """[rows, in] int64: where value (r, c) of a group of ``rows`` rows lies among the group's packed nibbles
+        (byte j // 2, high nibble if j is odd).  Found by packing index patterns with torch's own packer, 4 bits
+        of the index at a time; cached per group size."""
+        cache = self.__dict__.setdefault("_nibble_maps", {})
+        if rows not in cache:
+            n, k = rows, self.in_features
+            index = torch.arange(n * k, dtype=torch.int64).reshape(n, k)
+            source = torch.zeros(n * k, dtype=torch.int64)  # flat [rows, in] position of each packed nibble
+            for shift in range(0, max(4, (n * k - 1).bit_length()), 4):
+                probe = torch.ops.aten._convert_weight_to_int4pack_for_cpu(((index >> shift) & 15).to(torch.int32), 1)
+                probe = probe.reshape(-1).long()
+                source[0::2] |= (probe & 15) << shift
+                source[1::2] |= (probe >> 4) << shift
+            where = torch.empty_like(source)
+            where[source] = torch.arange(n * k)
+            cache[rows] = where.reshape(n, k)
+        return cache[rows]
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight the kernel uses, float32 [out, in]."""
+        return self.rows(torch.arange(self.out_features))
 
 
 # Rows packed per call: the packer needs int32 levels (4 bytes per weight), so a whole token table at once would
 # take 1.6 GB.  Torch packs blocks of 64 (AVX-512), 32 (AVX2, scalar) or 16 rows independently, each block's
 # bytes contiguous in row order, so packing a multiple of 64 rows at a time gives the same bytes (tested).
 _PACK_ROWS: Final = 4096
+_PACK_GROUP: Final = 64
 
 
 def _pack_for_cpu(qweight: torch.Tensor) -> torch.Tensor:
@@ -528,24 +555,23 @@ class QuantizedEmbedding(nn.Module):
     """The tied token table in a block format: :meth:`forward` looks rows up (dequantizing only those rows) and
     :meth:`logits` is the LM head ``h E^T``.
 
-    ``table`` holds the rows (a :class:`QuantizedLinear` or :class:`Q8Linear`); ``head`` computes the LM head and
-    is ``table`` itself except on the CPU, where it is the table again in the int4 kernel's layout (rows cannot
-    be looked up there), at the cost of a second 4-bit copy of the table.
+    ``table`` (a :class:`QuantizedLinear`, :class:`Q8Linear` or, on the CPU, :class:`CpuInt4Linear`) is both:
+    the rows are read from its layout, and it is the LM head.
     """
 
-    def __init__(self, table: QuantizedLinear | Q8Linear, dtype: torch.dtype,
-                 head: QuantizedWeightModule | None = None) -> None:
+    def __init__(self, table: QuantizedWeightModule, dtype: torch.dtype) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
         self.qtype = table.qtype
         self.dtype = dtype  # of the looked-up rows: the network's compute dtype
         self.table = table
-        self.head = head if head is not None else table
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         flat = tokens.reshape(-1)
         table = self.table
-        if isinstance(table, Q8Linear):
+        if isinstance(table, CpuInt4Linear):
+            rows = table.rows(flat)
+        elif isinstance(table, Q8Linear):
             q = table.qweight[flat].float().reshape(flat.shape[0], -1, GROUP)
             rows = q * table.scales[flat].float()[..., None]
         else:
@@ -554,7 +580,7 @@ class QuantizedEmbedding(nn.Module):
         return rows.reshape(*tokens.shape, self.embedding_dim).to(self.dtype)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden)
+        return self.table(hidden)
 
     def dequantize(self) -> torch.Tensor:
         return self.table.dequantize()
@@ -608,19 +634,13 @@ def quantize_network(network: nn.Module, qtype: str, *, embeddings: str | None =
 
 
 def use_cpu_int4_kernels(network: nn.Module) -> nn.Module:
-    """Swap every CPU :class:`QuantizedLinear` for a :class:`CpuInt4Linear` (freeing the original), and give a 4-bit
-    token table a :class:`CpuInt4Linear` LM head."""
+    """Swap every CPU :class:`QuantizedLinear` (a 4-bit token table's too) for a :class:`CpuInt4Linear`, freeing
+    the original."""
     for module in list(network.modules()):
-        if isinstance(module, QuantizedEmbedding):  # its table must keep rows that can be looked up
-            continue
         for child_name, child in list(module.named_children()):
             if isinstance(child, QuantizedLinear) and child.qweight.device.type == "cpu" and \
                     CpuInt4Linear.supports(child):
                 setattr(module, child_name, CpuInt4Linear.from_quantized(child))
-            elif isinstance(child, QuantizedEmbedding) and isinstance(child.table, QuantizedLinear) and \
-                    child.head is child.table and child.table.qweight.device.type == "cpu" and \
-                    CpuInt4Linear.supports(child.table):
-                child.head = CpuInt4Linear.from_quantized(child.table)
     network.layers_version += 1
     return network
 

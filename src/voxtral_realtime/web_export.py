@@ -46,8 +46,9 @@ from .engine import Slot
 from .errors import VoxtralError, first_line
 
 QUANTS = ("fp32", "fp16", "q4", "q8")
-#: Largest external-data file (the Rust project's browser shards are this size too; browsers cache them whole).
-SHARD_BYTES = 512 * 1024 * 1024
+#: Largest external-data file, 512 MB (decimal: the Rust project's browser shards are "512 MB"; browsers cache
+#: them whole).  The LM head's blocks are cut to fit it.
+SHARD_BYTES = 512_000_000
 #: Initializers smaller than this stay inside the .onnx file (norm gains, biases, small tables).
 INLINE_BYTES = 4096
 #: Block length of the MatMulNBits quantization (values per scale).
