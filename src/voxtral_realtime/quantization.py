@@ -529,8 +529,11 @@ class CpuInt4Linear(nn.Module):
         return cache[rows]
 
     def dequantize(self) -> torch.Tensor:
-        """The weight the kernel uses, float32 [out, in]."""
-        return self.rows(torch.arange(self.out_features))
+        """The weight the kernel uses, float32 [out, in] (row blocks at a time: the lookup's index temporaries
+        take 8 bytes per value)."""
+        n = self.out_features
+        return torch.cat([self.rows(torch.arange(start, min(start + _PACK_ROWS, n)))
+                          for start in range(0, n, _PACK_ROWS)])
 
 
 # Rows packed per call: the packer needs int32 levels (4 bytes per weight), so a whole token table at once would
