@@ -105,7 +105,13 @@ def test_gguf_model_is_the_in_memory_quantized_model(source, written, audio, qty
         assert type(ours) is type(theirs) is (Q8Linear if qtype == "q8_0" else CpuInt4Linear)
         assert torch.equal(ours.dequantize(), theirs.dequantize()), path
     assert isinstance(loaded.network.decoder.tok_embeddings, QuantizedEmbedding)
+    # the CPU int4 kernel's networks keep bf16 KV rings, loaded or quantized in memory alike
+    four_bit = qtype != "q8_0"
+    assert loaded.network.cache_dtype == expected.network.cache_dtype == (torch.bfloat16 if four_bit else None)
     assert loaded.transcribe(audio).tokens == expected.transcribe(audio).tokens
+    engine = loaded._private_engines[0]
+    want = torch.bfloat16 if four_bit else torch.float32
+    assert engine.encoder_state.cache.keys[0].dtype == engine.decoder_cache.values[0].dtype == want
 
 
 def test_quantizing_a_model_that_has_run_compiled_uses_the_new_weights(source, audio):

@@ -105,15 +105,15 @@ class AudioEncoder(nn.Module):
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
 
     def new_state(self, rows: int, *, max_chunk: int, device: torch.device, dtype: torch.dtype,
-                  preallocate: bool = False) -> EncoderState:
+                  cache_dtype: torch.dtype | None = None, preallocate: bool = False) -> EncoderState:
         """Fresh state for ``rows`` streams; ``max_chunk`` bounds the encoder frames of one call once a stream is
         longer than the window (see :meth:`KVCache.max_write`); ``preallocate`` sizes the cache for the whole
-        window now instead of growing it."""
+        window now instead of growing it; ``cache_dtype``: the KV ring's, if not ``dtype``."""
         return EncoderState(
             conv=self.conv_stem.new_state(rows, device, dtype),
             cache=KVCache.empty(len(self.layers), rows, self.cfg.n_heads, self.cfg.head_dim,
-                                window=self.cfg.sliding_window, max_chunk=max_chunk, device=device, dtype=dtype,
-                                preallocate=preallocate),
+                                window=self.cfg.sliding_window, max_chunk=max_chunk, device=device,
+                                dtype=cache_dtype or dtype, preallocate=preallocate),
         )
 
     def forward(self, mel: torch.Tensor, state: EncoderState, positions: torch.Tensor, *, rows: slice | None = None,

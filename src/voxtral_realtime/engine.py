@@ -106,9 +106,10 @@ class Engine:
             encoder_chunk = SHARED_ENCODER_CHUNK_FRAMES if shared else \
                 CPU_ENCODER_CHUNK_FRAMES if device.type == "cpu" else ENCODER_CHUNK_FRAMES
         self.encoder_state = network.encoder.new_state(max_streams, max_chunk=encoder_chunk, device=device,
-                                                       dtype=dtype, preallocate=preallocate)
+                                                       dtype=dtype, cache_dtype=network.cache_dtype,
+                                                       preallocate=preallocate)
         self.decoder_cache = network.decoder.new_cache(max_streams, max_chunk=DECODER_CHUNK, device=device,
-                                                       dtype=dtype, context=decoder_context,
+                                                       dtype=network.cache_dtype or dtype, context=decoder_context,
                                                        preallocate=compile or (shared and decoder_context is not None))
         self.ffn_scales = torch.zeros(max_streams, cfg.decoder.n_layers, cfg.decoder.dim, device=device, dtype=dtype)
         self.slots: list[Slot | None] = [None] * max_streams

@@ -69,6 +69,7 @@ from .quantization import (
     linear_qtype,
     q8_layout,
     quantize_blocks,
+    use_bf16_caches_with_int4,
 )
 
 if TYPE_CHECKING:
@@ -614,6 +615,7 @@ def load_gguf(files: list[Path], *, tokenizer: str | os.PathLike[str] | None = N
             progress(done, total)
     unexpected = network.load_state_dict(dense, strict=False, assign=True).unexpected_keys
     network.rebuild_buffers()
+    use_bf16_caches_with_int4(network)
     _return_freed_memory()
     left = [n for n, t in [*network.named_parameters(), *network.named_buffers()] if t.is_meta]
     if left or unexpected:  # a gap in the tables above, not a user error

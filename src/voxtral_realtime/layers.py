@@ -163,9 +163,9 @@ class KVCache:
         return row_index, head_index, columns[:, None, :]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, index: tuple[torch.Tensor, ...]) -> None:
-        """Store layer ``layer``'s k, v [B, H_kv, T, D] at ``index`` (:meth:`write_index`)."""
-        self.keys[layer].index_put_(index, k)
-        self.values[layer].index_put_(index, v)
+        """Store layer ``layer``'s k, v [B, H_kv, T, D] at ``index`` (:meth:`write_index`), in the cache's dtype."""
+        self.keys[layer].index_put_(index, k.to(self.keys[layer].dtype))
+        self.values[layer].index_put_(index, v.to(self.values[layer].dtype))
 
     def _grow(self, capacity: int) -> None:
         # Before the first wrap every entry sits in column position % old capacity = position, which is also its
@@ -248,8 +248,9 @@ class Attention(nn.Module):
         if ctx.query_positions is not None:
             out = kernels.decode_attention(q, cache.keys[layer], cache.values[layer], cache.positions,
                                            ctx.query_positions, ctx.rows.start, cache.capacity, cache.window)
-        else:
-            out = grouped_attention(q, cache.keys[layer][ctx.rows], cache.values[layer][ctx.rows], ctx.mask)
+        else:  # in the cache's dtype (see VoxtralRealtime.cache_dtype)
+            keys, values = cache.keys[layer][ctx.rows], cache.values[layer][ctx.rows]
+            out = grouped_attention(q.to(keys.dtype), keys, values, ctx.mask).to(q.dtype)
         return self.wo(out.transpose(1, 2).reshape(batch, length, self.q_size))
 
     def attend_projected(self, qkv: torch.Tensor, ctx: AttentionContext, layer: int, *, pdl: bool) -> torch.Tensor:

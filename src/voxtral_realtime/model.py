@@ -28,6 +28,10 @@ class VoxtralRealtime(nn.Module):
         #: bumped whenever layers are replaced in place (quantization): engines made before hold compiled code
         #: and CUDA graphs that still read the old weights
         self.layers_version = 0
+        #: dtype of the KV rings that engines make for this network (None: its compute dtype); the CPU 4-bit path
+        #: sets bfloat16 (quantization.use_cpu_int4_kernels): its products take bf16 inputs already, and the rings
+        #: are most of the memory a long transcription adds
+        self.cache_dtype: torch.dtype | None = None
 
     @property
     def device(self) -> torch.device:
