@@ -141,9 +141,12 @@ class TextDecoder(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, ctx, i, ffn_scales[..., i, None, :] if ffn_scales.dim() == 3 else ffn_scales[i])
         hidden = self.norm(x[:, -1])
-        # A quantized table (quantization.QuantizedEmbedding) computes the tied LM head itself.
-        head = getattr(self.tok_embeddings, "logits", None)
+        head = self._quantized_head()
         return (head(hidden) if head is not None else F.linear(hidden, self.tok_embeddings.weight)).float()
+
+    def _quantized_head(self):
+        """A quantized table's own LM head (quantization.QuantizedEmbedding.logits), or None for a plain table."""
+        return getattr(self.tok_embeddings, "logits", None)
 
     def _can_step(self, x: torch.Tensor, ctx: AttentionContext) -> bool:
         return (self.fused_step and ctx.query_positions is not None and x.shape[0] <= FUSED_STEP_ROWS
@@ -155,7 +158,7 @@ class TextDecoder(nn.Module):
         pdl = self.pdl and kernels.programmatic_launch_available(x.device)
         for i, layer in enumerate(self.layers):
             x = layer.step(x, ctx, i, ffn_scales[:, i] if ffn_scales.dim() == 3 else ffn_scales[i], pdl=pdl)
-        head = getattr(self.tok_embeddings, "logits", None)  # a quantized table computes the LM head itself
+        head = self._quantized_head()
         if head is not None:
             return head(self.norm(x))
         return kernels.fused_linear(x, self.tok_embeddings.weight, norm=self.norm.weight, eps=self.norm.eps, pdl=pdl)

@@ -62,6 +62,11 @@ def _programmatic_launch(index: int) -> bool:
             and torch.cuda.get_device_capability(index)[0] >= 9)
 
 
+def _launch_options(pdl: bool) -> dict:
+    """Triton launch keywords: programmatic dependent launch when asked (the kernel then calls gdc_wait)."""
+    return {"launch_pdl": True} if pdl else {}
+
+
 if triton is not None:
 
     @triton.jit
@@ -300,9 +305,9 @@ if triton is not None:
                 acc_up += up_scale.to(tl.float32) * dot + up_offset.to(tl.float32) * x_sum
                 q_up, up_scale, up_offset = q_up_next, up_scale_next, up_offset_next
         one = tl.arange(0, 1)
-        _gemv_finish(tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :],
-                     tl.zeros([1], tl.float32) + tl.sum(tl.sum(squares, axis=1), axis=0), out_ptr, res_ptr, one, one == 0, offs_n, 0, 0,
-                     eps, K, NORM, GATED, RESIDUAL)
+        row_squares = tl.zeros([1], tl.float32) + tl.sum(tl.sum(squares, axis=1), axis=0)
+        _gemv_finish(tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :], row_squares, out_ptr, res_ptr,
+                     one, one == 0, offs_n, 0, 0, eps, K, NORM, GATED, RESIDUAL)
 
     @triton.jit
     def _q4_matmul_kernel(
@@ -394,7 +399,7 @@ def _launch_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
     part = q.new_empty((programs * splits, group_pad, dim), dtype=torch.float32) if splits > 1 else out
     stats = q.new_empty((programs * splits, 2, group_pad), dtype=torch.float32) if splits > 1 else out
     cos, sin = rotary if rotary is not None else (q, q)
-    launch = {"launch_pdl": True} if pdl else {}
+    launch = _launch_options(pdl)
     _decode_attention_kernel[(programs, splits)](
         q, keys, values, table, qpos, out, part, stats, cos, sin,
         row_start, capacity, window, 1.0 / math.sqrt(dim),
@@ -474,6 +479,7 @@ class MatmulConfig:
 #: rows the fused GEMV takes (FMAs, one accumulator per row)
 FUSED_MAX_ROWS = 4
 
+
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 0.0,
                  scale: torch.Tensor | None = None, gated: bool = False, residual: torch.Tensor | None = None,
                  config: MatmulConfig | None = None, pdl: bool = False) -> torch.Tensor:
@@ -494,7 +500,7 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, *, norm: torch.Tensor | 
         x, weight, out, *extras[:3], m, x.stride(0), weight.stride(0), out.stride(0), *extras[3:], n, eps,
         K=k, M_PAD=triton.next_power_of_2(m), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         NORM=norm is not None, HAS_SCALE=scale is not None, GATED=gated, RESIDUAL=residual is not None, PDL=pdl,
-        num_warps=config.num_warps, num_stages=1, **({"launch_pdl": True} if pdl else {}),
+        num_warps=config.num_warps, num_stages=1, **_launch_options(pdl),
     )
     return out
 
@@ -514,7 +520,7 @@ def fused_q4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
         x, qweight, scales, offsets, out, *extras[:3], qweight.stride(0), scales.stride(0), n, eps,
         K=k, BLOCK_N=config.block_n, GROUPS=config.block_k // 32, NORM=norm is not None, HAS_SCALE=scale is not None,
         GATED=gated, RESIDUAL=residual is not None, PDL=pdl, num_warps=config.num_warps, num_stages=1,
-        **({"launch_pdl": True} if pdl else {}),
+        **_launch_options(pdl),
     )
     return out
 
