@@ -71,18 +71,20 @@ def _loop_body(sass: str) -> list[str] | None:
     return [m.group(1) for line in lines[start:end + 1] if (m := _INSTRUCTION.search(line))]
 
 
-def count(form: str, four_bit: bool, arch: int) -> dict:
+def count(form: str, four_bit: bool, arch: int, tiling: kernels.MatmulConfig | None = None) -> dict:
     (n, k, gated), flags = FORMS[form]
     flags = {**flags, "GATED": gated}
     if four_bit:
         config = kernels.q4_config(1, n, k, gated=gated)
+        config = tiling or config
         fn, types = kernels._fused_q4_gemv_kernel, {
-            "x_ptr": "*bf16", "qw_ptr": "*u8", "qscale_ptr": "*fp16", "qoffset_ptr": "*fp16", "out_ptr": "*bf16",
-            "gain_ptr": "*bf16", "scale_ptr": "*bf16", "res_ptr": "*bf16", "stride_qn": "i32", "stride_sn": "i32",
-            "gate_rows": "i32", "eps": "fp32"}
-        constants = dict(K=k, BLOCK_N=config.block_n, GROUPS=config.block_k // 32, PDL=False, **flags)
+            "xq_ptr": "*i32", "xstep_ptr": "*fp32", "xsum_ptr": "*fp32", "xresidual_ptr": "*fp32", "squares_ptr": "*fp32", "qw_ptr": "*i32",
+            "qscale_ptr": "*fp16", "qoffset_ptr": "*fp16", "out_ptr": "*bf16", "res_ptr": "*bf16",
+            "stride_qn": "i32", "stride_sn": "i32", "gate_rows": "i32", "eps": "fp32"}
+        constants = dict(K=k, BLOCK_N=config.block_n, GROUPS=config.block_k // 32, SQUARES=k // 128, SQUARES_PAD=128,
+                         PDL=False, ASM=True, NORM=flags["NORM"], GATED=gated, RESIDUAL=flags["RESIDUAL"])
     else:
-        config = kernels.gemv_config(1, n, k, gated=gated)
+        config = tiling or kernels.gemv_config(1, n, k, gated=gated)
         fn, types = kernels._fused_gemv_kernel, {
             "x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "gain_ptr": "*bf16", "scale_ptr": "*bf16",
             "res_ptr": "*bf16", "M": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_om": "i32",
@@ -106,12 +108,15 @@ def main() -> None:
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     parser.add_argument("--forms", default=",".join(FORMS))
     parser.add_argument("--ops", action="store_true", help="also the instruction mix")
+    parser.add_argument("--tiling", help="BLOCK_N,BLOCK_K,WARPS instead of the kernels' own (4-bit only)")
     args = parser.parse_args()
     if kernels.triton is None:
         sys.exit("needs Triton")
-    for four_bit in (True, False):
+    tiling = kernels.MatmulConfig(*map(int, args.tiling.split(",")[:2]), num_warps=int(args.tiling.split(",")[2])) \
+        if args.tiling else None
+    for four_bit in (True,) if tiling else (True, False):
         for form in args.forms.split(","):
-            row = count(form, four_bit, args.arch)
+            row = count(form, four_bit, args.arch, tiling)
             where = "in the whole (unrolled) kernel" if row["unrolled"] else "per loop iteration"
             print(f"{row['kernel']:5s} {form:5s} {row['instructions']:4d} instructions {where}, "
                   f"{row['weight_values_per_thread']:5.1f} weights per thread: {row['per_value']:5.2f} per weight  "

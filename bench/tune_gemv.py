@@ -111,8 +111,8 @@ def triton_pow2(m: int) -> int:
 
 def q4_configs(n: int, k: int, m: int):
     if m == 1:  # the one-row kernel (kernels.fused_q4_linear): long rows per program keep loads in flight
-        for bn, bk, warps in itertools.product((1, 2, 4, 8, 16, 32), (128, 256, 512, 1024, 2048), (2, 4, 8)):
-            if 512 <= bn * bk <= 8192 and n % bn == 0 and k % bk == 0:
+        for bn, bk, warps in itertools.product((2, 4, 8, 16), (256, 512, 1024, 2048), (1, 2, 4)):
+            if bn * bk <= 16384 and n % bn == 0 and k % bk == 0:
                 yield MatmulConfig(bn, bk, 1, False, warps, 1)
     for bn, bk, warps, stages in itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (2, 3, 4)):
         for split in (1, 2) if n <= 4096 and m <= 16 else (1,):

@@ -247,66 +247,112 @@ if triton is not None:
         return (nibble | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
+    def _quantize_activation_kernel(x_ptr, gain_ptr, scale_ptr, q_ptr, step_ptr, sums_ptr, residual_ptr, squares_ptr,
+                                    GROUPS: tl.constexpr, NORM: tl.constexpr, HAS_SCALE: tl.constexpr,
+                                    PDL: tl.constexpr):
+        """One row x [K] -> x' = x (* gain (* scale)), then per group of 32 values: ``step`` = max|x'| / 127,
+        ``q`` = round(x' / step) as int8, ``sums`` = sum(x'), ``residual`` = 8 sum(x' - q step) (what rounding
+        lost, times the mean of a 4-bit value: the GEMV's sums so only carry rounding errors times the nibbles'
+        deviation from their mean); with NORM, this program's sum of x^2 into ``squares[program]``.  The norm's 1/rms is left to the GEMV: a factor on the whole row changes the steps,
+        never q, so it is applied to the GEMV's sums instead."""
+        pid = tl.program_id(0)
+        group = pid * GROUPS + tl.arange(0, GROUPS)
+        index = group[:, None] * 32 + tl.arange(0, 32)[None, :]
+        if NORM:
+            gain = tl.load(gain_ptr + index).to(tl.float32)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+        x = tl.load(x_ptr + index).to(tl.float32)
+        if NORM:
+            tl.store(squares_ptr + pid, tl.sum(tl.sum(x * x, axis=1), axis=0))
+            x = x * gain
+            if HAS_SCALE:
+                x = x * tl.load(scale_ptr + index).to(tl.float32)
+        biggest = tl.max(tl.abs(x), axis=1)
+        inverse = tl.where(biggest > 0, 127.0 / biggest, 0.0)
+        q = tl.floor(x * inverse[:, None] + 0.5)
+        step = biggest / 127.0
+        tl.store(q_ptr + index, q.to(tl.int32).to(tl.int8))
+        tl.store(step_ptr + group, step)
+        tl.store(sums_ptr + group, tl.sum(x, axis=1))
+        tl.store(residual_ptr + group, 8.0 * tl.sum(x - q * step[:, None], axis=1))
+
+    @triton.jit
+    def _dot_nibbles(words, x_low, x_high, ASM: tl.constexpr):
+        """Per int32 word of 4-bit weights: its 4 low nibbles times the 4 signed bytes of ``x_low`` plus its 4
+        high nibbles times those of ``x_high`` (byte i with byte i), as int32: two ``dp4a`` instructions on the
+        GPU, shifts and masks in the interpreter."""
+        if ASM:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 lo, hi, t; and.b32 lo, $1, 0x0F0F0F0F; shr.u32 hi, $1, 4; and.b32 hi, hi, 0x0F0F0F0F;"
+                " dp4a.u32.s32 t, lo, $2, 0; dp4a.u32.s32 $0, hi, $3, t; }",
+                "=r,r,r,r", [words, x_low, x_high], dtype=tl.int32, is_pure=True, pack=1)
+        total = tl.zeros_like(words)
+        for i in tl.static_range(4):
+            total += ((words >> (8 * i)) & 15) * ((x_low << (24 - 8 * i)) >> 24) \
+                + ((words >> (8 * i + 4)) & 15) * ((x_high << (24 - 8 * i)) >> 24)
+        return total
+
+    @triton.jit
     def _fused_q4_gemv_kernel(
-        x_ptr, qw_ptr, qscale_ptr, qoffset_ptr, out_ptr, gain_ptr, scale_ptr, res_ptr,
+        xq_ptr, xstep_ptr, xsum_ptr, xresidual_ptr, squares_ptr, qw_ptr, qscale_ptr, qoffset_ptr, out_ptr, res_ptr,
         stride_qn, stride_sn, gate_rows, eps,
-        K: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
-        NORM: tl.constexpr, HAS_SCALE: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
-        PDL: tl.constexpr,
+        K: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SQUARES: tl.constexpr,
+        SQUARES_PAD: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
     ):
-        """:func:`_fused_gemv_kernel` for one row of x and a 4-bit weight (layout: :func:`q4_matmul`): per group
-        of 32 values the nibbles are multiplied by x in storage order (x gathered as its low and high halves) and
-        the group's scale and offset applied once, ``scale * sum(q x) + offset * sum(x)``."""
+        """One row of x, quantized to 8 bits per group of 32 (:func:`_quantize_activation_kernel`), times a 4-bit
+        weight (layout: :func:`q4_matmul`), both read as int32 words: word w of a group holds the weights
+        4w..4w+3 in its low nibbles and 16+4w..16+4w+3 in its high ones, which meet x's words w and 4 + w in two
+        integer dot products (``dp4a``).  Per group ``scale * (step * sum(q qx) + residual) + offset * sum(x)``; with NORM the
+        row's 1/rms (from the quantizer's partial sums of squares) multiplies the result.  A FMA form of this
+        kernel issued about ten instructions per weight and was bound by instruction issue; this one issues
+        about one (bench/sass_count.py)."""
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_g = tl.arange(0, GROUPS)
-        offs_b = tl.arange(0, 16)
-        q_ptrs = qw_ptr + offs_n.to(tl.int64)[:, None, None] * stride_qn + offs_g[None, :, None] * 16 \
-            + offs_b[None, None, :]
+        offs_w = tl.arange(0, 4)
+        q_ptrs = qw_ptr + offs_n.to(tl.int64)[:, None, None] * stride_qn + offs_g[None, :, None] * 4 \
+            + offs_w[None, None, :]
+        x_ptrs = xq_ptr + offs_g[None, :, None] * 8 + offs_w[None, None, :]
         s_index = offs_n.to(tl.int64)[:, None] * stride_sn + offs_g[None, :]
         up_q, up_s = gate_rows * stride_qn, gate_rows * stride_sn
-        q, w_scale, w_offset = tl.load(q_ptrs), tl.load(qscale_ptr + s_index), tl.load(qoffset_ptr + s_index)
+        words, w_scale, w_offset = tl.load(q_ptrs), tl.load(qscale_ptr + s_index), tl.load(qoffset_ptr + s_index)
         if GATED:
-            q_up = tl.load(q_ptrs + up_q)
+            up_words = tl.load(q_ptrs + up_q)
             up_scale, up_offset = tl.load(qscale_ptr + up_s + s_index), tl.load(qoffset_ptr + up_s + s_index)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
         acc = tl.zeros([BLOCK_N, GROUPS], tl.float32)
         acc_up = tl.zeros([BLOCK_N, GROUPS], tl.float32)
-        squares = tl.zeros([GROUPS, 16], tl.float32)
         for g0 in range(0, K // 32, GROUPS):
             more = g0 + GROUPS < K // 32
-            q_next = tl.load(q_ptrs + (g0 + GROUPS) * 16, mask=more, other=0)
+            words_next = tl.load(q_ptrs + (g0 + GROUPS) * 4, mask=more, other=0)
             scale_next = tl.load(qscale_ptr + s_index + g0 + GROUPS, mask=more, other=0.0)
             offset_next = tl.load(qoffset_ptr + s_index + g0 + GROUPS, mask=more, other=0.0)
             if GATED:
-                q_up_next = tl.load(q_ptrs + up_q + (g0 + GROUPS) * 16, mask=more, other=0)
+                up_words_next = tl.load(q_ptrs + up_q + (g0 + GROUPS) * 4, mask=more, other=0)
                 up_scale_next = tl.load(qscale_ptr + up_s + s_index + g0 + GROUPS, mask=more, other=0.0)
                 up_offset_next = tl.load(qoffset_ptr + up_s + s_index + g0 + GROUPS, mask=more, other=0.0)
-            x_index = (g0 + offs_g)[:, None] * 32 + offs_b[None, :]  # [GROUPS, 16]: the low halves' columns
-            x_lo = tl.load(x_ptr + x_index).to(tl.float32)
-            x_hi = tl.load(x_ptr + x_index + 16).to(tl.float32)
-            if NORM:
-                squares += x_lo * x_lo + x_hi * x_hi
-                x_lo = x_lo * tl.load(gain_ptr + x_index).to(tl.float32)
-                x_hi = x_hi * tl.load(gain_ptr + x_index + 16).to(tl.float32)
-                if HAS_SCALE:
-                    x_lo = x_lo * tl.load(scale_ptr + x_index).to(tl.float32)
-                    x_hi = x_hi * tl.load(scale_ptr + x_index + 16).to(tl.float32)
-            x_sum = tl.sum(x_lo + x_hi, axis=1)[None, :]
-            q = q.to(tl.int32)
-            dot = tl.sum(_nibble_value(q & 15) * x_lo[None] + _nibble_value(q >> 4) * x_hi[None], axis=2)
-            acc += w_scale.to(tl.float32) * dot + w_offset.to(tl.float32) * x_sum
-            q, w_scale, w_offset = q_next, scale_next, offset_next
+            x_low = tl.load(x_ptrs + g0 * 8)
+            x_high = tl.load(x_ptrs + g0 * 8 + 4)
+            x_step = tl.load(xstep_ptr + g0 + offs_g)[None, :]
+            x_sum = tl.load(xsum_ptr + g0 + offs_g)[None, :]
+            x_residual = tl.load(xresidual_ptr + g0 + offs_g)[None, :]
+            dot = tl.sum(_dot_nibbles(words, x_low, x_high, ASM), axis=2).to(tl.float32)
+            acc += w_scale.to(tl.float32) * (x_step * dot + x_residual) + w_offset.to(tl.float32) * x_sum
+            words, w_scale, w_offset = words_next, scale_next, offset_next
             if GATED:
-                q_up = q_up.to(tl.int32)
-                dot = tl.sum(_nibble_value(q_up & 15) * x_lo[None] + _nibble_value(q_up >> 4) * x_hi[None], axis=2)
-                acc_up += up_scale.to(tl.float32) * dot + up_offset.to(tl.float32) * x_sum
-                q_up, up_scale, up_offset = q_up_next, up_scale_next, up_offset_next
+                dot = tl.sum(_dot_nibbles(up_words, x_low, x_high, ASM), axis=2).to(tl.float32)
+                acc_up += up_scale.to(tl.float32) * (x_step * dot + x_residual) + up_offset.to(tl.float32) * x_sum
+                up_words, up_scale, up_offset = up_words_next, up_scale_next, up_offset_next
         one = tl.arange(0, 1)
-        row_squares = tl.zeros([1], tl.float32) + tl.sum(tl.sum(squares, axis=1), axis=0)
-        _gemv_finish(tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :], row_squares, out_ptr, res_ptr,
+        squares = tl.zeros([1], tl.float32)
+        if NORM:
+            offs_s = tl.arange(0, SQUARES_PAD)
+            squares += tl.sum(tl.load(squares_ptr + offs_s, mask=offs_s < SQUARES, other=0.0), axis=0)
+        _gemv_finish(tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :], squares, out_ptr, res_ptr,
                      one, one == 0, offs_n, 0, 0, eps, K, NORM, GATED, RESIDUAL)
 
     @triton.jit
@@ -509,18 +555,33 @@ def fused_q4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
                     norm: torch.Tensor | None = None, eps: float = 0.0, scale: torch.Tensor | None = None,
                     gated: bool = False, residual: torch.Tensor | None = None, config: MatmulConfig | None = None,
                     pdl: bool = False) -> torch.Tensor:
-    """:func:`fused_linear` for one row of x [1, K] and a 4-bit weight (layout: :func:`q4_matmul`)."""
+    """:func:`fused_linear` for one row of x [1, K] and a 4-bit weight (layout: :func:`q4_matmul`), in two
+    kernels: x (normed, scaled) is quantized to 8 bits per group of 32 values (like llama.cpp's q8_1
+    activations: a relative error of about 0.4% per value, far below the 4-bit weights' own), then multiplied
+    with integer dot products (tests/test_matmul_kernels.py states the arithmetic in PyTorch)."""
     m, k = x.shape
     if m != 1:
         raise ValueError(f"the fused 4-bit GEMV takes one row, not {m}")
     n = qweight.shape[0] // 2 if gated else qweight.shape[0]
     config = config or q4_config(1, n, k, gated=gated)
-    out, extras = _fused_arguments(x, n, norm, scale, residual)
+    per_program = _largest_divisor(k // 32, (4, 2))
+    q = x.new_empty(k, dtype=torch.int8)
+    steps, sums, residuals = x.new_empty((3, k // 32), dtype=torch.float32)
+    squares = x.new_empty(k // 32 // per_program, dtype=torch.float32)
+    _quantize_activation_kernel[(squares.numel(),)](
+        x, norm if norm is not None else x, scale if scale is not None else x, q, steps, sums, residuals,
+        squares,
+        GROUPS=per_program, NORM=norm is not None, HAS_SCALE=scale is not None, PDL=pdl, num_warps=1,
+        **_launch_options(pdl))
+    out = x.new_empty((1, n))
+    words = qweight.view(torch.int32)
     _fused_q4_gemv_kernel[(n // config.block_n,)](
-        x, qweight, scales, offsets, out, *extras[:3], qweight.stride(0), scales.stride(0), n, eps,
-        K=k, BLOCK_N=config.block_n, GROUPS=config.block_k // 32, NORM=norm is not None, HAS_SCALE=scale is not None,
-        GATED=gated, RESIDUAL=residual is not None, PDL=pdl, num_warps=config.num_warps, num_stages=1,
-        **_launch_options(pdl),
+        q.view(torch.int32), steps, sums, residuals, squares, words, scales, offsets, out,
+        residual if residual is not None else x, words.stride(0), scales.stride(0), n, eps,
+        K=k, BLOCK_N=config.block_n, GROUPS=config.block_k // 32, SQUARES=squares.numel(),
+        SQUARES_PAD=triton.next_power_of_2(squares.numel()), NORM=norm is not None,
+        GATED=gated, RESIDUAL=residual is not None, PDL=pdl, ASM=not _interpreted(), num_warps=config.num_warps,
+        num_stages=1, **_launch_options(pdl),
     )
     return out
 
@@ -586,32 +647,15 @@ def _largest_divisor(n: int, choices: tuple[int, ...]) -> int:
     return next((c for c in choices if n % c == 0), 1)
 
 
-#: one-row 4-bit tilings measured fastest on an H200 for the decoder's products, (N, K, gated) -> config
-#: (bench/results/tune_q4_wide_h200.*, for the one-row kernel before it took the fused step's prologue and epilogue)
-_Q4_ONE_ROW = {
-    (6144, 3072, False): MatmulConfig(block_n=4, block_k=512),  # wqkv
-    (3072, 4096, False): MatmulConfig(block_n=1, block_k=2048),  # wo
-    (18432, 3072, False): MatmulConfig(block_n=8, block_k=512),  # w13
-    (9216, 3072, True): MatmulConfig(block_n=4, block_k=512),  # w13 in the fused step (gate and up rows)
-    (3072, 9216, False): MatmulConfig(block_n=4, block_k=1024, num_warps=8),  # w2
-    (131072, 3072, False): MatmulConfig(block_n=32, block_k=256),  # LM head
-}
-
-
 def q4_config(m: int, n: int, k: int, *, gated: bool = False) -> MatmulConfig:
     """The configuration :func:`quantized_matmul` (and, ``gated``, the fused step's gate/up product) uses for an
-    [m, k] x [n, k] product: for one row, the tuned tiling of a decoder shape, else rules drawn from those
-    (``bench/tune_gemv.py`` measures them; results in bench/results/tune_*_h200.*)."""
+    [m, k] x [n, k] product, by rules (``bench/tune_gemv.py`` measures the alternatives; results in
+    bench/results/tune_*_h200.*)."""
+    if m == 1:  # one warp per program, a group per thread, every row of the program in each thread (the x words
+        # it loads serve them all): about 1.3 instructions per weight (bench/sass_count.py); gated: half the rows
+        return MatmulConfig(block_n=_largest_divisor(n, (4, 2) if gated else (8, 4, 2)),
+                            block_k=_largest_divisor(k, (1024, 512, 256, 128, 64, 32)), num_warps=1)
     block_k = _largest_divisor(k, (512, 256, 128, 64, 32))
-    if m == 1:
-        if (n, k, gated) in _Q4_ONE_ROW:
-            return _Q4_ONE_ROW[(n, k, gated)]
-        # few columns per program and long rows: many programs in flight, each streaming whole rows
-        block_n = _largest_divisor(n, (4, 2)) if n <= 8192 else _largest_divisor(n, (8, 4, 2) if n <= 32768 else
-                                                                                   (32, 16, 8, 4, 2))
-        if n > 32768:
-            block_k = _largest_divisor(k, (256, 128, 64, 32))
-        return MatmulConfig(block_n=block_n, block_k=block_k)
     block_k = min(block_k, 256 if n <= 8192 else 128)
     split = 2 if n <= 4096 and m <= 16 and k % (2 * block_k) == 0 else 1
     return MatmulConfig(block_n=_largest_divisor(n, (64, 32, 16)), block_k=block_k, split_k=split, use_dot=True,
