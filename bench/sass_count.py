@@ -81,8 +81,9 @@ def count(form: str, four_bit: bool, arch: int, tiling: kernels.MatmulConfig | N
             "xq_ptr": "*i32", "xstep_ptr": "*fp32", "xsum_ptr": "*fp32", "xresidual_ptr": "*fp32", "squares_ptr": "*fp32", "qw_ptr": "*i32",
             "qscale_ptr": "*fp16", "qoffset_ptr": "*fp16", "out_ptr": "*bf16", "res_ptr": "*bf16",
             "stride_qn": "i32", "stride_sn": "i32", "gate_rows": "i32", "eps": "fp32"}
-        constants = dict(K=k, BLOCK_N=config.block_n, GROUPS=config.block_k // 32, SQUARES=k // 128, SQUARES_PAD=128,
-                         PDL=False, ASM=True, NORM=flags["NORM"], GATED=gated, RESIDUAL=flags["RESIDUAL"])
+        constants = {"K": k, "BLOCK_N": config.block_n, "GROUPS": config.block_k // 32, "SQUARES": k // 128,
+                     "SQUARES_PAD": 128, "PDL": False, "ASM": True, "NORM": flags["NORM"], "GATED": gated,
+                     "RESIDUAL": flags["RESIDUAL"]}
     else:
         config = tiling or kernels.gemv_config(1, n, k, gated=gated)
         fn, types = kernels._fused_gemv_kernel, {

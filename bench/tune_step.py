@@ -5,6 +5,11 @@ fused step's logits against the plain ones; the kernels of one fused step.  A di
 row only).
 
     python bench/tune_step.py [--context 400] [--steps 200] [--quant q4_0]
+    python bench/tune_step.py --quant q4_0 --q4-tilings "wqkv=4,4096,1 w13=2,4096,1;wqkv=8,1024,1" --variants ""
+
+``--q4-tilings``: one-row 4-bit tilings (``name=BLOCK_N,BLOCK_K,WARPS`` for wqkv, wo, w13, w2, head; sets separated
+by ``;``), each set timed in the fused step with PDL (uncompiled glue, so that no compiled graph keeps an old
+tiling), the rule's own tilings first.
 """
 
 from __future__ import annotations
@@ -17,12 +22,15 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from voxtral_realtime import benchmark
+from voxtral_realtime import benchmark, kernels
 from voxtral_realtime import decoder as decoder_module
 from voxtral_realtime.engine import Engine
 from voxtral_realtime.quantization import quantize_network
 from voxtral_realtime.random_weights import random_model
 
+#: the decoder step's 4-bit products: name -> (N, K, gated) for kernels.Q4_ONE_ROW_TILINGS
+Q4_PRODUCTS = {"wqkv": (6144, 3072, False), "wo": (3072, 4096, False), "w13": (9216, 3072, True),
+               "w2": (3072, 9216, False), "head": (131072, 3072, False)}
 #: name -> (decoder.fused_step, decoder.pdl, model.compile)
 VARIANTS = {
     "plain-compiled": (False, False, True),
@@ -79,6 +87,27 @@ def _profile(model, context: int) -> str:
         sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
 
 
+def _sweep_q4_tilings(model, sets: str, context: int, steps: int, floor_ms: float) -> list[dict]:
+    rows = []
+    for spec in ["", *sets.split(";")]:
+        kernels.Q4_ONE_ROW_TILINGS.clear()
+        for item in spec.split():
+            name, numbers = item.split("=")
+            block_n, block_k, warps = map(int, numbers.split(","))
+            kernels.Q4_ONE_ROW_TILINGS[Q4_PRODUCTS[name]] = kernels.MatmulConfig(block_n, block_k, num_warps=warps)
+        _configure(model, "fused+PDL")
+        try:
+            result = benchmark.bench_step(model, 1, context, steps=steps)
+        except Exception as exc:  # noqa: BLE001 - a tiling that does not compile is reported, the others still run
+            print(f"q4 tilings [{spec or 'rule'}]: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            continue
+        rows.append({"tilings": spec or "rule", **result})
+        print(f"q4 tilings [{spec or 'rule'}]: {result['gpu_ms_per_step']:.3f} ms GPU "
+              f"= {result['gpu_ms_per_step'] / floor_ms:.2f}x floor", flush=True)
+    kernels.Q4_ONE_ROW_TILINGS.clear()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--context", type=int, default=400)
@@ -86,6 +115,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,2")
     parser.add_argument("--quant", help="quantize the model first (q4_0, q4_k): the 4-bit step, plain vs fused")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="which of: " + ", ".join(VARIANTS))
+    parser.add_argument("--q4-tilings", help="sets of one-row 4-bit tilings to time in the step (see above)")
     parser.add_argument("--json")
     args = parser.parse_args()
     model = random_model(device="cuda", dtype=torch.bfloat16)
@@ -106,7 +136,7 @@ def main() -> None:
                                 "top1_agreement": (fused.argmax(-1) == reference.argmax(-1)).float().mean().item()}
     print("fused vs plain logits (teacher-forced, same inputs):", report["fused_vs_plain"], flush=True)
 
-    for variant in args.variants.split(","):
+    for variant in filter(None, args.variants.split(",")):
         _configure(model, variant)
         for batch in (int(b) for b in args.batches.split(",")):
             _configure(model, variant, batch)
@@ -121,6 +151,11 @@ def main() -> None:
             print(f"{variant:28s} B={batch}: {result['ms_per_step']:.3f} ms wall, {result['gpu_ms_per_step']:.3f} ms "
                   f"GPU = {result['gpu_ms_per_step'] / floor_ms:.2f}x floor ({time.perf_counter() - began:.0f} s)",
                   flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
+    if args.q4_tilings:
+        report["q4_tilings"] = _sweep_q4_tilings(model, args.q4_tilings, args.context, args.steps, floor_ms)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(report, f, indent=1)

@@ -7,13 +7,12 @@ from unittest import mock
 
 import pytest
 import torch
+from test_matmul_kernels import one_row_product
 
 from voxtral_realtime import kernels
 from voxtral_realtime.config import DecoderConfig
 from voxtral_realtime.decoder import DecoderLayer, TextDecoder
 from voxtral_realtime.layers import AttentionContext, KVCache
-
-from test_matmul_kernels import one_row_product
 
 pytestmark = pytest.mark.skipif(kernels.triton is None, reason="needs Triton (GPU, or its CPU interpreter)")
 CUDA = torch.cuda.is_available()

@@ -317,29 +317,35 @@ if triton is not None:
         x_ptrs = xq_ptr + offs_g[None, :, None] * 8 + offs_w[None, None, :]
         s_index = offs_n.to(tl.int64)[:, None] * stride_sn + offs_g[None, :]
         up_q, up_s = gate_rows * stride_qn, gate_rows * stride_sn
-        words, w_scale, w_offset = tl.load(q_ptrs), tl.load(qscale_ptr + s_index), tl.load(qoffset_ptr + s_index)
+        # GROUPS need not divide the row's groups: the tail is masked (a program may so take a whole row at once)
+        inside = (offs_g < K // 32)[None, :]
+        words = tl.load(q_ptrs, mask=inside[:, :, None], other=0)
+        w_scale = tl.load(qscale_ptr + s_index, mask=inside, other=0.0)
+        w_offset = tl.load(qoffset_ptr + s_index, mask=inside, other=0.0)
         if GATED:
-            up_words = tl.load(q_ptrs + up_q)
-            up_scale, up_offset = tl.load(qscale_ptr + up_s + s_index), tl.load(qoffset_ptr + up_s + s_index)
+            up_words = tl.load(q_ptrs + up_q, mask=inside[:, :, None], other=0)
+            up_scale = tl.load(qscale_ptr + up_s + s_index, mask=inside, other=0.0)
+            up_offset = tl.load(qoffset_ptr + up_s + s_index, mask=inside, other=0.0)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
         acc = tl.zeros([BLOCK_N, GROUPS], tl.float32)
         acc_up = tl.zeros([BLOCK_N, GROUPS], tl.float32)
         for g0 in range(0, K // 32, GROUPS):
-            more = g0 + GROUPS < K // 32
-            words_next = tl.load(q_ptrs + (g0 + GROUPS) * 4, mask=more, other=0)
-            scale_next = tl.load(qscale_ptr + s_index + g0 + GROUPS, mask=more, other=0.0)
-            offset_next = tl.load(qoffset_ptr + s_index + g0 + GROUPS, mask=more, other=0.0)
+            here = (g0 + offs_g < K // 32)[None, :]
+            after = (g0 + GROUPS + offs_g < K // 32)[None, :]
+            words_next = tl.load(q_ptrs + (g0 + GROUPS) * 4, mask=after[:, :, None], other=0)
+            scale_next = tl.load(qscale_ptr + s_index + g0 + GROUPS, mask=after, other=0.0)
+            offset_next = tl.load(qoffset_ptr + s_index + g0 + GROUPS, mask=after, other=0.0)
             if GATED:
-                up_words_next = tl.load(q_ptrs + up_q + (g0 + GROUPS) * 4, mask=more, other=0)
-                up_scale_next = tl.load(qscale_ptr + up_s + s_index + g0 + GROUPS, mask=more, other=0.0)
-                up_offset_next = tl.load(qoffset_ptr + up_s + s_index + g0 + GROUPS, mask=more, other=0.0)
-            x_low = tl.load(x_ptrs + g0 * 8)
-            x_high = tl.load(x_ptrs + g0 * 8 + 4)
-            x_step = tl.load(xstep_ptr + g0 + offs_g)[None, :]
-            x_sum = tl.load(xsum_ptr + g0 + offs_g)[None, :]
-            x_residual = tl.load(xresidual_ptr + g0 + offs_g)[None, :]
+                up_words_next = tl.load(q_ptrs + up_q + (g0 + GROUPS) * 4, mask=after[:, :, None], other=0)
+                up_scale_next = tl.load(qscale_ptr + up_s + s_index + g0 + GROUPS, mask=after, other=0.0)
+                up_offset_next = tl.load(qoffset_ptr + up_s + s_index + g0 + GROUPS, mask=after, other=0.0)
+            x_low = tl.load(x_ptrs + g0 * 8, mask=here[:, :, None], other=0)
+            x_high = tl.load(x_ptrs + g0 * 8 + 4, mask=here[:, :, None], other=0)
+            x_step = tl.load(xstep_ptr + g0 + offs_g[None, :], mask=here, other=0.0)
+            x_sum = tl.load(xsum_ptr + g0 + offs_g[None, :], mask=here, other=0.0)
+            x_residual = tl.load(xresidual_ptr + g0 + offs_g[None, :], mask=here, other=0.0)
             dot = tl.sum(_dot_nibbles(words, x_low, x_high, ASM), axis=2).to(tl.float32)
             acc += w_scale.to(tl.float32) * (x_step * dot + x_residual) + w_offset.to(tl.float32) * x_sum
             words, w_scale, w_offset = words_next, scale_next, offset_next
@@ -647,10 +653,17 @@ def _largest_divisor(n: int, choices: tuple[int, ...]) -> int:
     return next((c for c in choices if n % c == 0), 1)
 
 
+#: one-row 4-bit tilings measured faster than :func:`q4_config`'s rule in the decoder step on an H200, (N, K, gated)
+#: -> tiling (``bench/tune_step.py --q4-tilings``)
+Q4_ONE_ROW_TILINGS: dict[tuple[int, int, bool], MatmulConfig] = {}
+
+
 def q4_config(m: int, n: int, k: int, *, gated: bool = False) -> MatmulConfig:
     """The configuration :func:`quantized_matmul` (and, ``gated``, the fused step's gate/up product) uses for an
     [m, k] x [n, k] product, by rules (``bench/tune_gemv.py`` measures the alternatives; results in
     bench/results/tune_*_h200.*)."""
+    if m == 1 and (n, k, gated) in Q4_ONE_ROW_TILINGS:
+        return Q4_ONE_ROW_TILINGS[(n, k, gated)]
     if m == 1:  # one warp per program, a group per thread, every row of the program in each thread (the x words
         # it loads serve them all): about 1.3 instructions per weight (bench/sass_count.py); gated: half the rows
         return MatmulConfig(block_n=_largest_divisor(n, (4, 2) if gated else (8, 4, 2)),
