@@ -664,10 +664,10 @@ def q4_config(m: int, n: int, k: int, *, gated: bool = False) -> MatmulConfig:
     bench/results/tune_*_h200.*)."""
     if m == 1 and (n, k, gated) in Q4_ONE_ROW_TILINGS:
         return Q4_ONE_ROW_TILINGS[(n, k, gated)]
-    if m == 1:  # one warp per program, a group per thread, every row of the program in each thread (the x words
-        # it loads serve them all): about 1.3 instructions per weight (bench/sass_count.py); gated: half the rows
-        return MatmulConfig(block_n=_largest_divisor(n, (4, 2) if gated else (8, 4, 2)),
-                            block_k=_largest_divisor(k, (1024, 512, 256, 128, 64, 32)), num_warps=1)
+    if m == 1:  # one warp per program taking two whole rows (loaded before the wait for the previous kernel):
+        # sets of tilings timed in the step, the fastest within 1% of each other (tune_step_q4_tilings*_h200.txt)
+        return MatmulConfig(block_n=_largest_divisor(n, (2,)), block_k=min(4096, 32 * triton.next_power_of_2(k // 32)),
+                            num_warps=1)
     block_k = _largest_divisor(k, (512, 256, 128, 64, 32))
     block_k = min(block_k, 256 if n <= 8192 else 128)
     split = 2 if n <= 4096 and m <= 16 and k % (2 * block_k) == 0 else 1
