@@ -39,7 +39,8 @@ def main() -> None:
     def timed_encode() -> bool:
         torch.cuda.synchronize()
         started = time.perf_counter()
-        progressed = encode()
+        with torch.profiler.record_function("encode stage"):
+            progressed = encode()
         torch.cuda.synchronize()
         spans.append(time.perf_counter() - started)
         return progressed
@@ -52,7 +53,9 @@ def main() -> None:
         torch.cuda.synchronize()
     print(f"{torch.cuda.get_device_name()} quant={args.quant} compile={args.compile}: encode stage {sum(spans):.3f} s "
           f"wall in {len(spans)} calls (profiled)")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    events = prof.key_averages()
+    print(events.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import kernels
 
@@ -273,8 +274,17 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     if group > 1:
         q = q.reshape(batch, keys.shape[1], group * length, dim)
         mask = mask.expand(batch, group, length, mask.shape[-1]).reshape(batch, 1, group * length, mask.shape[-1])
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    if q.is_cuda:
+        with sdpa_kernel(_GPU_ATTENTION):
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    else:
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
     return out.reshape(batch, heads, length, dim)
+
+
+#: SDPA's backends on a GPU, without cuDNN's: it spent about 0.9 ms of CPU time per call planning for the
+#: chunked encoder's shapes, most of a file's encode time (bench/results/profile_encode_h200.txt)
+_GPU_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class FeedForward(nn.Module):
