@@ -79,21 +79,6 @@ def test_q4_matmul_matches_dequantize_then_matmul(n, k):
         assert _relative_error(out, x.float() @ weight.T) <= 1e-2, m
 
 
-def test_many_rows_go_through_the_dequantized_weight():
-    """From kernels.DEQUANTIZE_ROWS rows on (an encoder chunk), the weight is dequantized for a dense matmul."""
-    generator = torch.Generator(device=DEVICE).manual_seed(9)
-    q, scales, offsets = random_q4(48, 96, generator)
-    weight = dequantize(q, scales, offsets)
-    # exact in the interpreter; a GPU fuses scale * q + offset into one rounding
-    torch.testing.assert_close(kernels.q4_dequantize(q, scales, offsets, torch.float32), weight,
-                               rtol=1e-6 if CUDA else 0, atol=1e-6 if CUDA else 0)
-    if CUDA:
-        torch.testing.assert_close(kernels.q4_dequantize(q, scales, offsets, torch.bfloat16).float(), weight,
-                                   rtol=2 ** -8, atol=1e-6)
-    x = torch.randn(kernels.DEQUANTIZE_ROWS, 96, device=DEVICE, generator=generator)
-    assert _relative_error(kernels.quantized_matmul(x, q, scales, offsets), x @ weight.T) <= 1e-5
-
-
 @pytest.mark.parametrize("config", [
     MatmulConfig(block_n=16, block_k=64),
     MatmulConfig(block_n=8, block_k=32),

@@ -403,24 +403,6 @@ if triton is not None:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask)
 
     @triton.jit
-    def _q4_dequantize_kernel(qw_ptr, scale_ptr, offset_ptr, out_ptr, stride_qn, stride_sn, stride_on,
-                              K: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
-        """The 4-bit weight (layout: :func:`q4_matmul`) [N, K] -> ``out`` [N, K] in out's dtype, GROUPS groups of 32
-        values of BLOCK_N rows per program."""
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
-        offs_b = tl.arange(0, 16)
-        rows = offs_n.to(tl.int64)[:, None, None]
-        q = tl.load(qw_ptr + rows * stride_qn + offs_g[None, :, None] * 16 + offs_b[None, None, :]).to(tl.int32)
-        s_index = offs_n.to(tl.int64)[:, None] * stride_sn + offs_g[None, :]
-        w_scale = tl.load(scale_ptr + s_index).to(tl.float32)[:, :, None]
-        w_offset = tl.load(offset_ptr + s_index).to(tl.float32)[:, :, None]
-        out = out_ptr + rows * stride_on + offs_g[None, :, None] * 32 + offs_b[None, None, :]
-        dtype = out_ptr.dtype.element_ty
-        tl.store(out, (w_scale * (q & 15).to(tl.float32) + w_offset).to(dtype))
-        tl.store(out + 16, (w_scale * (q >> 4).to(tl.float32) + w_offset).to(dtype))
-
-    @triton.jit
     def _combine_splits_kernel(
         part_ptr, stats_ptr, out_ptr, stride_ob, stride_oh, stride_og,
         H_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
@@ -714,8 +696,6 @@ _FITTED: dict[tuple[bool, int, int, torch.dtype], tuple[MatmulConfig, int]] = {}
 def _q4_matmul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     m, k = x.shape
     n = qweight.shape[0]
-    if m >= DEQUANTIZE_ROWS:
-        return x @ q4_dequantize(qweight, scales, offsets, x.dtype).T
     key = (m > 16, n, k, x.dtype)
     config, block_m = _FITTED.get(key) or (q4_config(m, n, k), 16 if m <= 16 else 64)
     while True:
@@ -733,24 +713,6 @@ def _q4_matmul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
 @_q4_matmul_op.register_fake
 def _(x, qweight, scales, offsets):  # shapes only
     return x.new_empty((x.shape[0], qweight.shape[0]))
-
-
-#: From this many rows of x on (the encoder's chunks of a file), :func:`quantized_matmul` dequantizes the weight
-#: to x's dtype (one transient copy) for cuBLAS: compute-bound there, the 4-bit tensor-core kernel took twice the
-#: bf16 encoder's time (bench/results/bench_h200_q4_dp4a.txt)
-DEQUANTIZE_ROWS = 512
-
-
-def q4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
-                  dtype: torch.dtype) -> torch.Tensor:
-    """The 4-bit weight (layout: :func:`q4_matmul`) as a [N, K] tensor of ``dtype``, in one kernel."""
-    n, k = qweight.shape[0], 2 * qweight.shape[1]
-    out = torch.empty((n, k), device=qweight.device, dtype=dtype)
-    block_n, groups = _largest_divisor(n, (16, 8, 4, 2)), _largest_divisor(k // 32, (8, 4, 2))
-    _q4_dequantize_kernel[(n // block_n, k // 32 // groups)](
-        qweight, scales, offsets, out, qweight.stride(0), scales.stride(0), out.stride(0),
-        K=k, BLOCK_N=block_n, GROUPS=groups, num_warps=4)
-    return out
 
 
 def quantized_matmul_available(device: torch.device) -> bool:
