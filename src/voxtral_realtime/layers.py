@@ -274,17 +274,21 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     if group > 1:
         q = q.reshape(batch, keys.shape[1], group * length, dim)
         mask = mask.expand(batch, group, length, mask.shape[-1]).reshape(batch, 1, group * length, mask.shape[-1])
-    if q.is_cuda:
-        with sdpa_kernel(_GPU_ATTENTION):
+    if q.is_cuda and length >= LONG_QUERY:
+        with sdpa_kernel(_WITHOUT_CUDNN):
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
     else:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
     return out.reshape(batch, heads, length, dim)
 
 
-#: SDPA's backends on a GPU, without cuDNN's: it spent about 0.9 ms of CPU time per call planning for the
-#: chunked encoder's shapes, most of a file's encode time (bench/results/profile_encode_h200.txt)
-_GPU_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+#: Queries this long (a file's encoder chunks, whose shapes change from chunk to chunk) skip cuDNN's attention:
+#: it spent about 0.9 ms of CPU time per call planning each new shape, most of a file's encode time (0.22 s of
+#: 30 s; 0.09 s without it, bench/results/profile_encode_h200.txt).  Short ones keep it: the many-stream engine's
+#: few-frame ticks repeat their shapes inside CUDA graphs, where it is the fastest (256 streams: tick p99 64 ms
+#: with it, 78 ms without, bench/results/bench_h200*_256streams.txt).
+LONG_QUERY = 256
+_WITHOUT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class FeedForward(nn.Module):
