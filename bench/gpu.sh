@@ -4,7 +4,7 @@
 #   tests    GPU and kernel tests (tiny model on CUDA, compiled engines, the matmul kernels on every model shape)
 #   tune     the matmul tuner: 4-bit kernel configs (M = 1, 16) and the fused bf16 GEMV (M = 1) against cuBLAS
 #   step     the decoder step: plain layers compiled vs the fused step (with / without PDL), their logits, profiles
-#   fused    the fused GEMV's tilings (kernels.fused_linear, M = 1 and 4) against cuBLAS
+#   fused    the fused GEMV's tilings (kernels.fused_linear, one row) against cuBLAS
 #   bench    the compiled single stream against transformers in the same run, bf16 vs f32, q4_0 and q4_k rows
 #   q4       the 4-bit kernel alone: its tests, the tuner on M = 1, the compiled bf16 and q4_0 single stream
 #   batch    `voxtral batch` throughput over 256 synthetic 30 s files (issue 7)
@@ -39,7 +39,7 @@ part_step() {
         | tee "$OUT/tune_step_$TAG.txt"
 }
 part_fused() {
-    timeout 200 python3 bench/tune_gemv.py --q4-rows "" --fused-rows 1,4 \
+    timeout 200 python3 bench/tune_gemv.py --q4-rows "" --fused-rows 1 \
         --seconds-per-case "${TUNE_SECONDS:-8}" --json "$OUT/tune_fused_$TAG.json" 2>&1 | grep -v Warn \
         | tee "$OUT/tune_fused_$TAG.txt"
 }

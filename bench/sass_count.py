@@ -6,7 +6,7 @@ schedulers x 1.98 GHz, while its 2.15 GB of weights take 0.5 ms at 4.2 TB/s.  Th
 with Triton's own ptxas for sm_90 (no GPU, no CUDA driver needed), finds the loop over K in the SASS and counts
 its instructions, so a kernel change can be judged here before it is timed on the GPU machine.
 
-    python bench/sass_count.py [--arch 90] [--forms wqkv,wo,w13,w2] [--ops]
+    python bench/sass_count.py [--arch 90] [--forms wqkv,wo,w13,w2] [--ops] [--tiling BLOCK_N,BLOCK_K,WARPS [--bf16]]
 
 Arguments are given the 16-byte divisibility Triton specializes for at run time (aligned tensors, strides that
 are multiples of 16), so the loads vectorize as they do on the GPU.  Counts are static: the loop body once.
@@ -39,7 +39,8 @@ FORMS = {
 _INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 
 
-def _sass(fn, types: dict[str, str], constants: dict, arch: int, num_warps: int) -> str:
+def _sass(fn, types: dict[str, str], constants: dict, arch: int, num_warps: int) -> tuple[str, int, int]:
+    """The kernel's SASS, registers per thread and spilled bytes."""
     signature = {name: types.get(name, "constexpr") for name in fn.arg_names}
     names = list(signature)
     aligned = {(names.index(n),): [["tt.divisibility", 16]] for n, t in types.items()
@@ -52,7 +53,12 @@ def _sass(fn, types: dict[str, str], constants: dict, arch: int, num_warps: int)
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
         nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-        return subprocess.run([str(nvdisasm), "-c", cubin.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([str(nvdisasm), "-c", cubin.name], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([str(nvdisasm.with_name("cuobjdump")), "--dump-resource-usage", cubin.name],
+                               capture_output=True, text=True, check=True).stdout
+    registers = re.search(r"REG:(\d+)", usage)
+    spills = re.search(r"STACK:(\d+)", usage)
+    return sass, int(registers.group(1)) if registers else -1, int(spills.group(1)) if spills else -1
 
 
 def _loop_body(sass: str) -> list[str] | None:
@@ -85,13 +91,12 @@ def count(form: str, four_bit: bool, arch: int, tiling: kernels.MatmulConfig | N
                      "SQUARES_PAD": 128, "PDL": False, "ASM": True, "NORM": flags["NORM"], "GATED": gated,
                      "RESIDUAL": flags["RESIDUAL"]}
     else:
-        config = tiling or kernels.gemv_config(1, n, k, gated=gated)
+        config = tiling or kernels.gemv_config(n, k, gated=gated)
         fn, types = kernels._fused_gemv_kernel, {
-            "x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "gain_ptr": "*bf16", "scale_ptr": "*bf16",
-            "res_ptr": "*bf16", "M": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_om": "i32",
-            "stride_sm": "i32", "stride_rm": "i32", "gate_rows": "i32", "eps": "fp32"}
-        constants = dict(K=k, M_PAD=1, BLOCK_N=config.block_n, BLOCK_K=config.block_k, PDL=False, **flags)
-    sass = _sass(fn, types, constants, arch, config.num_warps)
+            "x_ptr": "*i32", "w_ptr": "*i32", "out_ptr": "*bf16", "gain_ptr": "*i32", "scale_ptr": "*i32",
+            "res_ptr": "*bf16", "stride_wn": "i32", "gate_rows": "i32", "eps": "fp32"}
+        constants = dict(K=k, BLOCK_N=config.block_n, BLOCK_K=config.block_k, PAIRS=True, PDL=False, **flags)
+    sass, registers, spills = _sass(fn, types, constants, arch, config.num_warps)
     body = _loop_body(sass)
     values = config.block_n * config.block_k * (2 if gated else 1) / (32 * config.num_warps)
     unrolled = body is None
@@ -100,6 +105,7 @@ def count(form: str, four_bit: bool, arch: int, tiling: kernels.MatmulConfig | N
         values *= k / config.block_k
     ops = collections.Counter(op.split(".")[0] for op in body)
     return {"form": form, "kernel": "4-bit" if four_bit else "bf16", "config": str(config), "unrolled": unrolled,
+            "registers": registers, "spills": spills,
             "instructions": len(body), "weight_values_per_thread": values, "per_value": len(body) / values,
             "ops": dict(ops.most_common())}
 
@@ -109,19 +115,20 @@ def main() -> None:
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     parser.add_argument("--forms", default=",".join(FORMS))
     parser.add_argument("--ops", action="store_true", help="also the instruction mix")
-    parser.add_argument("--tiling", help="BLOCK_N,BLOCK_K,WARPS instead of the kernels' own (4-bit only)")
+    parser.add_argument("--tiling", help="BLOCK_N,BLOCK_K,WARPS instead of the kernels' own (4-bit unless --bf16)")
+    parser.add_argument("--bf16", action="store_true", help="--tiling is for the bf16 kernel")
     args = parser.parse_args()
     if kernels.triton is None:
         sys.exit("needs Triton")
     tiling = kernels.MatmulConfig(*map(int, args.tiling.split(",")[:2]), num_warps=int(args.tiling.split(",")[2])) \
         if args.tiling else None
-    for four_bit in (True,) if tiling else (True, False):
+    for four_bit in ((not args.bf16,) if tiling else (True, False)):
         for form in args.forms.split(","):
             row = count(form, four_bit, args.arch, tiling)
             where = "in the whole (unrolled) kernel" if row["unrolled"] else "per loop iteration"
             print(f"{row['kernel']:5s} {form:5s} {row['instructions']:4d} instructions {where}, "
-                  f"{row['weight_values_per_thread']:5.1f} weights per thread: {row['per_value']:5.2f} per weight  "
-                  f"{row['config']}")
+                  f"{row['weight_values_per_thread']:5.1f} weights per thread: {row['per_value']:5.2f} per weight, "
+                  f"{row['registers']} registers, {row['spills']} B stack  {row['config']}")
             if args.ops:
                 print("      ", " ".join(f"{op}:{n}" for op, n in row["ops"].items()))
 

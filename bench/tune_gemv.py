@@ -67,9 +67,9 @@ def dequantize_q4(q, scales, offsets):
     return (torch.cat([lo, hi], -1) * scales.float()[..., None] + offsets.float()[..., None]).view(n, k)
 
 
-def fused_configs(n: int, k: int, m: int, gated: bool):
-    for bn, bk, warps in itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048), (2, 4, 8)):
-        if n % bn == 0 and k % bk == 0 and bn * bk * triton_pow2(m) * (1 + gated) <= 16384:
+def fused_configs(n: int, k: int, gated: bool):
+    for bn, bk, warps in itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048, 4096), (1, 2, 4, 8)):
+        if n % bn == 0 and bk <= 2 * k and bn * bk * (1 + gated) <= 16384:  # BLOCK_K need not divide K
             yield MatmulConfig(bn, bk, 1, False, warps, 1)
 
 
@@ -103,10 +103,6 @@ def step_reference(x: torch.Tensor, weight: torch.Tensor, kwargs: dict) -> torch
         gate, up = out.chunk(2, dim=-1)
         out = F.silu(gate) * up
     return out + kwargs["residual"].float() if "residual" in kwargs else out
-
-
-def triton_pow2(m: int) -> int:
-    return 1 << (m - 1).bit_length()
 
 
 def q4_configs(n: int, k: int, m: int):
@@ -157,8 +153,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="which of " + ", ".join(SHAPES))
-    parser.add_argument("--fused-rows", default="1", help="rows (M) to tune the fused bf16 GEMV (kernels.fused_linear) "
-                        "for; empty: none")
+    parser.add_argument("--fused-rows", default="1", choices=("1", ""),
+                        help="1: tune the fused bf16 GEMV (kernels.fused_linear, one row); empty: not")
     parser.add_argument("--q4-rows", default="1,16", help="4-bit rows (M) to tune; empty: none")
     parser.add_argument("--seconds-per-case", type=float, default=12, help="search budget per shape and M")
     args = parser.parse_args()
@@ -181,7 +177,7 @@ def main() -> None:
             ranked = _search(
                 f"fused bf16 {name} ({STEP_FORM[name]}) N={n} K={k} M={m} (cublas alone {base * 1e6:.1f} us, "
                 f"{nbytes / base / 1e9:.0f} GB/s)",
-                nbytes, _sampled(fused_configs(n_out, k, m, gated), kernels.gemv_config(m, n_out, k, gated=gated),
+                nbytes, _sampled(fused_configs(n_out, k, gated), kernels.gemv_config(n_out, k, gated=gated),
                                  n + m),
                 lambda cfg, i, x=x, w=weights, kw=kwargs: kernels.fused_linear(x, w[i % len(w)], config=cfg, pdl=pdl,
                                                                                **kw),

@@ -5,11 +5,12 @@ fused step's logits against the plain ones; the kernels of one fused step.  A di
 row only).
 
     python bench/tune_step.py [--context 400] [--steps 200] [--quant q4_0]
-    python bench/tune_step.py --quant q4_0 --q4-tilings "wqkv=4,4096,1 w13=2,4096,1;wqkv=8,1024,1" --variants ""
+    python bench/tune_step.py --quant q4_0 --tilings "wqkv=4,4096,1 w13=2,4096,1;wqkv=8,1024,1" --variants ""
 
-``--q4-tilings``: one-row 4-bit tilings (``name=BLOCK_N,BLOCK_K,WARPS`` for wqkv, wo, w13, w2, head; sets separated
-by ``;``), each set timed in the fused step with PDL (uncompiled glue, so that no compiled graph keeps an old
-tiling), the rule's own tilings first.
+``--tilings`` (also ``--q4-tilings``): one-row tilings of the fused GEMVs (``name=BLOCK_N,BLOCK_K,WARPS`` for wqkv,
+wo, w13, w2, head; sets separated by ``;``), bf16's (kernels.GEMV_ONE_ROW_TILINGS) or with ``--quant`` the 4-bit
+kernel's (kernels.Q4_ONE_ROW_TILINGS); each set is timed in the fused step with PDL (uncompiled glue, so that no
+compiled graph keeps an old tiling), the default tilings first.  A name not in a set keeps its default.
 """
 
 from __future__ import annotations
@@ -23,13 +24,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from voxtral_realtime import benchmark, kernels
-from voxtral_realtime import decoder as decoder_module
 from voxtral_realtime.engine import Engine
 from voxtral_realtime.quantization import quantize_network
 from voxtral_realtime.random_weights import random_model
 
-#: the decoder step's 4-bit products: name -> (N, K, gated) for kernels.Q4_ONE_ROW_TILINGS
-Q4_PRODUCTS = {"wqkv": (6144, 3072, False), "wo": (3072, 4096, False), "w13": (9216, 3072, True),
+#: the decoder step's products: name -> (N, K, gated), the keys of the one-row tiling tables
+PRODUCTS = {"wqkv": (6144, 3072, False), "wo": (3072, 4096, False), "w13": (9216, 3072, True),
                "w2": (3072, 9216, False), "head": (131072, 3072, False)}
 #: name -> (decoder.fused_step, decoder.pdl, model.compile)
 VARIANTS = {
@@ -40,10 +40,10 @@ VARIANTS = {
 }
 
 
-def _configure(model, variant: str, rows: int = 1) -> None:
+def _configure(model, variant: str) -> None:
+    """(A fused variant runs its fused step for batch 1 only: more rows take the plain layers.)"""
     fused, pdl, compiled = VARIANTS[variant]
     model.network.decoder.fused_step, model.network.decoder.pdl, model.compile = fused, pdl, compiled
-    decoder_module.FUSED_STEP_ROWS = rows if fused else 1  # measure the fused step at every batch
 
 
 def _logits(model, context: int, steps: int) -> torch.Tensor:
@@ -87,30 +87,31 @@ def _profile(model, context: int) -> str:
         sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
 
 
-def _set_q4_tilings(spec: str) -> None:
-    kernels.Q4_ONE_ROW_TILINGS.clear()
+def _set_tilings(table: dict, defaults: dict, spec: str) -> None:
+    table.clear()
+    table.update(defaults)
     for item in spec.split():
         name, numbers = item.split("=")
         block_n, block_k, warps = map(int, numbers.split(","))
-        kernels.Q4_ONE_ROW_TILINGS[Q4_PRODUCTS[name]] = kernels.MatmulConfig(block_n, block_k, num_warps=warps)
+        table[PRODUCTS[name]] = kernels.MatmulConfig(block_n, block_k, num_warps=warps)
 
 
-def _sweep_q4_tilings(model, sets: str, context: int, steps: int, floor_ms: float) -> list[dict]:
+def _sweep_tilings(model, table: dict, sets: str, context: int, steps: int, floor_ms: float) -> list[dict]:
     """Times each set; leaves the fastest set in place (for the profile)."""
-    rows = []
+    defaults, rows = dict(table), []
     for spec in ["", *sets.split(";")]:
-        _set_q4_tilings(spec)
+        _set_tilings(table, defaults, spec)
         _configure(model, "fused+PDL")
         try:
             result = benchmark.bench_step(model, 1, context, steps=steps)
         except Exception as exc:  # noqa: BLE001 - a tiling that does not compile is reported, the others still run
-            print(f"q4 tilings [{spec or 'rule'}]: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            print(f"tilings [{spec or 'default'}]: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
             continue
-        rows.append({"tilings": spec or "rule", **result})
-        print(f"q4 tilings [{spec or 'rule'}]: {result['gpu_ms_per_step']:.3f} ms GPU "
+        rows.append({"tilings": spec or "default", **result})
+        print(f"tilings [{spec or 'default'}]: {result['gpu_ms_per_step']:.3f} ms GPU "
               f"= {result['gpu_ms_per_step'] / floor_ms:.2f}x floor", flush=True)
     best = min(rows, key=lambda row: row["gpu_ms_per_step"])["tilings"]
-    _set_q4_tilings("" if best == "rule" else best)
+    _set_tilings(table, defaults, "" if best == "default" else best)
     print(f"profiled below: [{best}]", flush=True)
     return rows
 
@@ -119,10 +120,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--context", type=int, default=400)
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batches", default="1,2")
+    parser.add_argument("--batches", default="1")
     parser.add_argument("--quant", help="quantize the model first (q4_0, q4_k): the 4-bit step, plain vs fused")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="which of: " + ", ".join(VARIANTS))
-    parser.add_argument("--q4-tilings", help="sets of one-row 4-bit tilings to time in the step (see above)")
+    parser.add_argument("--tilings", "--q4-tilings", help="sets of one-row tilings to time in the step (see above)")
     parser.add_argument("--json")
     args = parser.parse_args()
     model = random_model(device="cuda", dtype=torch.bfloat16)
@@ -146,7 +147,6 @@ def main() -> None:
     for variant in filter(None, args.variants.split(",")):
         _configure(model, variant)
         for batch in (int(b) for b in args.batches.split(",")):
-            _configure(model, variant, batch)
             began = time.perf_counter()
             try:
                 result = benchmark.bench_step(model, batch, args.context, steps=args.steps)
@@ -161,8 +161,9 @@ def main() -> None:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(report, f, indent=1)
-    if args.q4_tilings:
-        report["q4_tilings"] = _sweep_q4_tilings(model, args.q4_tilings, args.context, args.steps, floor_ms)
+    if args.tilings:
+        table = kernels.Q4_ONE_ROW_TILINGS if args.quant else kernels.GEMV_ONE_ROW_TILINGS
+        report["tilings"] = _sweep_tilings(model, table, args.tilings, args.context, args.steps, floor_ms)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(report, f, indent=1)

@@ -26,12 +26,6 @@ from . import kernels
 from .config import DecoderConfig
 from .layers import Attention, AttentionContext, FeedForward, KVCache, RMSNorm, Rotary
 
-#: rows (streams) up to which a one-position step runs :meth:`DecoderLayer.step`: on an H200 it beats the plain
-#: layers compiled only for one row (bench/results/tune_step_h200*); more rows multiply the fused GEMV's FMA
-#: work, while cuBLAS's cost stays that of reading the weights
-FUSED_STEP_ROWS = 1
-
-
 class AdaNorm(nn.Module):
     """The per-layer delay-conditioning MLP: dim -> ada_dim -> dim, exact GELU, no biases."""
 
@@ -61,10 +55,12 @@ class DecoderLayer(nn.Module):
 
     def step(self, x: torch.Tensor, ctx: AttentionContext, layer: int, ffn_scale: torch.Tensor, *,
              pdl: bool) -> torch.Tensor:
-        """:meth:`forward` for one new position per row, x [B, dim] (CUDA; B <= kernels.FUSED_MAX_ROWS, one row
-        with 4-bit weights), in five kernels (six with a split attention): each norm, the rotary embedding, the
-        cache write, SwiGLU and each residual add ride on a matmul or on the attention kernel instead of running
-        as kernels of their own (``ffn_scale``: [dim] or [B, dim])."""
+        """:meth:`forward` for one new position of one stream, x [1, dim] (CUDA), in five kernels (six with a
+        split attention): each norm, the rotary embedding, the cache write, SwiGLU and each residual add ride on a
+        matmul or on the attention kernel instead of running as kernels of their own (``ffn_scale``: [dim] or
+        [1, dim]).  One row only: on an H200 a fused step of two rows was slower than the plain layers compiled
+        (bench/results/tune_step_h200*: more rows multiply the GEMV's FMA work, while cuBLAS's cost stays that
+        of reading the weights)."""
         attention, ffn = self.attention, self.feed_forward
         qkv = _fused(attention.wqkv, x, norm=self.attention_norm.weight, eps=self.attention_norm.eps, pdl=pdl)
         heads = attention.attend_projected(qkv, ctx, layer, pdl=pdl)
@@ -73,11 +69,10 @@ class DecoderLayer(nn.Module):
                         pdl=pdl)
         return _fused(ffn.w2, hidden, residual=x, pdl=pdl)
 
-    def step_weights(self, rows: int) -> bool:
-        """Whether :meth:`step` takes this layer for ``rows`` rows: every matmul bias-free and an nn.Linear or,
-        for one row, in the 4-bit layout."""
+    def step_weights(self) -> bool:
+        """Whether :meth:`step` takes this layer: every matmul bias-free and an nn.Linear or in the 4-bit layout."""
         linears = (self.attention.wqkv, self.attention.wo, self.feed_forward.w13, self.feed_forward.w2)
-        return all(m.bias is None and (type(m) is nn.Linear or (rows == 1 and _four_bit(m))) for m in linears)
+        return all(m.bias is None and (type(m) is nn.Linear or _four_bit(m)) for m in linears)
 
 
 def _four_bit(module: nn.Module) -> bool:
@@ -107,7 +102,7 @@ class TextDecoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
-        #: whether a one-position step of up to FUSED_STEP_ROWS rows runs :meth:`DecoderLayer.step` where it can
+        #: whether a one-position step of one stream runs :meth:`DecoderLayer.step` where it can
         #: (CUDA); ``pdl``: with programmatic dependent launch where the GPU has it.  Set both before making
         #: engines: their CUDA graphs keep the kernels they captured.
         self.fused_step = True
@@ -149,9 +144,9 @@ class TextDecoder(nn.Module):
         return getattr(self.tok_embeddings, "logits", None)
 
     def _can_step(self, x: torch.Tensor, ctx: AttentionContext) -> bool:
-        return (self.fused_step and ctx.query_positions is not None and x.shape[0] <= FUSED_STEP_ROWS
+        return (self.fused_step and ctx.query_positions is not None and x.shape[0] == 1
                 and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
-                and all(layer.step_weights(x.shape[0]) for layer in self.layers))
+                and all(layer.step_weights() for layer in self.layers))
 
     @torch.compiler.disable  # hand-written kernels: nothing for inductor to fuse; a CUDA graph captures them
     def _fused_steps(self, x: torch.Tensor, ctx: AttentionContext, ffn_scales: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ second kernel combines ("flash decoding").
 :func:`decode_attention_from_qkv` is the same kernel taking the fused QKV projection's output: it applies the
 rotary embedding and writes the new key and value into the cache itself.
 
-:func:`fused_linear` / :func:`fused_q4_linear`: the one-stream decoder step's matrix products (a few rows of x;
+:func:`fused_linear` / :func:`fused_q4_linear`: the one-stream decoder step's matrix products (one row of x;
 bf16/f16/f32 or 4-bit weights) with the elementwise work around them folded in: RMSNorm (its 1/rms applied to the
 sums), SwiGLU (gate and up rows in one program) and the residual add.  With programmatic dependent launch a kernel
 starts, and loads its first weights, while the one before it drains.  ``DecoderLayer.step`` runs on these.
@@ -171,56 +171,91 @@ if triton is not None:
             tl.store(stats_ptr + slot * 2 * GROUP_PAD + GROUP_PAD + offs_g, l_i)
 
     @triton.jit
+    def _float_values(t, PAIRS: tl.constexpr):
+        """A loaded tile in float32: PAIRS, int32 words of two bfloat16 values each -> (even, odd) values, one
+        integer instruction each (a bfloat16 is the high half of a float32; the compiler's own conversion took
+        two); else (t, t) converted."""
+        if PAIRS:
+            return (t << 16).to(tl.float32, bitcast=True), (t & -65536).to(tl.float32, bitcast=True)
+        return t.to(tl.float32), t.to(tl.float32)
+
+    @triton.jit
     def _fused_gemv_kernel(
-        x_ptr, w_ptr, out_ptr, gain_ptr, scale_ptr, res_ptr, M,
-        stride_xm, stride_wn, stride_om, stride_sm, stride_rm, gate_rows, eps,
-        K: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        x_ptr, w_ptr, out_ptr, gain_ptr, scale_ptr, res_ptr, stride_wn, gate_rows, eps,
+        K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         NORM: tl.constexpr, HAS_SCALE: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
-        PDL: tl.constexpr,
+        PAIRS: tl.constexpr, PDL: tl.constexpr,
     ):
-        """out[m, n] = (res[m, n] +) sum_k input(x)[m, k] * w[n, k] for M <= M_PAD rows, FMAs reduced once.
+        """out[n] = (res[n] +) sum_k input(x)[k] * w[n, k] for one row x, FMAs reduced once at the end.
 
         NORM: RMSNorm's 1/rms is a per-row factor, so it is applied to the sums at the end, with the squares of x
         summed in the same pass (no pass over the row before the products).  GATED: each program also takes
         weight rows n + gate_rows (SwiGLU's "up" half of a fused gate/up matrix) and writes silu(gate) * up.
+        PAIRS: x, w, gain and scale are bfloat16 read as int32 words (pointers, strides and gate_rows in words).
         A weight does not depend on the kernel before this one, so the first weight tiles are loaded before
         waiting for that kernel (PDL: programmatic dependent launch lets this kernel start while the previous one
-        drains); each further tile is loaded one iteration ahead."""
+        drains); each further tile is loaded one iteration ahead.  BLOCK_K (values) need not divide K (the tail
+        is masked).  The tiles are two-dimensional on purpose: a [rows of x, BLOCK_N, BLOCK_K] product made
+        Triton move every weight tile through shared memory (bench/sass_count.py)."""
+        PER: tl.constexpr = 2 if PAIRS else 1  # values per loaded element
+        COLS: tl.constexpr = BLOCK_K // PER
+        KC: tl.constexpr = K // PER
+        EVEN_K: tl.constexpr = KC % COLS == 0
         pid = tl.program_id(0)
-        offs_m = tl.arange(0, M_PAD)
-        m_mask = offs_m < M
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + tl.arange(0, BLOCK_K)[None, :]
+        offs = tl.arange(0, COLS)
+        w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs[None, :]
         up_ptrs = w_ptrs + gate_rows * stride_wn
-        w = tl.load(w_ptrs)
-        w_up = tl.load(up_ptrs) if GATED else w
+        w = tl.load(w_ptrs) if EVEN_K else tl.load(w_ptrs, mask=(offs < KC)[None, :], other=0)
+        w_up = w
+        if GATED:
+            w_up = tl.load(up_ptrs) if EVEN_K else tl.load(up_ptrs, mask=(offs < KC)[None, :], other=0)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
-        x_rows = x_ptr + offs_m[:, None] * stride_xm
-        scale_rows = scale_ptr + offs_m[:, None] * stride_sm
-        acc = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], tl.float32)
-        acc_up = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], tl.float32)
-        squares = tl.zeros([M_PAD, BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            more = k0 + BLOCK_K < K
-            w_next = tl.load(w_ptrs + k0 + BLOCK_K, mask=more, other=0.0)
+        acc = tl.zeros([BLOCK_N, COLS], tl.float32)
+        acc_up = tl.zeros([BLOCK_N, COLS], tl.float32)
+        squares = tl.zeros([COLS], tl.float32)
+        for k0 in range(0, KC, COLS):
+            offs_k = k0 + offs
+            inside = offs_k < KC
+            if EVEN_K:
+                more = k0 + COLS < KC
+                x = tl.load(x_ptr + offs_k)
+            else:
+                more = (offs_k + COLS < KC)[None, :]
+                x = tl.load(x_ptr + offs_k, mask=inside, other=0)
+            w_next = tl.load(w_ptrs + k0 + COLS, mask=more, other=0)
             if GATED:
-                up_next = tl.load(up_ptrs + k0 + BLOCK_K, mask=more, other=0.0)
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
+                up_next = tl.load(up_ptrs + k0 + COLS, mask=more, other=0)
+            x_a, x_b = _float_values(x, PAIRS)
             if NORM:
-                squares += x * x
-                x = x * tl.load(gain_ptr + offs_k).to(tl.float32)[None, :]
+                squares += x_a * x_a
+                if PAIRS:
+                    squares += x_b * x_b
+                gain = tl.load(gain_ptr + offs_k) if EVEN_K else tl.load(gain_ptr + offs_k, mask=inside, other=0)
+                gain_a, gain_b = _float_values(gain, PAIRS)
+                x_a, x_b = x_a * gain_a, x_b * gain_b
                 if HAS_SCALE:
-                    x = x * tl.load(scale_rows + offs_k[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
-            acc += x[:, None, :] * w[None, :, :].to(tl.float32)
+                    scale = tl.load(scale_ptr + offs_k) if EVEN_K else \
+                        tl.load(scale_ptr + offs_k, mask=inside, other=0)
+                    scale_a, scale_b = _float_values(scale, PAIRS)
+                    x_a, x_b = x_a * scale_a, x_b * scale_b
+            w_a, w_b = _float_values(w, PAIRS)
+            acc += x_a[None, :] * w_a
+            if PAIRS:
+                acc += x_b[None, :] * w_b
             w = w_next
             if GATED:
-                acc_up += x[:, None, :] * w_up[None, :, :].to(tl.float32)
+                up_a, up_b = _float_values(w_up, PAIRS)
+                acc_up += x_a[None, :] * up_a
+                if PAIRS:
+                    acc_up += x_b[None, :] * up_b
                 w_up = up_next
-        _gemv_finish(tl.sum(acc, axis=2), tl.sum(acc_up, axis=2), tl.sum(squares, axis=1), out_ptr, res_ptr,
-                     offs_m, m_mask, offs_n, stride_om, stride_rm, eps, K, NORM, GATED, RESIDUAL)
+        one = tl.arange(0, 1)
+        _gemv_finish(tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :],
+                     tl.zeros([1], tl.float32) + tl.sum(squares, axis=0), out_ptr, res_ptr,
+                     one, one == 0, offs_n, 0, 0, eps, K, NORM, GATED, RESIDUAL)
 
     @triton.jit
     def _gemv_finish(out, up, squares, out_ptr, res_ptr, offs_m, m_mask, offs_n, stride_om, stride_rm, eps,
@@ -232,13 +267,16 @@ if triton is not None:
             out = out * inv_rms[:, None]
             up = up * inv_rms[:, None]
         dtype = out_ptr.dtype.element_ty
-        out = out.to(dtype)
-        if GATED:  # the product is rounded where the reference's separate kernels round it
-            gate = out.to(tl.float32)
-            out = (gate * tl.sigmoid(gate)).to(dtype) * up.to(dtype)
+        # rounded to the output's dtype where the reference's separate kernels round (their arithmetic is float32
+        # rounded once per operation, also for bfloat16, which Triton's interpreter cannot do arithmetic in)
+        out = out.to(dtype).to(tl.float32)
+        if GATED:
+            out = ((out * tl.sigmoid(out)).to(dtype).to(tl.float32) * up.to(dtype).to(tl.float32)).to(dtype)
+            out = out.to(tl.float32)
         if RESIDUAL:
-            out = out + tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=m_mask[:, None])
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out, mask=m_mask[:, None])
+            out += tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=m_mask[:, None]).to(
+                tl.float32)
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out.to(dtype), mask=m_mask[:, None])
 
     @triton.jit
     def _nibble_value(nibble):
@@ -528,31 +566,29 @@ class MatmulConfig:
     num_stages: int = 2
 
 
-#: rows the fused GEMV takes (FMAs, one accumulator per row)
-FUSED_MAX_ROWS = 4
-
-
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 0.0,
                  scale: torch.Tensor | None = None, gated: bool = False, residual: torch.Tensor | None = None,
                  config: MatmulConfig | None = None, pdl: bool = False) -> torch.Tensor:
-    """``f(x) @ weight.T (+ residual)`` for up to :data:`FUSED_MAX_ROWS` rows of x [M, K], where ``f`` is the
-    identity or, with ``norm``, ``RMSNorm(x) * norm`` (times ``scale`` [M, K] or [K] when given).  ``gated``:
-    ``weight`` [2N, K] is a fused gate/up matrix and the result is ``silu(gate) * up`` [M, N].  The decoder step's
-    elementwise work so rides on the matmuls, which read their weights at memory speed.
+    """``f(x) @ weight.T (+ residual)`` for one row x [1, K], where ``f`` is the identity or, with ``norm``,
+    ``RMSNorm(x) * norm`` (times ``scale`` [1, K] or [K] when given).  ``gated``: ``weight`` [2N, K] is a fused
+    gate/up matrix and the result is ``silu(gate) * up`` [1, N].  The decoder step's elementwise work so rides on
+    the matmuls, which read their weights at memory speed.
 
     Rounding differs from separate kernels in one place: the normalised input is not rounded to x's dtype
     before the product (the 1/rms factor is applied to the sums)."""
     m, k = x.shape
-    if m > FUSED_MAX_ROWS:
-        raise ValueError(f"the fused GEMV takes up to {FUSED_MAX_ROWS} rows, not {m}")
+    if m != 1:
+        raise ValueError(f"the fused GEMV takes one row, not {m}")
     n = weight.shape[0] // 2 if gated else weight.shape[0]
-    config = config or gemv_config(m, n, k, gated=gated)
-    out, extras = _fused_arguments(x, n, norm, scale, residual)
+    config = config or gemv_config(n, k, gated=gated)
+    out, (gain, scale_row, res) = _fused_arguments(x, n, norm, scale, residual)
+    pairs = k % 2 == 0 and all(t.dtype == torch.bfloat16 for t in (x, weight, gain, scale_row))
+    words = (lambda t: t.view(torch.int32)) if pairs else (lambda t: t)  # noqa: E731
     _fused_gemv_kernel[(n // config.block_n,)](
-        x, weight, out, *extras[:3], m, x.stride(0), weight.stride(0), out.stride(0), *extras[3:], n, eps,
-        K=k, M_PAD=triton.next_power_of_2(m), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        NORM=norm is not None, HAS_SCALE=scale is not None, GATED=gated, RESIDUAL=residual is not None, PDL=pdl,
-        num_warps=config.num_warps, num_stages=1, **_launch_options(pdl),
+        words(x), words(weight), out, words(gain), words(scale_row), res, words(weight).stride(0), n, eps,
+        K=k, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        NORM=norm is not None, HAS_SCALE=scale is not None, GATED=gated, RESIDUAL=residual is not None,
+        PAIRS=pairs, PDL=pdl, num_warps=config.num_warps, num_stages=1, **_launch_options(pdl),
     )
     return out
 
@@ -594,18 +630,17 @@ def fused_q4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
 
 def _fused_arguments(x: torch.Tensor, n: int, norm: torch.Tensor | None, scale: torch.Tensor | None,
                      residual: torch.Tensor | None) -> tuple[torch.Tensor, tuple]:
-    """The output [M, n] and (gain, scale rows, residual, scale row stride, residual row stride) for the fused
-    kernels; what is not given is passed as x (never read)."""
-    out = x.new_empty((x.shape[0], n))
-    gain = norm if norm is not None else x
-    scale_rows = scale if scale is not None else x
-    res = residual if residual is not None else x
-    return out, (gain, scale_rows, res, scale_rows.stride(0) if scale_rows.dim() == 2 else 0, res.stride(0))
+    """The output [1, n] and (gain, scale, residual) for the fused GEMV; what is not given is passed as x (never
+    read)."""
+    if any(t is not None and not t.is_contiguous() for t in (x, scale, residual)):
+        raise ValueError("the fused GEMV takes contiguous rows")
+    pick = lambda t: t if t is not None else x  # noqa: E731
+    return x.new_empty((1, n)), (pick(norm), pick(scale), pick(residual))
 
 
 #: fused-GEMV tilings for one row of the decoder's products, (N, K, gated) -> config (bench/tune_gemv.py --fused-rows;
 #: results in bench/results/tune_fused_h200.*)
-_GEMV_ONE_ROW = {
+GEMV_ONE_ROW_TILINGS: dict[tuple[int, int, bool], MatmulConfig] = {
     (6144, 3072, False): MatmulConfig(block_n=8, block_k=256, num_warps=8),  # wqkv
     (3072, 4096, False): MatmulConfig(block_n=4, block_k=1024, num_warps=2),  # wo
     (9216, 3072, True): MatmulConfig(block_n=2, block_k=512, num_warps=2),  # w13 (gate and up rows)
@@ -614,16 +649,11 @@ _GEMV_ONE_ROW = {
 }
 
 
-def gemv_config(m: int, n: int, k: int, *, gated: bool = False) -> MatmulConfig:
-    """The :func:`fused_linear` tiling for an [m, k] x [n, k] product: a tuned one for the decoder's shapes, else
-    long rows (up to 512 values) and few of them per program; the accumulators are kept at most 16k values for
-    the whole tile."""
-    config = _GEMV_ONE_ROW.get((n, k, gated)) or MatmulConfig(
+def gemv_config(n: int, k: int, *, gated: bool = False) -> MatmulConfig:
+    """The :func:`fused_linear` tiling for a [1, k] x [n, k] product: a tuned one for the decoder's shapes, else
+    long rows (up to 512 values) and few of them per program."""
+    return GEMV_ONE_ROW_TILINGS.get((n, k, gated)) or MatmulConfig(
         block_n=_largest_divisor(n, (8, 4, 2)), block_k=_largest_divisor(k, (512, 256, 128, 64, 32, 16)))
-    values = triton.next_power_of_2(m) * (2 if gated else 1)
-    while config.block_n * config.block_k * values > 16384 and config.block_k > 16 and k % (config.block_k // 2) == 0:
-        config = replace(config, block_k=config.block_k // 2)
-    return config
 
 
 def q4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
