@@ -5,8 +5,8 @@ of the ring (the whole preallocated window) and needs a mask tensor built per st
 stream, only the columns its position can have filled (``min(position + 1, capacity)``), checks the sliding
 window against the cache's position table itself, and serves all query heads of a kv head (GQA) from one read
 of the keys.  Cost follows each stream's own context length, not the buffer size.  With few streams (few
-programs for 132 SMs) each stream's columns are split between several programs whose partial softmax sums a
-second kernel combines ("flash decoding").
+programs for 132 SMs) each stream's columns are split between several programs whose partial softmax sums the
+last of them to finish combines ("flash decoding", in one kernel).
 
 :func:`decode_attention_from_qkv` is the same kernel taking the fused QKV projection's output: it applies the
 rotary embedding and writes the new key and value into the cache itself.
@@ -80,7 +80,7 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention_kernel(
-        q_ptr, k_ptr, v_ptr, table_ptr, qpos_ptr, out_ptr, part_ptr, stats_ptr, cos_ptr, sin_ptr,
+        q_ptr, k_ptr, v_ptr, table_ptr, qpos_ptr, out_ptr, part_ptr, stats_ptr, count_ptr, cos_ptr, sin_ptr,
         row_start, capacity, window, scale,
         stride_qb, stride_qh, stride_qg,
         stride_kr, stride_kh, stride_kc,
@@ -94,7 +94,10 @@ if triton is not None:
         """FROM_QKV: ``q_ptr`` is the fused projection's output row [q heads | k heads | v heads] of each stream,
         not yet rotated; the kernel rotates q and the new key, stores the new key and value in the cache
         (column qpos % capacity) and attends to them from registers, so that no other kernel runs between the
-        projection and the attention.  The column being written is left out of the cache reads."""
+        projection and the attention.  The column being written is left out of the cache reads.
+
+        SPLITS > 1: each program stores its partial softmax sums; the one that finishes last for its (row, kv
+        head), told by an atomic count, combines them (no second kernel) and resets the count for the next call."""
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
@@ -169,6 +172,12 @@ if triton is not None:
             tl.store(part_ptr + slot * GROUP_PAD * D + offs_g[:, None] * D + offs_d[None, :], acc)
             tl.store(stats_ptr + slot * 2 * GROUP_PAD + offs_g, m_i)
             tl.store(stats_ptr + slot * 2 * GROUP_PAD + GROUP_PAD + offs_g, l_i)
+            # every thread's stores before the count (whose release publishes them to the last program)
+            tl.debug_barrier()
+            if tl.atomic_add(count_ptr + pid, 1, sem="acq_rel") == SPLITS - 1:
+                _combine_splits(part_ptr, stats_ptr, out_ptr + b * stride_ob + h * stride_oh, stride_og, pid,
+                                GROUP, GROUP_PAD, D, SPLITS)
+                tl.store(count_ptr + pid, 0)
 
     @triton.jit
     def _float_values(t, PAIRS: tl.constexpr):
@@ -441,33 +450,28 @@ if triton is not None:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask)
 
     @triton.jit
-    def _combine_splits_kernel(
-        part_ptr, stats_ptr, out_ptr, stride_ob, stride_oh, stride_og,
-        H_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-        PDL: tl.constexpr,
-    ):
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
-        pid = tl.program_id(0)
-        b = pid // H_KV
-        h = pid % H_KV
+    def _combine_splits(part_ptr, stats_ptr, out_ptr, stride_og, pid, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                        D: tl.constexpr, SPLITS: tl.constexpr):
+        """The decode kernel's partial softmax sums of program ``pid`` -> its heads' outputs at ``out_ptr``.  The
+        partials come from other SMs: read past this SM's L1 (".cg"), which may hold a previous call's."""
         offs_g = tl.arange(0, GROUP_PAD)
         offs_d = tl.arange(0, D)
         m_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         for split in tl.static_range(SPLITS):
-            m_max = tl.maximum(m_max, tl.load(stats_ptr + (pid * SPLITS + split) * 2 * GROUP_PAD + offs_g))
+            m_max = tl.maximum(m_max, tl.load(stats_ptr + (pid * SPLITS + split) * 2 * GROUP_PAD + offs_g,
+                                              cache_modifier=".cg"))
         m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
         total = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, D], tl.float32)
         for split in tl.static_range(SPLITS):
             slot = pid * SPLITS + split
-            weight = tl.exp(tl.load(stats_ptr + slot * 2 * GROUP_PAD + offs_g) - m_safe)
-            total += weight * tl.load(stats_ptr + slot * 2 * GROUP_PAD + GROUP_PAD + offs_g)
-            acc += weight[:, None] * tl.load(part_ptr + slot * GROUP_PAD * D + offs_g[:, None] * D + offs_d[None, :])
+            weight = tl.exp(tl.load(stats_ptr + slot * 2 * GROUP_PAD + offs_g, cache_modifier=".cg") - m_safe)
+            total += weight * tl.load(stats_ptr + slot * 2 * GROUP_PAD + GROUP_PAD + offs_g, cache_modifier=".cg")
+            acc += weight[:, None] * tl.load(part_ptr + slot * GROUP_PAD * D + offs_g[:, None] * D + offs_d[None, :],
+                                             cache_modifier=".cg")
         out = acc / tl.where(total > 0, total, 1.0)[:, None]
-        tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_g[:, None] * stride_og + offs_d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=(offs_g < GROUP)[:, None])
+        tl.store(out_ptr + offs_g[:, None] * stride_og + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=(offs_g < GROUP)[:, None])
 
 
 #: Programs the split form aims for: about two per SM of an H100.
@@ -478,8 +482,8 @@ def _launch_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
                              qpos: torch.Tensor, out: torch.Tensor, row_start: int, capacity: int, window: int, *,
                              h_kv: int, group: int, q_strides: tuple[int, int, int],
                              rotary: tuple[torch.Tensor, torch.Tensor] | None = None, pdl: bool = False) -> None:
-    """Run the decode kernel (and its combining kernel) writing ``out`` [B, H_kv, group, D]; ``rotary``: the
-    (cos, signed sin) rows [B, D] of the FROM_QKV form, whose ``q`` is the fused projection's output."""
+    """Run the decode kernel writing ``out`` [B, H_kv, group, D]; ``rotary``: the (cos, signed sin) rows [B, D]
+    of the FROM_QKV form, whose ``q`` is the fused projection's output."""
     batch, dim = qpos.shape[0], keys.shape[-1]
     programs = batch * h_kv
     splits = 1
@@ -488,10 +492,10 @@ def _launch_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
     group_pad = max(16, triton.next_power_of_2(group))
     part = q.new_empty((programs * splits, group_pad, dim), dtype=torch.float32) if splits > 1 else out
     stats = q.new_empty((programs * splits, 2, group_pad), dtype=torch.float32) if splits > 1 else out
+    counts = _split_counts(q.device) if splits > 1 else out
     cos, sin = rotary if rotary is not None else (q, q)
-    launch = _launch_options(pdl)
     _decode_attention_kernel[(programs, splits)](
-        q, keys, values, table, qpos, out, part, stats, cos, sin,
+        q, keys, values, table, qpos, out, part, stats, counts, cos, sin,
         row_start, capacity, window, 1.0 / math.sqrt(dim),
         *q_strides,
         keys.stride(0), keys.stride(1), keys.stride(2),
@@ -499,13 +503,16 @@ def _launch_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
         table.stride(0), cos.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
         H_KV=h_kv, GROUP=group, GROUP_PAD=group_pad, D=dim, BLOCK_N=64, SPLITS=splits,
-        IEEE=keys.dtype == torch.float32, FROM_QKV=rotary is not None, PDL=pdl, **launch,
+        IEEE=keys.dtype == torch.float32, FROM_QKV=rotary is not None, PDL=pdl, **_launch_options(pdl),
     )
-    if splits > 1:
-        _combine_splits_kernel[(programs,)](
-            part, stats, out, out.stride(0), out.stride(1), out.stride(2),
-            H_KV=h_kv, GROUP=group, GROUP_PAD=group_pad, D=dim, SPLITS=splits, PDL=pdl, **launch,
-        )
+
+
+@functools.cache
+def _split_counts(device: torch.device) -> torch.Tensor:
+    """The split decode kernel's per-program counts of finished splits, zero between calls (the last split
+    resets its count): one buffer per device, made once, so that a call launches no kernel to clear it.  Calls
+    on one device run in stream order; two streams must not run the split kernel at the same time."""
+    return torch.zeros(_TARGET_PROGRAMS // 2, dtype=torch.int32, device=device)
 
 
 @torch.library.custom_op("voxtral::decode_attention", mutates_args=())
@@ -544,7 +551,7 @@ def decode_attention_from_qkv(qkv: torch.Tensor, keys: torch.Tensor, values: tor
     [B, (H + 2 H_kv) D], not yet rotated: rotates q and the new key (``cos``/``signed_sin`` [B, D], see
     layers.Rotary), stores the new key and value in the cache at column ``qpos % capacity`` (rows with qpos -1
     store nothing) and returns the heads' outputs [B, H D].  Same result as rotating, :meth:`KVCache.write`
-    and :func:`decode_attention`, in one kernel (two with splits)."""
+    and :func:`decode_attention`, in one kernel."""
     batch, dim, h_kv = qkv.shape[0], keys.shape[-1], keys.shape[1]
     group = n_heads // h_kv
     out = qkv.new_empty((batch, h_kv, group, dim))
