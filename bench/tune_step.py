@@ -116,6 +116,21 @@ def _sweep_tilings(model, table: dict, sets: str, context: int, steps: int, floo
     return rows
 
 
+def _sweep_attention_programs(model, values: str, context: int, steps: int, floor_ms: float) -> list[dict]:
+    """Times the fused step for each split target of the decode-attention kernel; leaves the fastest in place."""
+    rows = []
+    for programs in (int(v) for v in values.split(",")):
+        kernels.SPLIT_TARGET_PROGRAMS = programs
+        _configure(model, "fused+PDL")
+        result = benchmark.bench_step(model, 1, context, steps=steps)
+        rows.append({"split_target_programs": programs, **result})
+        print(f"attention split target {programs}: {result['gpu_ms_per_step']:.3f} ms GPU "
+              f"= {result['gpu_ms_per_step'] / floor_ms:.2f}x floor", flush=True)
+    kernels.SPLIT_TARGET_PROGRAMS = min(rows, key=lambda row: row["gpu_ms_per_step"])["split_target_programs"]
+    print(f"profiled below: split target {kernels.SPLIT_TARGET_PROGRAMS}", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--context", type=int, default=400)
@@ -124,6 +139,8 @@ def main() -> None:
     parser.add_argument("--quant", help="quantize the model first (q4_0, q4_k): the 4-bit step, plain vs fused")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="which of: " + ", ".join(VARIANTS))
     parser.add_argument("--tilings", "--q4-tilings", help="sets of one-row tilings to time in the step (see above)")
+    parser.add_argument("--attention-programs", help="values of kernels.SPLIT_TARGET_PROGRAMS to time the fused "
+                        "step with (after the tilings, the fastest set in place); the fastest is profiled")
     parser.add_argument("--json")
     args = parser.parse_args()
     model = random_model(device="cuda", dtype=torch.bfloat16)
@@ -164,6 +181,12 @@ def main() -> None:
     if args.tilings:
         table = kernels.Q4_ONE_ROW_TILINGS if args.quant else kernels.GEMV_ONE_ROW_TILINGS
         report["tilings"] = _sweep_tilings(model, table, args.tilings, args.context, args.steps, floor_ms)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
+    if args.attention_programs:
+        report["attention_programs"] = _sweep_attention_programs(model, args.attention_programs, args.context,
+                                                                 args.steps, floor_ms)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(report, f, indent=1)

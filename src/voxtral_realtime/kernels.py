@@ -79,6 +79,15 @@ if triton is not None:
         return x * cos[None, :] + rolled.to(tl.float32) * signed_sin[None, :]
 
     @triton.jit
+    def _cache_tile(table_row, k_base, v_base, offs_n, hi, offs_d, stride_kc, stride_vc):
+        """Columns ``offs_n`` (those below ``hi``) of a cache row: (positions held, keys, values)."""
+        in_range = offs_n < hi
+        held = tl.load(table_row + offs_n, mask=in_range, other=-1)
+        k = tl.load(k_base + offs_n[:, None] * stride_kc + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vc + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        return held, k, v
+
+    @triton.jit
     def _decode_attention_kernel(
         q_ptr, k_ptr, v_ptr, table_ptr, qpos_ptr, out_ptr, part_ptr, stats_ptr, count_ptr, cos_ptr, sin_ptr,
         row_start, capacity, window, scale,
@@ -119,7 +128,12 @@ if triton is not None:
         acc = tl.zeros([GROUP_PAD, D], tl.float32)
         k_base = k_ptr + row * stride_kr + h * stride_kh
         v_base = v_ptr + row * stride_vr + h * stride_vh
+        table_row = table_ptr + row * stride_tr
         new_column = tl.where(qpos >= 0, qpos % capacity, -1)
+        # the first tile of the cache is requested before q (FROM_QKV: before the projection's row is read and
+        # rotated), so that the two reads overlap; the column being written is masked out of the scores
+        offs_tile = tl.arange(0, BLOCK_N)
+        held, k, v = _cache_tile(table_row, k_base, v_base, lo + offs_tile, hi, offs_d, stride_kc, stride_vc)
         if FROM_QKV:
             cos = tl.load(cos_ptr + b * stride_cb + offs_d).to(tl.float32)
             signed_sin = tl.load(sin_ptr + b * stride_cb + offs_d).to(tl.float32)
@@ -140,13 +154,13 @@ if triton is not None:
             q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_g[:, None] * stride_qg + offs_d[None, :],
                         mask=g_mask[:, None], other=0.0)
         for start in range(lo, hi, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
+            offs_n = start + offs_tile
             in_range = offs_n < hi
-            held = tl.load(table_ptr + row * stride_tr + offs_n, mask=in_range, other=-1)
+            if start != lo:
+                held, k, v = _cache_tile(table_row, k_base, v_base, offs_n, hi, offs_d, stride_kc, stride_vc)
             visible = in_range & (held >= 0) & (held <= qpos) & (held > qpos - window)
             if FROM_QKV:
                 visible = visible & (offs_n != new_column)
-            k = tl.load(k_base + offs_n[:, None] * stride_kc + offs_d[None, :], mask=in_range[:, None], other=0.0)
             if IEEE:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -157,7 +171,6 @@ if triton is not None:
             alpha = tl.exp(m_i - m_safe)
             p = tl.exp(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + offs_n[:, None] * stride_vc + offs_d[None, :], mask=in_range[:, None], other=0.0)
             if IEEE:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
             else:
@@ -168,10 +181,11 @@ if triton is not None:
             tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_g[:, None] * stride_og + offs_d[None, :],
                      out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
         else:  # partial sums, [programs, SPLITS, GROUP_PAD, D] and (max, sum) [programs, SPLITS, 2, GROUP_PAD]
-            slot = pid * SPLITS + split
-            tl.store(part_ptr + slot * GROUP_PAD * D + offs_g[:, None] * D + offs_d[None, :], acc)
-            tl.store(stats_ptr + slot * 2 * GROUP_PAD + offs_g, m_i)
-            tl.store(stats_ptr + slot * 2 * GROUP_PAD + GROUP_PAD + offs_g, l_i)
+            slot = pid * SPLITS + split  # the padding rows of q (tl.dot's minimum of 16) are neither kept nor read
+            tl.store(part_ptr + slot * GROUP_PAD * D + offs_g[:, None] * D + offs_d[None, :], acc,
+                     mask=g_mask[:, None])
+            tl.store(stats_ptr + slot * 2 * GROUP_PAD + offs_g, m_i, mask=g_mask)
+            tl.store(stats_ptr + slot * 2 * GROUP_PAD + GROUP_PAD + offs_g, l_i, mask=g_mask)
             # every thread's stores before the count (whose release publishes them to the last program)
             tl.debug_barrier()
             if tl.atomic_add(count_ptr + pid, 1, sem="acq_rel") == SPLITS - 1:
@@ -456,26 +470,31 @@ if triton is not None:
         partials come from other SMs: read past this SM's L1 (".cg"), which may hold a previous call's."""
         offs_g = tl.arange(0, GROUP_PAD)
         offs_d = tl.arange(0, D)
+        g_mask = offs_g < GROUP  # the padding rows were not stored: not read either
+        stats = stats_ptr + pid * SPLITS * 2 * GROUP_PAD + offs_g
+        parts = part_ptr + pid * SPLITS * GROUP_PAD * D + offs_g[:, None] * D + offs_d[None, :]
         m_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         for split in tl.static_range(SPLITS):
-            m_max = tl.maximum(m_max, tl.load(stats_ptr + (pid * SPLITS + split) * 2 * GROUP_PAD + offs_g,
+            m_max = tl.maximum(m_max, tl.load(stats + split * 2 * GROUP_PAD, mask=g_mask, other=float("-inf"),
                                               cache_modifier=".cg"))
         m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
         total = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, D], tl.float32)
         for split in tl.static_range(SPLITS):
-            slot = pid * SPLITS + split
-            weight = tl.exp(tl.load(stats_ptr + slot * 2 * GROUP_PAD + offs_g, cache_modifier=".cg") - m_safe)
-            total += weight * tl.load(stats_ptr + slot * 2 * GROUP_PAD + GROUP_PAD + offs_g, cache_modifier=".cg")
-            acc += weight[:, None] * tl.load(part_ptr + slot * GROUP_PAD * D + offs_g[:, None] * D + offs_d[None, :],
+            weight = tl.exp(tl.load(stats + split * 2 * GROUP_PAD, mask=g_mask, other=float("-inf"),
+                                    cache_modifier=".cg") - m_safe)
+            total += weight * tl.load(stats + split * 2 * GROUP_PAD + GROUP_PAD, mask=g_mask, other=0.0,
+                                      cache_modifier=".cg")
+            acc += weight[:, None] * tl.load(parts + split * GROUP_PAD * D, mask=g_mask[:, None], other=0.0,
                                              cache_modifier=".cg")
         out = acc / tl.where(total > 0, total, 1.0)[:, None]
         tl.store(out_ptr + offs_g[:, None] * stride_og + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=(offs_g < GROUP)[:, None])
+                 mask=g_mask[:, None])
 
 
-#: Programs the split form aims for: about two per SM of an H100.
-_TARGET_PROGRAMS = 256
+#: Programs the split form aims for (about two per SM of an H100): few streams' columns are split until there are
+#: about this many (up to 16 splits)
+SPLIT_TARGET_PROGRAMS = 256
 
 
 def _launch_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, table: torch.Tensor,
@@ -487,12 +506,12 @@ def _launch_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
     batch, dim = qpos.shape[0], keys.shape[-1]
     programs = batch * h_kv
     splits = 1
-    while splits < 16 and programs * splits * 2 <= _TARGET_PROGRAMS:
+    while splits < 16 and programs * splits * 2 <= SPLIT_TARGET_PROGRAMS:
         splits *= 2
     group_pad = max(16, triton.next_power_of_2(group))
     part = q.new_empty((programs * splits, group_pad, dim), dtype=torch.float32) if splits > 1 else out
     stats = q.new_empty((programs * splits, 2, group_pad), dtype=torch.float32) if splits > 1 else out
-    counts = _split_counts(q.device) if splits > 1 else out
+    counts = _split_counts(q.device, SPLIT_TARGET_PROGRAMS // 2) if splits > 1 else out
     cos, sin = rotary if rotary is not None else (q, q)
     _decode_attention_kernel[(programs, splits)](
         q, keys, values, table, qpos, out, part, stats, counts, cos, sin,
@@ -508,11 +527,11 @@ def _launch_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
 
 
 @functools.cache
-def _split_counts(device: torch.device) -> torch.Tensor:
+def _split_counts(device: torch.device, programs: int) -> torch.Tensor:
     """The split decode kernel's per-program counts of finished splits, zero between calls (the last split
     resets its count): one buffer per device, made once, so that a call launches no kernel to clear it.  Calls
     on one device run in stream order; two streams must not run the split kernel at the same time."""
-    return torch.zeros(_TARGET_PROGRAMS // 2, dtype=torch.int32, device=device)
+    return torch.zeros(programs, dtype=torch.int32, device=device)
 
 
 @torch.library.custom_op("voxtral::decode_attention", mutates_args=())
