@@ -664,22 +664,22 @@ def _fused_arguments(x: torch.Tensor, n: int, norm: torch.Tensor | None, scale: 
     return x.new_empty((1, n)), (pick(norm), pick(scale), pick(residual))
 
 
-#: fused-GEMV tilings for one row of the decoder's products, (N, K, gated) -> config (bench/tune_gemv.py --fused-rows;
-#: results in bench/results/tune_fused_h200.*)
-GEMV_ONE_ROW_TILINGS: dict[tuple[int, int, bool], MatmulConfig] = {
-    (6144, 3072, False): MatmulConfig(block_n=8, block_k=256, num_warps=8),  # wqkv
-    (3072, 4096, False): MatmulConfig(block_n=4, block_k=1024, num_warps=2),  # wo
-    (9216, 3072, True): MatmulConfig(block_n=2, block_k=512, num_warps=2),  # w13 (gate and up rows)
-    (3072, 9216, False): MatmulConfig(block_n=4, block_k=512, num_warps=8),  # w2
-    (131072, 3072, False): MatmulConfig(block_n=4, block_k=256, num_warps=2),  # LM head
-}
+#: one-row tilings measured faster than :func:`gemv_config`'s rule in the decoder step, (N, K, gated) -> tiling
+#: (``bench/tune_step.py --tilings``)
+GEMV_ONE_ROW_TILINGS: dict[tuple[int, int, bool], MatmulConfig] = {}
 
 
 def gemv_config(n: int, k: int, *, gated: bool = False) -> MatmulConfig:
-    """The :func:`fused_linear` tiling for a [1, k] x [n, k] product: a tuned one for the decoder's shapes, else
-    long rows (up to 512 values) and few of them per program."""
-    return GEMV_ONE_ROW_TILINGS.get((n, k, gated)) or MatmulConfig(
-        block_n=_largest_divisor(n, (8, 4, 2)), block_k=_largest_divisor(k, (512, 256, 128, 64, 32, 16)))
+    """The :func:`fused_linear` tiling for a [1, k] x [n, k] product, by rules measured in the decoder step on an
+    H200 (bench/results/tune_step_sweep_h200.txt): two whole rows per program (up to 4096 values at a time, all
+    requested before the wait for the previous kernel), four warps, eight for longer rows; short tiles where N
+    alone gives thousands of programs (the LM head)."""
+    if (n, k, gated) in GEMV_ONE_ROW_TILINGS:
+        return GEMV_ONE_ROW_TILINGS[(n, k, gated)]
+    if n >= 32768:
+        return MatmulConfig(block_n=_largest_divisor(n, (4, 2)), block_k=256, num_warps=2)
+    return MatmulConfig(block_n=_largest_divisor(n, (2,)), block_k=min(4096, triton.next_power_of_2(k)),
+                        num_warps=8 if k > 4096 else 4)
 
 
 def q4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
