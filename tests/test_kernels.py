@@ -93,3 +93,26 @@ def test_batches_of_streams_at_different_positions(batch):
                                    cache.window)
     expected = _reference(q, cache, qpos, 0)
     assert (out.float() - expected).abs().max().item() <= 2e-2 * expected.abs().max().item()
+
+
+@pytest.mark.parametrize("window", [10, 40])  # 40: the columns split between programs (combined by the last)
+def test_attention_rounds_its_output_as_the_quantizer_does(window):
+    """The FROM_QKV form's 8-bit output for a 4-bit ``wo``: the values, steps, sums and residuals of
+    kernels.quantize_row applied to its plain output."""
+    generator = torch.Generator(device=DEVICE).manual_seed(window)
+    heads, heads_kv, dim = 8, 2, 64
+    caches = [_filled_cache(1, heads_kv, dim, window, [window + 3], torch.float32, torch.Generator(
+        device=DEVICE).manual_seed(1)) for _ in range(2)]
+    qkv = torch.randn(1, (heads + 2 * heads_kv) * dim, device=DEVICE, generator=generator)
+    angles = torch.rand(1, dim // 2, device=DEVICE, generator=generator) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([-angles.sin(), angles.sin()], -1)
+    qpos = torch.tensor([window + 3], device=DEVICE)
+    outputs = [kernels.decode_attention_from_qkv(qkv, c.keys[0], c.values[0], c.positions, qpos, 0, c.capacity,
+                                                 c.window, cos, sin, heads, quantized=quantized)
+               for c, quantized in zip(caches, (False, True))]
+    plain, rounded = outputs
+    expected = kernels.quantize_row(plain)
+    assert rounded.dtype == plain.dtype
+    assert torch.equal(rounded.q, expected.q)
+    for name in ("steps", "sums", "residuals"):
+        torch.testing.assert_close(getattr(rounded, name), getattr(expected, name), rtol=1e-5, atol=1e-6)

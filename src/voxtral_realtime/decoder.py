@@ -62,7 +62,7 @@ class DecoderLayer(nn.Module):
         rows multiply the GEMV's FMA work, while cuBLAS's cost stays that of reading the weights)."""
         attention, ffn = self.attention, self.feed_forward
         qkv = _fused(attention.wqkv, x, norm=self.attention_norm.weight, eps=self.attention_norm.eps, pdl=pdl)
-        heads = attention.attend_projected(qkv, ctx, layer, pdl=pdl)
+        heads = attention.attend_projected(qkv, ctx, layer, pdl=pdl, quantized=_four_bit(attention.wo))
         x = _fused(attention.wo, heads, residual=x, pdl=pdl)
         hidden = _fused(ffn.w13, x, norm=self.ffn_norm.weight, eps=self.ffn_norm.eps, scale=ffn_scale, gated=True,
                         pdl=pdl)
@@ -79,7 +79,7 @@ def _four_bit(module: nn.Module) -> bool:
     return all(isinstance(getattr(module, name, None), torch.Tensor) for name in ("qweight", "scales", "offsets"))
 
 
-def _fused(module: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
+def _fused(module: nn.Module, x: torch.Tensor | kernels.QuantizedRow, **kwargs) -> torch.Tensor:
     if _four_bit(module):
         return kernels.fused_q4_linear(x, module.qweight, module.scales, module.offsets, **kwargs)
     return kernels.fused_linear(x, module.weight, **kwargs)

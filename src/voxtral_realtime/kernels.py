@@ -30,6 +30,7 @@ import functools
 import math
 import os
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 
@@ -90,6 +91,7 @@ if triton is not None:
     @triton.jit
     def _decode_attention_kernel(
         q_ptr, k_ptr, v_ptr, table_ptr, qpos_ptr, out_ptr, part_ptr, stats_ptr, count_ptr, cos_ptr, sin_ptr,
+        xq_ptr, xstep_ptr, xsum_ptr, xresidual_ptr,
         row_start, capacity, window, scale,
         stride_qb, stride_qh, stride_qg,
         stride_kr, stride_kh, stride_kc,
@@ -98,7 +100,7 @@ if triton is not None:
         stride_ob, stride_oh, stride_og,
         H_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
         BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr, FROM_QKV: tl.constexpr,
-        PDL: tl.constexpr,
+        QUANTIZE: tl.constexpr, PDL: tl.constexpr,
     ):
         """FROM_QKV: ``q_ptr`` is the fused projection's output row [q heads | k heads | v heads] of each stream,
         not yet rotated; the kernel rotates q and the new key, stores the new key and value in the cache
@@ -106,7 +108,10 @@ if triton is not None:
         projection and the attention.  The column being written is left out of the cache reads.
 
         SPLITS > 1: each program stores its partial softmax sums; the one that finishes last for its (row, kv
-        head), told by an atomic count, combines them (no second kernel) and resets the count for the next call."""
+        head), told by an atomic count, combines them (no second kernel) and resets the count for the next call.
+        QUANTIZE: the output is also rounded to 8 bits per group of 32 values for the 4-bit ``wo`` GEMV
+        (:class:`QuantizedRow`, the arithmetic of ``_quantize_activation_kernel``), which so needs no kernel
+        of its own."""
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
@@ -178,8 +183,8 @@ if triton is not None:
             m_i = m_new
         if SPLITS == 1:
             out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-            tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_g[:, None] * stride_og + offs_d[None, :],
-                     out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+            _store_output(out, out_ptr + b * stride_ob + h * stride_oh, stride_og, (b * H_KV + h) * GROUP * D,
+                          xq_ptr, xstep_ptr, xsum_ptr, xresidual_ptr, GROUP, GROUP_PAD, D, QUANTIZE)
         else:  # partial sums, [programs, SPLITS, GROUP_PAD, D] and (max, sum) [programs, SPLITS, 2, GROUP_PAD]
             slot = pid * SPLITS + split  # the padding rows of q (tl.dot's minimum of 16) are neither kept nor read
             tl.store(part_ptr + slot * GROUP_PAD * D + offs_g[:, None] * D + offs_d[None, :], acc,
@@ -189,8 +194,9 @@ if triton is not None:
             # every thread's stores before the count (whose release publishes them to the last program)
             tl.debug_barrier()
             if tl.atomic_add(count_ptr + pid, 1, sem="acq_rel") == SPLITS - 1:
-                _combine_splits(part_ptr, stats_ptr, out_ptr + b * stride_ob + h * stride_oh, stride_og, pid,
-                                GROUP, GROUP_PAD, D, SPLITS)
+                out = _combine_splits(part_ptr, stats_ptr, pid, GROUP, GROUP_PAD, D, SPLITS)
+                _store_output(out, out_ptr + b * stride_ob + h * stride_oh, stride_og, (b * H_KV + h) * GROUP * D,
+                              xq_ptr, xstep_ptr, xsum_ptr, xresidual_ptr, GROUP, GROUP_PAD, D, QUANTIZE)
                 tl.store(count_ptr + pid, 0)
 
     @triton.jit
@@ -464,9 +470,9 @@ if triton is not None:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask)
 
     @triton.jit
-    def _combine_splits(part_ptr, stats_ptr, out_ptr, stride_og, pid, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                        D: tl.constexpr, SPLITS: tl.constexpr):
-        """The decode kernel's partial softmax sums of program ``pid`` -> its heads' outputs at ``out_ptr``.  The
+    def _combine_splits(part_ptr, stats_ptr, pid, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
+                        SPLITS: tl.constexpr):
+        """The decode kernel's partial softmax sums of program ``pid`` -> its heads' outputs [GROUP_PAD, D].  The
         partials come from other SMs: read past this SM's L1 (".cg"), which may hold a previous call's."""
         offs_g = tl.arange(0, GROUP_PAD)
         offs_d = tl.arange(0, D)
@@ -487,9 +493,31 @@ if triton is not None:
                                       cache_modifier=".cg")
             acc += weight[:, None] * tl.load(parts + split * GROUP_PAD * D, mask=g_mask[:, None], other=0.0,
                                              cache_modifier=".cg")
-        out = acc / tl.where(total > 0, total, 1.0)[:, None]
-        tl.store(out_ptr + offs_g[:, None] * stride_og + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=g_mask[:, None])
+        return acc / tl.where(total > 0, total, 1.0)[:, None]
+
+    @triton.jit
+    def _store_output(out, out_ptr, stride_og, flat, xq_ptr, xstep_ptr, xsum_ptr, xresidual_ptr,
+                      GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, QUANTIZE: tl.constexpr):
+        """A kv head's outputs [GROUP_PAD, D] (rows past GROUP are padding) to ``out_ptr``; QUANTIZE: also
+        rounded as stored to 8 bits per group of 32 values at element ``flat`` of the quantized row."""
+        offs_g = tl.arange(0, GROUP_PAD)
+        offs_d = tl.arange(0, D)
+        g_mask = offs_g < GROUP
+        out = out.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + offs_g[:, None] * stride_og + offs_d[None, :], out, mask=g_mask[:, None])
+        if QUANTIZE:
+            x = tl.reshape(out.to(tl.float32), [GROUP_PAD, D // 32, 32])
+            biggest = tl.max(tl.abs(x), axis=2)
+            inverse = tl.where(biggest > 0, 127.0 / tl.where(biggest > 0, biggest, 1.0), 0.0)  # padding rows: 0
+            q = tl.floor(x * inverse[:, :, None] + 0.5)
+            step = biggest / 127.0
+            index = flat + offs_g[:, None, None] * D + tl.arange(0, D // 32)[None, :, None] * 32 \
+                + tl.arange(0, 32)[None, None, :]
+            tl.store(xq_ptr + index, q.to(tl.int32).to(tl.int8), mask=g_mask[:, None, None])
+            group = flat // 32 + offs_g[:, None] * (D // 32) + tl.arange(0, D // 32)[None, :]
+            tl.store(xstep_ptr + group, step, mask=g_mask[:, None])
+            tl.store(xsum_ptr + group, tl.sum(x, axis=2), mask=g_mask[:, None])
+            tl.store(xresidual_ptr + group, 8.0 * tl.sum(x - q * step[:, :, None], axis=2), mask=g_mask[:, None])
 
 
 #: Programs the split form aims for (about two per SM of an H100): few streams' columns are split until there are
@@ -500,9 +528,11 @@ SPLIT_TARGET_PROGRAMS = 256
 def _launch_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, table: torch.Tensor,
                              qpos: torch.Tensor, out: torch.Tensor, row_start: int, capacity: int, window: int, *,
                              h_kv: int, group: int, q_strides: tuple[int, int, int],
-                             rotary: tuple[torch.Tensor, torch.Tensor] | None = None, pdl: bool = False) -> None:
-    """Run the decode kernel writing ``out`` [B, H_kv, group, D]; ``rotary``: the (cos, signed sin) rows [B, D]
-    of the FROM_QKV form, whose ``q`` is the fused projection's output."""
+                             rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+                             quantized: QuantizedRow | None = None, pdl: bool = False) -> None:
+    """Run the decode kernel writing ``out`` [B, H_kv, group, D] (and ``quantized``, the same rounded to 8 bits);
+    ``rotary``: the (cos, signed sin) rows [B, D] of the FROM_QKV form, whose ``q`` is the fused projection's
+    output."""
     batch, dim = qpos.shape[0], keys.shape[-1]
     programs = batch * h_kv
     splits = 1
@@ -513,8 +543,9 @@ def _launch_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
     stats = q.new_empty((programs * splits, 2, group_pad), dtype=torch.float32) if splits > 1 else out
     counts = _split_counts(q.device, SPLIT_TARGET_PROGRAMS // 2) if splits > 1 else out
     cos, sin = rotary if rotary is not None else (q, q)
+    rounded = quantized[:4] if quantized is not None else (out,) * 4
     _decode_attention_kernel[(programs, splits)](
-        q, keys, values, table, qpos, out, part, stats, counts, cos, sin,
+        q, keys, values, table, qpos, out, part, stats, counts, cos, sin, *rounded,
         row_start, capacity, window, 1.0 / math.sqrt(dim),
         *q_strides,
         keys.stride(0), keys.stride(1), keys.stride(2),
@@ -522,7 +553,8 @@ def _launch_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
         table.stride(0), cos.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
         H_KV=h_kv, GROUP=group, GROUP_PAD=group_pad, D=dim, BLOCK_N=64, SPLITS=splits,
-        IEEE=keys.dtype == torch.float32, FROM_QKV=rotary is not None, PDL=pdl, **_launch_options(pdl),
+        IEEE=keys.dtype == torch.float32, FROM_QKV=rotary is not None, QUANTIZE=quantized is not None, PDL=pdl,
+        **_launch_options(pdl),
     )
 
 
@@ -565,19 +597,32 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 
 def decode_attention_from_qkv(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, table: torch.Tensor,
                               qpos: torch.Tensor, row_start: int, capacity: int, window: int, cos: torch.Tensor,
-                              signed_sin: torch.Tensor, n_heads: int, *, pdl: bool = False) -> torch.Tensor:
+                              signed_sin: torch.Tensor, n_heads: int, *, quantized: bool = False,
+                              pdl: bool = False) -> torch.Tensor | QuantizedRow:
     """The attention of one new position per stream straight from the fused projection's output ``qkv``
     [B, (H + 2 H_kv) D], not yet rotated: rotates q and the new key (``cos``/``signed_sin`` [B, D], see
     layers.Rotary), stores the new key and value in the cache at column ``qpos % capacity`` (rows with qpos -1
     store nothing) and returns the heads' outputs [B, H D].  Same result as rotating, :meth:`KVCache.write`
-    and :func:`decode_attention`, in one kernel."""
+    and :func:`decode_attention`, in one kernel.  ``quantized`` (one row): the outputs come rounded to 8 bits
+    for the 4-bit ``wo`` (:func:`fused_q4_linear`), as :func:`quantize_row` would round them."""
     batch, dim, h_kv = qkv.shape[0], keys.shape[-1], keys.shape[1]
     group = n_heads // h_kv
     out = qkv.new_empty((batch, h_kv, group, dim))
+    rounded = None
+    if quantized and (dim % 32 or (dim // 32) & (dim // 32 - 1)):  # the kernel rounds a power-of-2 number of groups
+        return quantize_row(decode_attention_from_qkv(qkv, keys, values, table, qpos, row_start, capacity, window,
+                                                      cos, signed_sin, n_heads, pdl=pdl), pdl=pdl)
+    if quantized:
+        if batch != 1:
+            raise ValueError(f"quantized attention outputs are made for one row, not {batch}")
+        k = n_heads * dim
+        steps, sums, residuals = qkv.new_empty((3, k // 32), dtype=torch.float32)
+        rounded = QuantizedRow(qkv.new_empty(k, dtype=torch.int8), steps, sums, residuals,
+                               steps.new_empty(0), qkv.dtype)
     _launch_decode_attention(qkv, keys, values, table, qpos, out, row_start, capacity, window, h_kv=h_kv,
                              group=group, q_strides=(qkv.stride(0), group * dim, dim), rotary=(cos, signed_sin),
-                             pdl=pdl)
-    return out.view(batch, n_heads * dim)
+                             quantized=rounded, pdl=pdl)
+    return rounded if quantized else out.view(batch, n_heads * dim)
 
 
 @dataclass(frozen=True)
@@ -619,33 +664,62 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, *, norm: torch.Tensor | 
     return out
 
 
-def fused_q4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, *,
-                    norm: torch.Tensor | None = None, eps: float = 0.0, scale: torch.Tensor | None = None,
-                    gated: bool = False, residual: torch.Tensor | None = None, config: MatmulConfig | None = None,
-                    pdl: bool = False) -> torch.Tensor:
-    """:func:`fused_linear` for one row of x [1, K] and a 4-bit weight (layout: :func:`q4_matmul`), in two
-    kernels: x (normed, scaled) is quantized to 8 bits per group of 32 values (like llama.cpp's q8_1
-    activations: a relative error of about 0.4% per value, far below the 4-bit weights' own), then multiplied
-    with integer dot products (tests/test_matmul_kernels.py states the arithmetic in PyTorch)."""
-    m, k = x.shape
-    if m != 1:
-        raise ValueError(f"the fused 4-bit GEMV takes one row, not {m}")
-    n = qweight.shape[0] // 2 if gated else qweight.shape[0]
-    config = config or q4_config(1, n, k, gated=gated)
+class QuantizedRow(NamedTuple):
+    """One row of activations rounded to 8 bits per group of 32 values, as the one-row 4-bit GEMV reads it:
+    ``q`` int8 [K], per group ``steps`` (max|x| / 127), ``sums`` (of x) and ``residuals`` (8 x what rounding lost)
+    [K / 32], ``squares``: partial sums of x^2 for a norm the GEMV applies (empty without one), and the dtype of
+    the row it was made from (the GEMV's output dtype)."""
+
+    q: torch.Tensor
+    steps: torch.Tensor
+    sums: torch.Tensor
+    residuals: torch.Tensor
+    squares: torch.Tensor
+    dtype: torch.dtype
+
+
+def quantize_row(x: torch.Tensor, *, norm: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                 pdl: bool = False) -> QuantizedRow:
+    """x [1, K] (times ``norm``'s gain and ``scale`` when given; the norm's 1/rms is left to the GEMV) rounded to
+    8 bits per group of 32 values (like llama.cpp's q8_1 activations), for :func:`fused_q4_linear`."""
+    k = x.shape[-1]
     per_program = _largest_divisor(k // 32, (4, 2))
     q = x.new_empty(k, dtype=torch.int8)
     steps, sums, residuals = x.new_empty((3, k // 32), dtype=torch.float32)
-    squares = x.new_empty(k // 32 // per_program, dtype=torch.float32)
-    _quantize_activation_kernel[(squares.numel(),)](
+    squares = x.new_empty(k // 32 // per_program if norm is not None else 0, dtype=torch.float32)
+    _quantize_activation_kernel[(k // 32 // per_program,)](
         x, norm if norm is not None else x, scale if scale is not None else x, q, steps, sums, residuals,
         squares,
         GROUPS=per_program, NORM=norm is not None, HAS_SCALE=scale is not None, PDL=pdl, num_warps=1,
         **_launch_options(pdl))
-    out = x.new_empty((1, n))
+    return QuantizedRow(q, steps, sums, residuals, squares, x.dtype)
+
+
+def fused_q4_linear(x: torch.Tensor | QuantizedRow, qweight: torch.Tensor, scales: torch.Tensor,
+                    offsets: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 0.0,
+                    scale: torch.Tensor | None = None, gated: bool = False, residual: torch.Tensor | None = None,
+                    config: MatmulConfig | None = None, pdl: bool = False) -> torch.Tensor:
+    """:func:`fused_linear` for one row of x [1, K] and a 4-bit weight (layout: :func:`q4_matmul`), in two
+    kernels: x (normed, scaled) is quantized to 8 bits per group of 32 values (:func:`quantize_row`: a relative
+    error of about 0.4% per value, far below the 4-bit weights' own), then multiplied with integer dot products
+    (tests/test_matmul_kernels.py states the arithmetic in PyTorch).  ``x`` may come quantized already (the
+    decode-attention kernel rounds its output so), then without ``norm`` or ``scale``."""
+    if isinstance(x, QuantizedRow):
+        if norm is not None or scale is not None:
+            raise ValueError("a quantized row takes no norm or scale: they apply before the rounding")
+        row = x
+    elif x.shape[0] != 1:
+        raise ValueError(f"the fused 4-bit GEMV takes one row, not {x.shape[0]}")
+    else:
+        row = quantize_row(x, norm=norm, scale=scale, pdl=pdl)
+    n, k = qweight.shape[0] // 2 if gated else qweight.shape[0], row.q.shape[0]
+    config = config or q4_config(1, n, k, gated=gated)
+    out = row.steps.new_empty((1, n), dtype=row.dtype)
     words = qweight.view(torch.int32)
+    squares = row.squares if norm is not None else row.steps
     _fused_q4_gemv_kernel[(n // config.block_n,)](
-        q.view(torch.int32), steps, sums, residuals, squares, words, scales, offsets, out,
-        residual if residual is not None else x, words.stride(0), scales.stride(0), n, eps,
+        row.q.view(torch.int32), row.steps, row.sums, row.residuals, squares, words, scales, offsets, out,
+        residual if residual is not None else out, words.stride(0), scales.stride(0), n, eps,
         K=k, BLOCK_N=config.block_n, GROUPS=config.block_k // 32, SQUARES=squares.numel(),
         SQUARES_PAD=triton.next_power_of_2(squares.numel()), NORM=norm is not None,
         GATED=gated, RESIDUAL=residual is not None, PDL=pdl, ASM=not _interpreted(), num_warps=config.num_warps,

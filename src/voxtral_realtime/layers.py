@@ -254,13 +254,16 @@ class Attention(nn.Module):
             out = grouped_attention(q.to(keys.dtype), keys, values, ctx.mask).to(q.dtype)
         return self.wo(out.transpose(1, 2).reshape(batch, length, self.q_size))
 
-    def attend_projected(self, qkv: torch.Tensor, ctx: AttentionContext, layer: int, *, pdl: bool) -> torch.Tensor:
+    def attend_projected(self, qkv: torch.Tensor, ctx: AttentionContext, layer: int, *, pdl: bool,
+                         quantized: bool = False) -> torch.Tensor | kernels.QuantizedRow:
         """The fused step's attention (CUDA, one new position per row): ``qkv`` [B, (H + 2 H_kv) D] is the
-        projection of the normed input, not yet rotated -> the heads' outputs [B, H D], before ``wo``."""
+        projection of the normed input, not yet rotated -> the heads' outputs [B, H D], before ``wo``
+        (``quantized``: rounded to 8 bits for a 4-bit ``wo``, see kernels.decode_attention_from_qkv)."""
         cache = ctx.cache
         return kernels.decode_attention_from_qkv(
             qkv, cache.keys[layer], cache.values[layer], cache.positions, ctx.query_positions, ctx.rows.start,
-            cache.capacity, cache.window, ctx.cos.flatten(1), ctx.sin.flatten(1), self.n_heads, pdl=pdl)
+            cache.capacity, cache.window, ctx.cos.flatten(1), ctx.sin.flatten(1), self.n_heads,
+            quantized=quantized, pdl=pdl)
 
 
 def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
