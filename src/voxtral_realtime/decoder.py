@@ -26,6 +26,7 @@ from . import kernels
 from .config import DecoderConfig
 from .layers import Attention, AttentionContext, FeedForward, KVCache, RMSNorm, Rotary
 
+
 class AdaNorm(nn.Module):
     """The per-layer delay-conditioning MLP: dim -> ada_dim -> dim, exact GELU, no biases."""
 

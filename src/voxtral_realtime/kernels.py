@@ -654,9 +654,9 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, *, norm: torch.Tensor | 
     config = config or gemv_config(n, k, gated=gated)
     out, (gain, scale_row, res) = _fused_arguments(x, n, norm, scale, residual)
     pairs = k % 2 == 0 and all(t.dtype == torch.bfloat16 for t in (x, weight, gain, scale_row))
-    words = (lambda t: t.view(torch.int32)) if pairs else (lambda t: t)  # noqa: E731
+    x, weight, gain, scale_row = (t.view(torch.int32) if pairs else t for t in (x, weight, gain, scale_row))
     _fused_gemv_kernel[(n // config.block_n,)](
-        words(x), words(weight), out, words(gain), words(scale_row), res, words(weight).stride(0), n, eps,
+        x, weight, out, gain, scale_row, res, weight.stride(0), n, eps,
         K=k, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         NORM=norm is not None, HAS_SCALE=scale is not None, GATED=gated, RESIDUAL=residual is not None,
         PAIRS=pairs, PDL=pdl, num_warps=config.num_warps, num_stages=1, **_launch_options(pdl),
@@ -734,8 +734,7 @@ def _fused_arguments(x: torch.Tensor, n: int, norm: torch.Tensor | None, scale: 
     read)."""
     if any(t is not None and not t.is_contiguous() for t in (x, scale, residual)):
         raise ValueError("the fused GEMV takes contiguous rows")
-    pick = lambda t: t if t is not None else x  # noqa: E731
-    return x.new_empty((1, n)), (pick(norm), pick(scale), pick(residual))
+    return x.new_empty((1, n)), tuple(t if t is not None else x for t in (norm, scale, residual))
 
 
 #: one-row tilings measured faster than :func:`gemv_config`'s rule in the decoder step, (N, K, gated) -> tiling
