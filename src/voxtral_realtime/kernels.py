@@ -320,8 +320,9 @@ if triton is not None:
         """One row x [K] -> x' = x (* gain (* scale)), then per group of 32 values: ``step`` = max|x'| / 127,
         ``q`` = round(x' / step) as int8, ``sums`` = sum(x'), ``residual`` = 8 sum(x' - q step) (what rounding
         lost, times the mean of a 4-bit value: the GEMV's sums so only carry rounding errors times the nibbles'
-        deviation from their mean); with NORM, this program's sum of x^2 into ``squares[program]``.  The norm's 1/rms is left to the GEMV: a factor on the whole row changes the steps,
-        never q, so it is applied to the GEMV's sums instead."""
+        deviation from their mean); with NORM, this program's sum of x^2 into ``squares[program]``.  The norm's
+        1/rms is left to the GEMV: a factor on the whole row changes the steps, never q, so it is applied to the
+        GEMV's sums instead."""
         pid = tl.program_id(0)
         group = pid * GROUPS + tl.arange(0, GROUPS)
         index = group[:, None] * 32 + tl.arange(0, 32)[None, :]
@@ -336,14 +337,22 @@ if triton is not None:
             x = x * gain
             if HAS_SCALE:
                 x = x * tl.load(scale_ptr + index).to(tl.float32)
-        biggest = tl.max(tl.abs(x), axis=1)
-        inverse = tl.where(biggest > 0, 127.0 / biggest, 0.0)
-        q = tl.floor(x * inverse[:, None] + 0.5)
-        step = biggest / 127.0
-        tl.store(q_ptr + index, q.to(tl.int32).to(tl.int8))
+        q, step, total, residual = _round_groups(x)
+        tl.store(q_ptr + index, q)
         tl.store(step_ptr + group, step)
-        tl.store(sums_ptr + group, tl.sum(x, axis=1))
-        tl.store(residual_ptr + group, 8.0 * tl.sum(x - q * step[:, None], axis=1))
+        tl.store(sums_ptr + group, total)
+        tl.store(residual_ptr + group, residual)
+
+    @triton.jit
+    def _round_groups(x):
+        """float32 values in groups of 32 along the last axis -> (int8 values, step, sum, residual) per group:
+        step = max|x| / 127, q = floor(x / step + 0.5), residual = 8 sum(x - q step) (all-zero groups: q 0)."""
+        biggest = tl.max(tl.abs(x), axis=-1)
+        inverse = tl.where(biggest > 0, 127.0 / tl.where(biggest > 0, biggest, 1.0), 0.0)
+        q = tl.floor(x * tl.expand_dims(inverse, -1) + 0.5)
+        step = biggest / 127.0
+        residual = 8.0 * tl.sum(x - q * tl.expand_dims(step, -1), axis=-1)
+        return q.to(tl.int32).to(tl.int8), step, tl.sum(x, axis=-1), residual
 
     @triton.jit
     def _dot_nibbles(words, x_low, x_high, ASM: tl.constexpr):
@@ -506,18 +515,14 @@ if triton is not None:
         out = out.to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + offs_g[:, None] * stride_og + offs_d[None, :], out, mask=g_mask[:, None])
         if QUANTIZE:
-            x = tl.reshape(out.to(tl.float32), [GROUP_PAD, D // 32, 32])
-            biggest = tl.max(tl.abs(x), axis=2)
-            inverse = tl.where(biggest > 0, 127.0 / tl.where(biggest > 0, biggest, 1.0), 0.0)  # padding rows: 0
-            q = tl.floor(x * inverse[:, :, None] + 0.5)
-            step = biggest / 127.0
+            q, step, total, residual = _round_groups(tl.reshape(out.to(tl.float32), [GROUP_PAD, D // 32, 32]))
             index = flat + offs_g[:, None, None] * D + tl.arange(0, D // 32)[None, :, None] * 32 \
                 + tl.arange(0, 32)[None, None, :]
-            tl.store(xq_ptr + index, q.to(tl.int32).to(tl.int8), mask=g_mask[:, None, None])
+            tl.store(xq_ptr + index, q, mask=g_mask[:, None, None])
             group = flat // 32 + offs_g[:, None] * (D // 32) + tl.arange(0, D // 32)[None, :]
             tl.store(xstep_ptr + group, step, mask=g_mask[:, None])
-            tl.store(xsum_ptr + group, tl.sum(x, axis=2), mask=g_mask[:, None])
-            tl.store(xresidual_ptr + group, 8.0 * tl.sum(x - q * step[:, :, None], axis=2), mask=g_mask[:, None])
+            tl.store(xsum_ptr + group, total, mask=g_mask[:, None])
+            tl.store(xresidual_ptr + group, residual, mask=g_mask[:, None])
 
 
 #: Programs the split form aims for (about two per SM of an H100): few streams' columns are split until there are
@@ -543,7 +548,8 @@ def _launch_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
     stats = q.new_empty((programs * splits, 2, group_pad), dtype=torch.float32) if splits > 1 else out
     counts = _split_counts(q.device, SPLIT_TARGET_PROGRAMS // 2) if splits > 1 else out
     cos, sin = rotary if rotary is not None else (q, q)
-    rounded = quantized[:4] if quantized is not None else (out,) * 4
+    rounded = (quantized.q, quantized.steps, quantized.sums, quantized.residuals) if quantized is not None \
+        else (out,) * 4
     _decode_attention_kernel[(programs, splits)](
         q, keys, values, table, qpos, out, part, stats, counts, cos, sin, *rounded,
         row_start, capacity, window, 1.0 / math.sqrt(dim),
