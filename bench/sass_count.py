@@ -81,7 +81,7 @@ def count(form: str, four_bit: bool, arch: int, tiling: kernels.MatmulConfig | N
     (n, k, gated), flags = FORMS[form]
     flags = {**flags, "GATED": gated}
     if four_bit:
-        config = kernels.q4_config(1, n, k, gated=gated)
+        config = kernels.q4_config(n, k, gated=gated)
         config = tiling or config
         fn, types = kernels._fused_q4_gemv_kernel, {
             "xq_ptr": "*i32", "xstep_ptr": "*fp32", "xsum_ptr": "*fp32", "xresidual_ptr": "*fp32", "squares_ptr": "*fp32", "qw_ptr": "*i32",

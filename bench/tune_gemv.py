@@ -70,7 +70,7 @@ def dequantize_q4(q, scales, offsets):
 def fused_configs(n: int, k: int, gated: bool):
     for bn, bk, warps in itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048, 4096), (1, 2, 4, 8)):
         if n % bn == 0 and bk <= 2 * k and bn * bk * (1 + gated) <= 16384:  # BLOCK_K need not divide K
-            yield MatmulConfig(bn, bk, 1, False, warps, 1)
+            yield MatmulConfig(bn, bk, warps)
 
 
 #: how the decoder step calls each product (DecoderLayer.step): what the fused GEMV computes around it
@@ -105,15 +105,11 @@ def step_reference(x: torch.Tensor, weight: torch.Tensor, kwargs: dict) -> torch
     return out + kwargs["residual"].float() if "residual" in kwargs else out
 
 
-def q4_configs(n: int, k: int, m: int):
-    if m == 1:  # the one-row kernel (kernels.fused_q4_linear): long rows per program keep loads in flight
-        for bn, bk, warps in itertools.product((2, 4, 8, 16), (256, 512, 1024, 2048), (1, 2, 4)):
-            if bn * bk <= 16384 and n % bn == 0 and k % bk == 0:
-                yield MatmulConfig(bn, bk, 1, False, warps, 1)
-    for bn, bk, warps, stages in itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (2, 3, 4)):
-        for split in (1, 2) if n <= 4096 and m <= 16 else (1,):
-            if n % bn == 0 and k % (split * bk) == 0:
-                yield MatmulConfig(bn, bk, split, True, warps, stages)
+def q4_configs(n: int, k: int):
+    """One-row tilings of the 4-bit kernel (kernels.fused_q4_linear): long rows per program keep loads in flight."""
+    for bn, bk, warps in itertools.product((2, 4, 8, 16), (256, 512, 1024, 2048, 4096), (1, 2, 4)):
+        if bn * bk <= 16384 and n % bn == 0 and bk <= 2 * k:
+            yield MatmulConfig(bn, bk, warps)
 
 
 def _sampled(configs, first: MatmulConfig | None, seed: int) -> list[MatmulConfig]:
@@ -155,7 +151,8 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES), help="which of " + ", ".join(SHAPES))
     parser.add_argument("--fused-rows", default="1", choices=("1", ""),
                         help="1: tune the fused bf16 GEMV (kernels.fused_linear, one row); empty: not")
-    parser.add_argument("--q4-rows", default="1,16", help="4-bit rows (M) to tune; empty: none")
+    parser.add_argument("--q4-rows", default="1", choices=("1", ""),
+                        help="1: tune the one-row 4-bit kernel (more rows: bench/tune_q4_rows.py); empty: not")
     parser.add_argument("--seconds-per-case", type=float, default=12, help="search budget per shape and M")
     args = parser.parse_args()
     rows_of = lambda text: [int(m) for m in text.split(",") if m]
@@ -196,13 +193,12 @@ def main() -> None:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = x.float() @ w0.T
             scale = ref.abs().max().item()
-            block_m = 16 if m <= 16 else 64
             ranked = _search(
                 f"q4 {name} N={n} K={k} M={m} ({qbytes / 1e6:.0f} MB)", qbytes,
-                _sampled(q4_configs(n, k, m), kernels.q4_config(m, n, k), n + m),
-                lambda cfg, i, x=x, p=packed, bm=block_m: kernels.q4_matmul(x, *p[i % len(p)], cfg, bm),
-                lambda cfg, x=x, ref=ref, bm=block_m, p=packed[0], s=scale: (
-                    kernels.q4_matmul(x, *p, cfg, bm).float() - ref).abs().max().item() / s,
+                _sampled(q4_configs(n, k), kernels.q4_config(n, k), n + m),
+                lambda cfg, i, x=x, p=packed: kernels.fused_q4_linear(x, *p[i % len(p)], config=cfg),
+                lambda cfg, x=x, ref=ref, p=packed[0], s=scale: (
+                    kernels.fused_q4_linear(x, *p, config=cfg).float() - ref).abs().max().item() / s,
                 args.seconds_per_case)
             results["rows"].append({"kind": "q4", "name": name, "n": n, "k": k, "m": m, "bytes": qbytes,
                                     "ranked": ranked[:8]})

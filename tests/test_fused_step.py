@@ -228,3 +228,36 @@ def test_four_bit_step_equals_the_quantized_layers_forward(monkeypatch):
     expected = layer(x[:, None], plain_ctx, 1, scale)[:, 0]
     got = layer.step(x, _kernel_context(decoder, fused, positions, enabled, rows), 1, scale, pdl=False)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_four_bit_decoder_with_a_four_bit_head_equals_the_quantized_forward(monkeypatch):
+    """Two 4-bit layers and a 4-bit LM head (the final norm folded into the head's product) through
+    TextDecoder.forward's fused steps against the same quantized modules' plain forward, whose products round
+    their input as the step's kernels do."""
+    from voxtral_realtime.quantization import QuantizedEmbedding, QuantizedLinear
+
+    monkeypatch.setattr(QuantizedLinear, "forward", lambda self, x: one_row_product(
+        x.reshape(-1, x.shape[-1]), self.qweight, self.scales, self.offsets).reshape(*x.shape[:-1], -1))
+    decoder = TextDecoder(CFG)
+    _randomize(decoder, seed=4)
+    four_bit = lambda linear: QuantizedLinear.from_float(linear.weight.detach(), "q4_0")
+    for layer in decoder.layers:
+        attention, ffn = layer.attention, layer.feed_forward
+        attention.wqkv, attention.wo, ffn.w13, ffn.w2 = map(four_bit, (attention.wqkv, attention.wo, ffn.w13, ffn.w2))
+    decoder.tok_embeddings = QuantizedEmbedding(four_bit(decoder.tok_embeddings), torch.float32)
+    decoder = decoder.to(DEVICE)
+    products = []
+    monkeypatch.setattr(kernels, "fused_q4_linear", lambda *a, fused=kernels.fused_q4_linear, **k: products.append(
+        (a[1].shape[0], k.get("norm") is not None)) or fused(*a, **k))
+    caches = [_history(decoder, 1, [5], torch.float32) for _ in range(2)]
+    positions, rows = torch.tensor([[5]], device=DEVICE), slice(0, 1)
+    enabled = torch.tensor([True], device=DEVICE)
+    tokens, audio = torch.tensor([[7]], device=DEVICE), torch.randn(1, 1, CFG.dim, device=DEVICE)
+    scales = decoder.ffn_scales(3)
+    decoder.fused_step = False
+    expected = decoder(tokens, audio, positions, caches[0], scales, rows=rows, enabled=enabled)
+    decoder.fused_step = True
+    with mock.patch.object(kernels, "decode_attention_available", lambda device: True):
+        got = decoder(tokens, audio, positions, caches[1], scales, rows=rows, enabled=enabled)
+    assert len(products) == 9 and products[-1] == (CFG.vocab_size, True)  # 4 per layer, the head with the norm
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

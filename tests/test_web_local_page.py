@@ -146,6 +146,15 @@ def test_q4_export_runs_in_the_page_as_in_onnxruntime(browser, wav, tiny_short, 
     assert tokens == WebExport(folder).transcribe(wav).tokens
 
 
+def _best_match(signal: np.ndarray, window: np.ndarray) -> float:
+    """The highest normalized correlation of ``window`` with a segment of ``signal`` of its length."""
+    n = 1 << int(np.ceil(np.log2(len(signal) + len(window))))
+    correlation = np.fft.irfft(np.fft.rfft(signal, n) * np.conj(np.fft.rfft(window, n)), n)
+    offset = int(np.argmax(correlation[: len(signal) - len(window)]))
+    segment = signal[offset: offset + len(window)]
+    return float(segment @ window / (np.linalg.norm(segment) * np.linalg.norm(window) + 1e-12))
+
+
 def test_fake_microphone_is_resampled_and_captioned_live(site, browser, wav, tiny_short, tmp_path):
     server = _Server(site)
     try:
@@ -164,17 +173,17 @@ def test_fake_microphone_is_resampled_and_captioned_live(site, browser, wav, tin
         assert not errors
     finally:
         server.close()
-    # the capture is the WAV (looped by Chromium), resampled to 16 kHz: it matches the file at some offset
+    # the capture is the WAV (looped by Chromium), resampled to 16 kHz: each quarter second of it matches the file
+    # at some offset.  Window by window, because Chromium's fake capture may skip a block when the machine is
+    # loaded (a whole-capture match fell to 0.75 once on CI); a wrong sample rate fails every window.
     import soundfile
 
     source, _ = soundfile.read(wav, dtype="float32")
-    looped = np.tile(source, 1 + len(captured) // len(source) + 1)
-    n = 1 << int(np.ceil(np.log2(len(looped) + len(captured))))
-    correlation = np.fft.irfft(np.fft.rfft(looped, n) * np.conj(np.fft.rfft(captured, n)), n)
-    offset = int(np.argmax(correlation[: len(looped) - len(captured)]))
-    segment = looped[offset: offset + len(captured)]
-    similarity = float(segment @ captured / (np.linalg.norm(segment) * np.linalg.norm(captured) + 1e-12))
-    assert similarity > 0.9, similarity
+    looped = np.tile(source, 2 + 4000 // len(source))
+    windows = [captured[i:i + 4000] for i in range(0, len(captured) - 3999, 4000)]
+    similarities = [_best_match(looped, w) for w in windows if np.linalg.norm(w) > 1e-3]
+    similarity = float(np.mean([s > 0.9 for s in similarities]))
+    assert len(similarities) >= 8 and similarity >= 0.9, similarities
     # the live captions are what our own streaming session makes of the same samples
     session = tiny_short.stream(continue_after_eos=True)
     session.feed(captured)
@@ -183,7 +192,8 @@ def test_fake_microphone_is_resampled_and_captioned_live(site, browser, wav, tin
     eos = tiny_short.tokenizer.eos_id
     # after an EOS the page starts over from new audio while the session replays what it holds: compare up to it
     stop = expected.index(eos) + 1 if eos in expected else len(expected)
-    print(f"capture similarity {similarity:.4f}; {len(live['tokens'])} live tokens, compared {stop}")
+    print(f"capture: {similarity:.0%} of its windows match the file; {len(live['tokens'])} live tokens, "
+          f"compared {stop}")
     assert live["tokens"][:stop] == expected[:stop]
     assert len(live["tokens"]) >= len(captured) // 1280
 

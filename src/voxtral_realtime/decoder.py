@@ -153,7 +153,7 @@ class TextDecoder(nn.Module):
         pdl = self.pdl and kernels.programmatic_launch_available(x.device)
         for i, layer in enumerate(self.layers):
             x = layer.step(x, ctx, i, ffn_scales[:, i] if ffn_scales.dim() == 3 else ffn_scales[i], pdl=pdl)
-        head = self._quantized_head()
-        if head is not None:
-            return head(self.norm(x))
-        return kernels.fused_linear(x, self.tok_embeddings.weight, norm=self.norm.weight, eps=self.norm.eps, pdl=pdl)
+        table = getattr(self.tok_embeddings, "table", self.tok_embeddings)  # a quantized table's layer: its LM head
+        if table is self.tok_embeddings or _four_bit(table):
+            return _fused(table, x, norm=self.norm.weight, eps=self.norm.eps, pdl=pdl)
+        return self._quantized_head()(self.norm(x))

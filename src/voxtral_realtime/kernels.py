@@ -16,10 +16,10 @@ bf16/f16/f32 or 4-bit weights) with the elementwise work around them folded in: 
 sums), SwiGLU (gate and up rows in one program) and the residual add.  With programmatic dependent launch a kernel
 starts, and loads its first weights, while the one before it drains.  ``DecoderLayer.step`` runs on these.
 
-:func:`q4_matmul` / :func:`quantized_matmul`: a matrix product with 4-bit weights (GGUF Q4_0 / Q4_K values in
-the layout of :class:`.quantization.QuantizedLinear`) dequantized in registers, never in memory: for one row with
-FMAs (:func:`fused_q4_linear`), for more rows (batched streams, prefill) by dequantizing each weight tile for the
-tensor cores.
+:func:`quantized_matmul`: a matrix product with 4-bit weights (GGUF Q4_0 / Q4_K values in the layout of
+:class:`.quantization.QuantizedLinear`): for one row by integer dot products on the packed weights
+(:func:`fused_q4_linear`, never dequantized in memory); for more rows (batched streams, prefill, encoder chunks)
+the weight is dequantized by one kernel for cuBLAS (:func:`q4_dequantize`), in slices of bounded size.
 
 Under ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (slowly): the CPU test suite checks them so.
 """
@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -37,7 +37,6 @@ import torch
 try:
     import triton
     import triton.language as tl
-    from triton.runtime.errors import OutOfResources
 except ImportError:  # CPU-only torch builds come without Triton
     triton = None
 
@@ -378,7 +377,7 @@ if triton is not None:
         SQUARES_PAD: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
     ):
         """One row of x, quantized to 8 bits per group of 32 (:func:`_quantize_activation_kernel`), times a 4-bit
-        weight (layout: :func:`q4_matmul`), both read as int32 words: word w of a group holds the weights
+        weight (layout: :func:`quantized_matmul`), both read as int32 words: word w of a group holds the weights
         4w..4w+3 in its low nibbles and 16+4w..16+4w+3 in its high ones, which meet x's words w and 4 + w in two
         integer dot products (``dp4a``).  Per group ``scale * (step * sum(q qx) + residual) + offset * sum(x)``; with NORM the
         row's 1/rms (from the quantizer's partial sums of squares) multiplies the result.  A FMA form of this
@@ -438,45 +437,25 @@ if triton is not None:
                      one, one == 0, offs_n, 0, 0, eps, K, NORM, GATED, RESIDUAL)
 
     @triton.jit
-    def _q4_matmul_kernel(
-        x_ptr, qw_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K,
-        stride_xm, stride_qn, stride_sn, stride_om, stride_os,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr,
-    ):
-        """out[split, m, n] = sum over this split's k of x[m, k] * w[n, k] with w stored as 4-bit q (see
-        :func:`q4_matmul`): w = scale * q + offset per 32 values, on tensor cores.  Each iteration dequantizes
-        GROUPS groups of 32 to x's dtype.  The weights are used in storage order (g, byte, nibble) and x is
-        gathered in that same order, so no register shuffles are needed."""
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        split = tl.program_id(2)
-        BLOCK_K: tl.constexpr = GROUPS * 32
-        groups_per_split = K // 32 // SPLIT_K
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_mask = (offs_m < M)[:, None]
-        row_q = offs_n.to(tl.int64) * stride_qn
-        row_s = offs_n.to(tl.int64) * stride_sn
-        g0 = split * groups_per_split
-        # k' = (g, b, half) -> element 32 g + 16 half + b; bytes [BLOCK_N, BLOCK_K // 2] in storage order
-        kk = tl.arange(0, BLOCK_K)
-        x_index = (kk // 32) * 32 + (kk % 2) * 16 + (kk % 32) // 2
-        offs_byte = tl.arange(0, BLOCK_K // 2)
-        offs_group = tl.arange(0, GROUPS)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for g in range(g0, g0 + groups_per_split, GROUPS):
-            q = tl.load(qw_ptr + row_q[:, None] + g * 16 + offs_byte[None, :])
-            scale = tl.load(scale_ptr + row_s[:, None] + g + offs_group[None, :]).to(tl.float32)
-            offset = tl.load(offset_ptr + row_s[:, None] + g + offs_group[None, :]).to(tl.float32)
-            q = q.to(tl.int32)
-            pairs = tl.join(_nibble_value(q & 15), _nibble_value(q >> 4))  # [BLOCK_N, BLOCK_K//2, 2]
-            pairs = tl.reshape(pairs, [BLOCK_N, GROUPS, 32])
-            w = pairs * scale[:, :, None] + offset[:, :, None]
-            w = tl.reshape(w, [BLOCK_N, BLOCK_K]).to(x_ptr.dtype.element_ty)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + g * 32 + x_index[None, :], mask=m_mask, other=0.0)
-            acc += tl.dot(x, tl.trans(w))
-        out_ptrs = out_ptr + split * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask)
+    def _q4_dequantize_kernel(qw_ptr, scale_ptr, offset_ptr, out_ptr, stride_qn, stride_sn, stride_on,
+                              GROUPS: tl.constexpr, ROWS: tl.constexpr, BLOCK_G: tl.constexpr):
+        """Rows of a 4-bit weight (layout: :func:`quantized_matmul`) -> out's dtype, ROWS rows x BLOCK_G groups of 32
+        values per program: w = scale * q + offset (exact in float32: q has 4 bits, scale 11), then rounded."""
+        offs_n = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        offs_g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+        offs_b = tl.arange(0, 16)
+        inside = (offs_g < GROUPS)[None, :]
+        s_index = offs_n.to(tl.int64)[:, None] * stride_sn + offs_g[None, :]
+        q = tl.load(qw_ptr + offs_n.to(tl.int64)[:, None, None] * stride_qn + offs_g[None, :, None] * 16
+                    + offs_b[None, None, :], mask=inside[:, :, None], other=0).to(tl.int32)
+        scale = tl.load(scale_ptr + s_index, mask=inside, other=0.0).to(tl.float32)[:, :, None]
+        offset = tl.load(offset_ptr + s_index, mask=inside, other=0.0).to(tl.float32)[:, :, None]
+        low = (_nibble_value(q & 15) * scale + offset).to(out_ptr.dtype.element_ty)
+        high = (_nibble_value(q >> 4) * scale + offset).to(out_ptr.dtype.element_ty)
+        out = out_ptr + offs_n.to(tl.int64)[:, None, None] * stride_on + offs_g[None, :, None] * 32 \
+            + offs_b[None, None, :]
+        tl.store(out, low, mask=inside[:, :, None])
+        tl.store(out + 16, high, mask=inside[:, :, None])
 
     @triton.jit
     def _combine_splits(part_ptr, stats_ptr, pid, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
@@ -621,10 +600,7 @@ def decode_attention_from_qkv(qkv: torch.Tensor, keys: torch.Tensor, values: tor
     if quantized:
         if batch != 1:
             raise ValueError(f"quantized attention outputs are made for one row, not {batch}")
-        k = n_heads * dim
-        steps, sums, residuals = qkv.new_empty((3, k // 32), dtype=torch.float32)
-        rounded = QuantizedRow(qkv.new_empty(k, dtype=torch.int8), steps, sums, residuals,
-                               steps.new_empty(0), qkv.dtype)
+        rounded = _empty_row(n_heads * dim, qkv.dtype, qkv.device)
     _launch_decode_attention(qkv, keys, values, table, qpos, out, row_start, capacity, window, h_kv=h_kv,
                              group=group, q_strides=(qkv.stride(0), group * dim, dim), rotary=(cos, signed_sin),
                              quantized=rounded, pdl=pdl)
@@ -637,10 +613,7 @@ class MatmulConfig:
 
     block_n: int = 16
     block_k: int = 256  # for the 4-bit kernel: values per iteration, a multiple of 32
-    split_k: int = 1
-    use_dot: bool = False
     num_warps: int = 4
-    num_stages: int = 2
 
 
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 0.0,
@@ -690,22 +663,26 @@ def quantize_row(x: torch.Tensor, *, norm: torch.Tensor | None = None, scale: to
     8 bits per group of 32 values (like llama.cpp's q8_1 activations), for :func:`fused_q4_linear`."""
     k = x.shape[-1]
     per_program = _largest_divisor(k // 32, (4, 2))
-    q = x.new_empty(k, dtype=torch.int8)
-    steps, sums, residuals = x.new_empty((3, k // 32), dtype=torch.float32)
-    squares = x.new_empty(k // 32 // per_program if norm is not None else 0, dtype=torch.float32)
+    row = _empty_row(k, x.dtype, x.device, squares=k // 32 // per_program if norm is not None else 0)
     _quantize_activation_kernel[(k // 32 // per_program,)](
-        x, norm if norm is not None else x, scale if scale is not None else x, q, steps, sums, residuals,
-        squares,
+        x, norm if norm is not None else x, scale if scale is not None else x, *row[:5],
         GROUPS=per_program, NORM=norm is not None, HAS_SCALE=scale is not None, PDL=pdl, num_warps=1,
         **_launch_options(pdl))
-    return QuantizedRow(q, steps, sums, residuals, squares, x.dtype)
+    return row
+
+
+def _empty_row(k: int, dtype: torch.dtype, device: torch.device, *, squares: int = 0) -> QuantizedRow:
+    """Buffers for a row of ``k`` values of ``dtype`` rounded to 8 bits, with ``squares`` partial sums."""
+    steps, sums, residuals = torch.empty((3, k // 32), dtype=torch.float32, device=device)
+    return QuantizedRow(torch.empty(k, dtype=torch.int8, device=device), steps, sums, residuals,
+                        steps.new_empty(squares), dtype)
 
 
 def fused_q4_linear(x: torch.Tensor | QuantizedRow, qweight: torch.Tensor, scales: torch.Tensor,
                     offsets: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 0.0,
                     scale: torch.Tensor | None = None, gated: bool = False, residual: torch.Tensor | None = None,
                     config: MatmulConfig | None = None, pdl: bool = False) -> torch.Tensor:
-    """:func:`fused_linear` for one row of x [1, K] and a 4-bit weight (layout: :func:`q4_matmul`), in two
+    """:func:`fused_linear` for one row of x [1, K] and a 4-bit weight (layout: :func:`quantized_matmul`), in two
     kernels: x (normed, scaled) is quantized to 8 bits per group of 32 values (:func:`quantize_row`: a relative
     error of about 0.4% per value, far below the 4-bit weights' own), then multiplied with integer dot products
     (tests/test_matmul_kernels.py states the arithmetic in PyTorch).  ``x`` may come quantized already (the
@@ -719,7 +696,7 @@ def fused_q4_linear(x: torch.Tensor | QuantizedRow, qweight: torch.Tensor, scale
     else:
         row = quantize_row(x, norm=norm, scale=scale, pdl=pdl)
     n, k = qweight.shape[0] // 2 if gated else qweight.shape[0], row.q.shape[0]
-    config = config or q4_config(1, n, k, gated=gated)
+    config = config or q4_config(n, k, gated=gated)
     out = row.steps.new_empty((1, n), dtype=row.dtype)
     words = qweight.view(torch.int32)
     squares = row.squares if norm is not None else row.steps
@@ -763,29 +740,6 @@ def gemv_config(n: int, k: int, *, gated: bool = False) -> MatmulConfig:
                         num_warps=8 if k > 4096 else 4)
 
 
-def q4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
-              config: MatmulConfig, block_m: int = 16) -> torch.Tensor:
-    """x [M, K] @ w.T with w [N, K] stored in 4 bits: ``qweight`` uint8 [N, K/2] (in each group of 32 values,
-    byte b holds value b in its low nibble and value 16 + b in its high one), ``scales``/``offsets`` [N, K/32]
-    (w = scale * q + offset).  ``use_dot``: ``block_m`` rows per program on tensor cores; without it, one row
-    of x with FMAs (:func:`fused_q4_linear`, nothing fused around it).  N must be a multiple of ``block_n`` and
-    K/32 of the groups per iteration times ``split_k``."""
-    if not config.use_dot:
-        return fused_q4_linear(x, qweight, scales, offsets, config=config)
-    m, k = x.shape
-    n = qweight.shape[0]
-    split = config.split_k
-    out = x.new_empty((split, m, n), dtype=torch.float32 if split > 1 else x.dtype)
-    grid = (triton.cdiv(m, block_m), n // config.block_n, split)
-    _q4_matmul_kernel[grid](
-        x, qweight, scales, offsets, out, m, n, k,
-        x.stride(0), qweight.stride(0), scales.stride(0), out.stride(1), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=config.block_n, GROUPS=config.block_k // 32, SPLIT_K=split,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-    return out[0] if split == 1 else out.sum(0).to(x.dtype)
-
-
 def _largest_divisor(n: int, choices: tuple[int, ...]) -> int:
     return next((c for c in choices if n % c == 0), 1)
 
@@ -795,56 +749,47 @@ def _largest_divisor(n: int, choices: tuple[int, ...]) -> int:
 Q4_ONE_ROW_TILINGS: dict[tuple[int, int, bool], MatmulConfig] = {}
 
 
-def q4_config(m: int, n: int, k: int, *, gated: bool = False) -> MatmulConfig:
-    """The configuration :func:`quantized_matmul` (and, ``gated``, the fused step's gate/up product) uses for an
-    [m, k] x [n, k] product, by rules (``bench/tune_gemv.py`` measures the alternatives; results in
-    bench/results/tune_*_h200.*)."""
-    if m == 1 and (n, k, gated) in Q4_ONE_ROW_TILINGS:
+def q4_config(n: int, k: int, *, gated: bool = False) -> MatmulConfig:
+    """The tiling of :func:`fused_q4_linear` for a [1, k] x [n, k] product (``gated``: the fused step's gate/up
+    product): one warp per program taking two whole rows, loaded before the wait for the previous kernel.  Sets
+    of tilings were timed in the step, the fastest within 1% of each other (tune_step_q4_tilings*_h200.txt)."""
+    if (n, k, gated) in Q4_ONE_ROW_TILINGS:
         return Q4_ONE_ROW_TILINGS[(n, k, gated)]
-    if m == 1:  # one warp per program taking two whole rows (loaded before the wait for the previous kernel):
-        # sets of tilings timed in the step, the fastest within 1% of each other (tune_step_q4_tilings*_h200.txt)
-        return MatmulConfig(block_n=_largest_divisor(n, (2,)), block_k=min(4096, 32 * triton.next_power_of_2(k // 32)),
-                            num_warps=1)
-    block_k = _largest_divisor(k, (512, 256, 128, 64, 32))
-    block_k = min(block_k, 256 if n <= 8192 else 128)
-    split = 2 if n <= 4096 and m <= 16 and k % (2 * block_k) == 0 else 1
-    return MatmulConfig(block_n=_largest_divisor(n, (64, 32, 16)), block_k=block_k, split_k=split, use_dot=True,
-                        num_warps=4, num_stages=3)
+    return MatmulConfig(block_n=_largest_divisor(n, (2,)), block_k=min(4096, 32 * triton.next_power_of_2(k // 32)),
+                        num_warps=1)
 
 
-def _smaller(config: MatmulConfig, block_m: int) -> tuple[MatmulConfig, int] | None:
-    """The next smaller tensor-core tiling to try when a GPU lacks the shared memory for ``config``."""
-    if config.num_stages > 1:
-        return replace(config, num_stages=config.num_stages - 1), block_m
-    if block_m > 16:
-        return config, block_m // 2
-    if config.block_k > 32:
-        return replace(config, block_k=config.block_k // 2), block_m
-    if config.block_n > 16:
-        return replace(config, block_n=config.block_n // 2), block_m
-    return None
+def q4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """The 4-bit weight (layout: :func:`quantized_matmul`) as a dense [N, K] tensor of ``dtype``, by one kernel."""
+    n, k = qweight.shape[0], 2 * qweight.shape[1]
+    out = torch.empty((n, k), dtype=dtype, device=qweight.device)
+    rows = _largest_divisor(n, (8, 4, 2))
+    block_g = min(32, triton.next_power_of_2(k // 32))
+    _q4_dequantize_kernel[(n // rows, triton.cdiv(k // 32, block_g))](
+        qweight, scales, offsets, out, qweight.stride(0), scales.stride(0), out.stride(0),
+        GROUPS=k // 32, ROWS=rows, BLOCK_G=block_g, num_warps=4)
+    return out
 
 
-#: (rows > 16, n, k, dtype) -> the tiling that fitted, for shapes whose tuned one needed too much shared memory
-_FITTED: dict[tuple[bool, int, int, torch.dtype], tuple[MatmulConfig, int]] = {}
+#: Values of the dense weight one dequantization writes at most (bf16: 128 MB): a longer weight (the LM head) is
+#: dequantized and multiplied in slices of rows
+DEQUANTIZED_VALUES = 1 << 26
 
 
 @torch.library.custom_op("voxtral::q4_matmul", mutates_args=())
 def _q4_matmul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    m, k = x.shape
-    n = qweight.shape[0]
-    key = (m > 16, n, k, x.dtype)
-    config, block_m = _FITTED.get(key) or (q4_config(m, n, k), 16 if m <= 16 else 64)
-    while True:
-        try:
-            out = q4_matmul(x, qweight, scales, offsets, config, block_m=block_m)
-        except OutOfResources:  # raised before launch: nothing ran
-            smaller = _smaller(config, block_m) if config.use_dot else None
-            if smaller is None:
-                raise
-            config, block_m = _FITTED[key] = smaller
-            continue
-        return out
+    if x.shape[0] == 1:
+        return fused_q4_linear(x, qweight, scales, offsets)
+    n, k = qweight.shape[0], x.shape[1]
+    rows = max(1, DEQUANTIZED_VALUES // k)
+    if rows >= n:
+        return x @ q4_dequantize(qweight, scales, offsets, x.dtype).T
+    out = x.new_empty((x.shape[0], n))
+    for start in range(0, n, rows):
+        part = slice(start, start + rows)
+        out[:, part] = x @ q4_dequantize(qweight[part], scales[part], offsets[part], x.dtype).T
+    return out
 
 
 @_q4_matmul_op.register_fake
@@ -858,7 +803,12 @@ def quantized_matmul_available(device: torch.device) -> bool:
 
 def quantized_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
                      bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x`` [..., K] times the 4-bit weight [N, K] (see :func:`q4_matmul` for the layout), plus ``bias``."""
+    """``x`` [..., K] @ w.T (+ ``bias``) with w [N, K] stored in 4 bits: ``qweight`` uint8 [N, K/2] (in each group
+    of 32 values, byte b holds value b in its low nibble and value 16 + b in its high one), ``scales``/``offsets``
+    [N, K/32] (w = scale * q + offset).  One row: :func:`fused_q4_linear`.  More rows: the weight is dequantized
+    to x's dtype (:func:`q4_dequantize`, in slices of at most DEQUANTIZED_VALUES) for cuBLAS, which beat a
+    tensor-core kernel dequantizing its tiles in registers at every row count from 16 on, and by 20x on an
+    encoder chunk (bench/results/tune_q4_rows_h200.txt; that kernel is gone)."""
     lead = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1])
     if flat.dtype not in (torch.bfloat16, torch.float16, torch.float32):
