@@ -777,8 +777,7 @@ def q4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Te
 DEQUANTIZED_VALUES = 1 << 26
 
 
-@torch.library.custom_op("voxtral::q4_matmul", mutates_args=())
-def _q4_matmul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def _q4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     if x.shape[0] == 1:
         return fused_q4_linear(x, qweight, scales, offsets)
     n, k = qweight.shape[0], x.shape[1]
@@ -790,6 +789,11 @@ def _q4_matmul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
         part = slice(start, start + rows)
         out[:, part] = x @ q4_dequantize(qweight[part], scales[part], offsets[part], x.dtype).T
     return out
+
+
+#: the same for torch.compile, which sees it as one opaque operation (eager calls skip the custom-op dispatch: a
+#: file's encode makes hundreds of these calls and is bound by their CPU time, bench/results/profile_encode_q4_h200)
+_q4_matmul_op = torch.library.custom_op("voxtral::q4_matmul", _q4_matmul, mutates_args=())
 
 
 @_q4_matmul_op.register_fake
@@ -813,5 +817,6 @@ def quantized_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     flat = x.reshape(-1, x.shape[-1])
     if flat.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         flat = flat.float()
-    out = _q4_matmul_op(flat.contiguous(), qweight, scales, offsets).reshape(*lead, qweight.shape[0])
+    product = _q4_matmul_op if torch.compiler.is_compiling() else _q4_matmul
+    out = product(flat.contiguous(), qweight, scales, offsets).reshape(*lead, qweight.shape[0])
     return out if bias is None else out + bias
