@@ -122,3 +122,32 @@ def test_complete_needs_end_input_and_the_run(tiny_short):
     session.engine.run()
     assert session.complete()
     assert session.transcription.tokens == tiny_short.transcribe(audio).tokens
+
+
+def test_one_stream_with_graphs_encodes_in_power_of_two_calls_with_the_same_tokens(tiny_long, monkeypatch):
+    """With CUDA graphs, one stream's waiting audio (a file) is encoded in calls of 2^k steps, the largest first
+    (one graph per size).  Here, on the CPU, with the graph capture replaced by plain calls: the same tokens as the
+    chunked path, from calls of several sizes."""
+    from voxtral_realtime import engine as engine_module
+
+    calls = []
+
+    class PlainCalls:
+        def __init__(self, eager_calls: int = 1) -> None:
+            pass
+
+        def __call__(self, key, versions, fn):
+            calls.append(key)
+            return fn()
+
+    audio = speechlike(9.0, seed=24)
+    expected = tiny_long.transcribe(audio).tokens
+    monkeypatch.setattr(engine_module, "_GraphedCalls", PlainCalls)
+    engine = engine_module.Engine(tiny_long.network, max_streams=1, cuda_graphs=True)
+    session = tiny_long.stream(engine=engine)
+    session.feed(audio)
+    session.finish()
+    assert session.transcription.tokens == expected
+    sizes = [steps for kind, _, steps in calls if kind == "encode"]
+    assert max(sizes) == engine._tick_steps[0] > 1 and len(set(sizes)) > 2
+    assert all(n & (n - 1) == 0 for n in sizes)

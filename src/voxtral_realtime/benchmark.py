@@ -97,14 +97,16 @@ def _peak_memory(device: torch.device) -> dict[str, float]:
 
 
 def bench_file(model: Model, audio: np.ndarray, *, delay_ms: int | None = None) -> dict[str, Any]:
-    """One file through a session (the ``transcribe`` path), after a warm-up that captures the graphs and meets
-    the shapes of a whole encoder chunk (a first call compiles kernels: 0.9 s of a 4-bit file's encode once)."""
+    """One file through a session (the ``transcribe`` path), after a warm-up that compiles the kernels and captures
+    the graphs of every encoder call size (a process's first file pays for those once: a first call compiled
+    kernels for 0.9 s of a 4-bit file's encode)."""
     device = model.device
     model.transcribe(audio[: 16000 * 12], delay_ms=delay_ms)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     session = model.stream(delay_ms=delay_ms)
     engine = session.engine
+    engine.capture_graphs()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     engine.stage_seconds = {}
     calls_before = engine.decode_calls
     _sync(device)

@@ -100,14 +100,16 @@ class Engine:
         self.audio = cfg.audio
         self.max_streams = max_streams
         shared = max_streams > 1
-        # a compiled call is specialised to the cache sizes: growing them would mean compiling again
+        use_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        # a compiled call is specialised to the cache sizes, a captured graph to the buffers: growing them would
+        # mean compiling or capturing again
         preallocate = shared or compile
         if encoder_chunk is None:
             encoder_chunk = SHARED_ENCODER_CHUNK_FRAMES if shared else \
                 CPU_ENCODER_CHUNK_FRAMES if device.type == "cpu" else ENCODER_CHUNK_FRAMES
         self.encoder_state = network.encoder.new_state(max_streams, max_chunk=encoder_chunk, device=device,
                                                        dtype=dtype, cache_dtype=network.cache_dtype,
-                                                       preallocate=preallocate)
+                                                       preallocate=preallocate or use_graphs)
         self.decoder_cache = network.decoder.new_cache(max_streams, max_chunk=DECODER_CHUNK, device=device,
                                                        dtype=network.cache_dtype or dtype, context=decoder_context,
                                                        preallocate=compile or (shared and decoder_context is not None))
@@ -119,9 +121,13 @@ class Engine:
         self._step_window = (self._frames_per_step - 1) * self.audio.hop_length + self.audio.window_size
         self.shared = shared
         # inputs of the two batched calls, in fixed buffers so that captured graphs can read them
-        # steps per stream of one batched encoder call: 1, 2, 4... up to what the encoder ring takes at once
+        # steps per stream of one batched encoder call: 1, 2, 4... up to what the encoder ring takes at once.  With
+        # CUDA graphs one stream's waiting audio (a file) is encoded in such calls too, the largest first: each
+        # size is captured once, and an encoder chunk then costs one graph launch instead of hundreds of kernel
+        # launches (a file's encode was bound by their CPU time, bench/results/profile_encode*_h200.txt)
         max_steps = max(1, self.encoder_state.cache.max_chunk // self.audio.downsample_factor)
-        self._tick_steps = [2 ** i for i in range(max_steps.bit_length() - 1, -1, -1)] if shared else [1]
+        self._tick_steps = [2 ** i for i in range(max_steps.bit_length() - 1, -1, -1)] if shared or use_graphs \
+            else [1]
         self._tick_samples = torch.zeros(max_streams, self._window(self._tick_steps[0]), device=device)
         self._tick_positions = torch.zeros(max_streams, dtype=torch.long, device=device)
         self._tick_enabled = torch.zeros(max_streams, dtype=torch.bool, device=device)
@@ -142,9 +148,9 @@ class Engine:
 
             # one compiled graph per bucket and per cache reallocation
             _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 64)
-            self._encode_fn = torch.compile(self._encode_rows, dynamic=False)
+            if shared:  # one stream's encoder calls come in up to nine sizes: graphs alone, no compilations
+                self._encode_fn = torch.compile(self._encode_rows, dynamic=False)
             self._decode_fn = torch.compile(self._decode_rows, dynamic=False)
-        use_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         # a compiled call must be warm (compiled, guards settled) before capture: capture cannot compile
         self._graphs = _GraphedCalls(eager_calls=2 if compile else 1) if use_graphs else None
         self._buckets = _buckets(max_streams) if use_graphs else None
@@ -322,7 +328,9 @@ class Engine:
             progressed = True
             if not self.shared:
                 slot, steps = ready[0]
-                if steps >= 2:
+                if self._graphs is not None:
+                    self._encode_tick([slot], next(n for n in self._tick_steps if n <= steps))
+                elif steps >= 2:
                     self._encode_alone(slot, steps)
                 else:
                     self._encode_tick([slot], 1)
