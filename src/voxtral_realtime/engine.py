@@ -5,7 +5,8 @@ and receives tokens.  Each :meth:`Engine.run` does all the work the pushed audio
 
 * audio -> log-mel -> encoder -> adapter, always in whole 80 ms steps.  In an engine for one stream, a stream
   with many steps waiting (a file, the silence that opens every stream) is encoded by itself in large chunks,
-  which is compute-bound and fast.  In an engine for many streams (whose encoder rings only hold a few steps
+  which is compute-bound and fast; with CUDA graphs in calls of 2^k steps (largest first), one graph per size,
+  since launching a chunk's hundreds of kernels one by one took longer than running them.  In an engine for many streams (whose encoder rings only hold a few steps
   beyond the window) the streams with audio waiting are encoded together, one batched call of 1, 2 or 4 steps
   per stream at a time (live audio: one step; a stream catching up or closing: several).
 * decoder: a stream with a run of prompt tokens ready prefills them in one call; every other stream with an
@@ -87,8 +88,10 @@ class Engine:
     (~11 min): with many streams the full window does not fit in memory.  Streams shorter than the cap are
     exact; longer ones attend to their last ``decoder_context`` tokens.  ``cuda_graphs`` (default: on for CUDA)
     captures the batched calls; ``compile`` first compiles them with ``torch.compile`` (fused elementwise
-    kernels; a minute of compilation per batch-size bucket).  An engine for several streams allocates its caches in full up front (the
-    decoder's only when ``decoder_context`` bounds it), so it cannot run out of memory halfway through.
+    kernels; a minute of compilation per batch-size bucket; an engine for one stream compiles its decoder step
+    only).  An engine for several streams allocates its caches in full up front (the decoder's only when
+    ``decoder_context`` bounds it), so it cannot run out of memory halfway through; with CUDA graphs the encoder's
+    ring is allocated in full too.
     """
 
     def __init__(self, network: VoxtralRealtime, *, max_streams: int = 1, decoder_context: int | None = None,
