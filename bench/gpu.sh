@@ -2,7 +2,7 @@
 # The speed measurements on the lent GPU machine (bench/results/).  Parts, run in the order given (default: all,
 # in the order of their value if time runs out):
 #   tests    GPU and kernel tests (tiny model on CUDA, compiled engines, the matmul kernels on every model shape)
-#   tune     the matmul tuner: 4-bit kernel configs (M = 1, 16) and the fused bf16 GEMV (M = 1) against cuBLAS
+#   tune     the matmul tuner: one-row 4-bit kernel tilings and the fused bf16 GEMV (M = 1) against cuBLAS
 #   step     the decoder step: plain layers compiled vs the fused step (with / without PDL), their logits, profiles
 #   fused    the fused GEMV's tilings (kernels.fused_linear, one row) against cuBLAS
 #   bench    the compiled single stream against transformers in the same run, bf16 vs f32, q4_0 and q4_k rows

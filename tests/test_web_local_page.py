@@ -147,12 +147,13 @@ def test_q4_export_runs_in_the_page_as_in_onnxruntime(browser, wav, tiny_short, 
 
 
 def _best_match(signal: np.ndarray, window: np.ndarray) -> float:
-    """The highest normalized correlation of ``window`` with a segment of ``signal`` of its length."""
+    """The highest normalized correlation (cosine) of ``window`` with a segment of ``signal`` of its length
+    (normalized per offset: a raw dot product favours the loudest segments, not the matching one)."""
     n = 1 << int(np.ceil(np.log2(len(signal) + len(window))))
-    correlation = np.fft.irfft(np.fft.rfft(signal, n) * np.conj(np.fft.rfft(window, n)), n)
-    offset = int(np.argmax(correlation[: len(signal) - len(window)]))
-    segment = signal[offset: offset + len(window)]
-    return float(segment @ window / (np.linalg.norm(segment) * np.linalg.norm(window) + 1e-12))
+    dots = np.fft.irfft(np.fft.rfft(signal, n) * np.conj(np.fft.rfft(window, n)), n)[: len(signal) - len(window) + 1]
+    energy = np.concatenate([[0.0], np.cumsum(signal.astype(np.float64) ** 2)])
+    norms = np.sqrt(np.maximum(energy[len(window):] - energy[: -len(window)], 0.0))
+    return float(np.where(norms > 1e-3, dots / (norms * np.linalg.norm(window) + 1e-12), 0.0).max())
 
 
 def test_fake_microphone_is_resampled_and_captioned_live(site, browser, wav, tiny_short, tmp_path):
