@@ -781,7 +781,7 @@ def _q4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
     if x.shape[0] == 1:
         return fused_q4_linear(x, qweight, scales, offsets)
     n, k = qweight.shape[0], x.shape[1]
-    rows = max(1, DEQUANTIZED_VALUES // k)
+    rows = max(8, DEQUANTIZED_VALUES // k // 8 * 8)  # slices of whole 8-row programs of the dequantizer
     if rows >= n:
         return x @ q4_dequantize(qweight, scales, offsets, x.dtype).T
     out = x.new_empty((x.shape[0], n))
