@@ -6,9 +6,10 @@ and receives tokens.  Each :meth:`Engine.run` does all the work the pushed audio
 * audio -> log-mel -> encoder -> adapter, always in whole 80 ms steps.  In an engine for one stream, a stream
   with many steps waiting (a file, the silence that opens every stream) is encoded by itself in large chunks,
   which is compute-bound and fast; with CUDA graphs in calls of 2^k steps (largest first), one graph per size,
-  since launching a chunk's hundreds of kernels one by one took longer than running them.  In an engine for many streams (whose encoder rings only hold a few steps
-  beyond the window) the streams with audio waiting are encoded together, one batched call of 1, 2 or 4 steps
-  per stream at a time (live audio: one step; a stream catching up or closing: several).
+  since launching a chunk's hundreds of kernels one by one took longer than running them.  In an engine for
+  many streams (whose encoder rings only hold a few steps beyond the window) the streams with audio waiting are
+  encoded together, one batched call of 1, 2 or 4 steps per stream at a time (live audio: one step; a stream
+  catching up or closing: several).
 * decoder: a stream with a run of prompt tokens ready prefills them in one call; every other stream with an
   audio embedding waiting takes part in one batched step, one token each, at its own position.
 
