@@ -59,14 +59,6 @@ def random_q4(n: int, k: int, copies: int):
     return out
 
 
-def dequantize_q4(q, scales, offsets):
-    n, half = q.shape
-    k = half * 2
-    lo = (q & 15).float().view(n, k // 32, 16)
-    hi = (q >> 4).float().view(n, k // 32, 16)
-    return (torch.cat([lo, hi], -1) * scales.float()[..., None] + offsets.float()[..., None]).view(n, k)
-
-
 def fused_configs(n: int, k: int, gated: bool):
     for bn, bk, warps in itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048, 4096), (1, 2, 4, 8)):
         if n % bn == 0 and bk <= 2 * k and bn * bk * (1 + gated) <= 16384:  # BLOCK_K need not divide K
@@ -188,7 +180,7 @@ def main() -> None:
         qbytes = n * k // 2 + 4 * n * k // 32
         copies = max(2, math.ceil(400e6 / qbytes))
         packed = random_q4(n, k, copies)
-        w0 = dequantize_q4(*packed[0])
+        w0 = kernels.q4_dequantize(*packed[0], torch.float32)  # exact (tests/test_matmul_kernels.py)
         for m in rows_of(args.q4_rows):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = x.float() @ w0.T

@@ -527,8 +527,7 @@ def _launch_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
     stats = q.new_empty((programs * splits, 2, group_pad), dtype=torch.float32) if splits > 1 else out
     counts = _split_counts(q.device, SPLIT_TARGET_PROGRAMS // 2) if splits > 1 else out
     cos, sin = rotary if rotary is not None else (q, q)
-    rounded = (quantized.q, quantized.steps, quantized.sums, quantized.residuals) if quantized is not None \
-        else (out,) * 4
+    rounded = quantized[:4] if quantized is not None else (out,) * 4  # q, steps, sums, residuals
     _decode_attention_kernel[(programs, splits)](
         q, keys, values, table, qpos, out, part, stats, counts, cos, sin, *rounded,
         row_start, capacity, window, 1.0 / math.sqrt(dim),
