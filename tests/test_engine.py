@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from signals import speechlike
 
 
@@ -151,3 +152,51 @@ def test_one_stream_with_graphs_encodes_in_power_of_two_calls_with_the_same_toke
     sizes = [steps for kind, _, steps in calls if kind == "encode"]
     assert max(sizes) == engine._tick_steps[0] > 1 and len(set(sizes)) > 2
     assert all(n & (n - 1) == 0 for n in sizes)
+
+
+def test_argmax_by_pieces_equals_argmax_with_ties_taking_the_first():
+    from voxtral_realtime.engine import _argmax
+
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 8 * 1024, generator=generator)
+    logits[1, 5000] = logits[1, 3000] = logits[1, 7000] = 100.0  # ties across pieces
+    logits[2, 2050] = logits[2, 2049] = 100.0  # ties within a piece
+    assert _argmax(logits).tolist() == logits.argmax(dim=-1).tolist() == [_argmax(logits)[0].item(), 3000, 2049]
+    odd = torch.randn(2, 1000, generator=generator)
+    assert _argmax(odd).tolist() == odd.argmax(dim=-1).tolist()
+
+
+def test_a_prompt_reading_only_the_columns_it_used_gives_the_same_logits():
+    """A prefill told that its row's keys lie in its first columns (the engine's prompt) attends to those only,
+    with the logits of attending to the whole preallocated ring; a bound past the ring is ignored."""
+    from voxtral_realtime.config import DecoderConfig
+    from voxtral_realtime.decoder import TextDecoder
+
+    cfg = DecoderConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=48, vocab_size=50,
+                        sliding_window=6, rope_theta=1e4, norm_eps=1e-5, ada_dim=8)
+    torch.manual_seed(0)
+    decoder = TextDecoder(cfg)
+    with torch.no_grad():
+        for p in decoder.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    scales = decoder.ffn_scales(2)
+
+    def prefill(columns_used, start, length):
+        cache = decoder.new_cache(2, max_chunk=8, device=torch.device("cpu"), dtype=torch.float32, preallocate=True)
+        cache.keys[0].normal_()  # stale keys everywhere: the mask must hide them either way
+        generator = torch.Generator().manual_seed(1)
+        outs = []
+        for first, n in ((0, start), (start, length)):
+            if n == 0:
+                continue
+            tokens = torch.randint(0, cfg.vocab_size, (1, n), generator=generator)
+            audio = torch.randn(1, n, cfg.dim, generator=generator)
+            positions = torch.arange(first, first + n)[None]
+            with torch.no_grad():
+                outs.append(decoder(tokens, audio, positions, cache, scales, rows=slice(1, 2),
+                                    columns_used=columns_used(first + n)))
+        return torch.cat(outs)
+
+    for start, length in ((0, 5), (3, 4), (8, 5)):  # the last reaches the ring's 13 columns
+        whole = prefill(lambda end: None, start, length)
+        torch.testing.assert_close(prefill(lambda end: end, start, length), whole)

@@ -171,9 +171,10 @@ def test_transcription_through_the_fused_step_equals_the_plain_one(checkpoints, 
     assert used
 
 
-@pytest.mark.parametrize("qtype", ["q4_0", "q4_k"])
+@pytest.mark.parametrize("qtype, symmetric", [("q4_0", False), ("q4_0", True), ("q4_k", False)])
 @pytest.mark.parametrize("form", ["none", "norm+scale, gated", "residual"])
-def test_fused_q4_linear_against_the_dequantized_weight(qtype, form):
+def test_fused_q4_linear_against_the_dequantized_weight(qtype, symmetric, form):
+    """``symmetric``: Q4_0's offsets left to the kernel (-8 x the scales) instead of read."""
     from voxtral_realtime.quantization import QuantizedLinear
 
     n, k = 32, 256
@@ -198,7 +199,7 @@ def test_fused_q4_linear_against_the_dequantized_weight(qtype, form):
     if form == "residual":
         kwargs["residual"] = rand(1, n)
         expected = expected + kwargs["residual"]
-    got = kernels.fused_q4_linear(x, layer.qweight, layer.scales, layer.offsets, **kwargs)
+    got = kernels.fused_q4_linear(x, layer.qweight, layer.scales, None if symmetric else layer.offsets, **kwargs)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 

@@ -82,7 +82,9 @@ def _four_bit(module: nn.Module) -> bool:
 
 def _fused(module: nn.Module, x: torch.Tensor | kernels.QuantizedRow, **kwargs) -> torch.Tensor:
     if _four_bit(module):
-        return kernels.fused_q4_linear(x, module.qweight, module.scales, module.offsets, **kwargs)
+        # Q4_0's offsets are all -8 x its scales: the kernel derives them instead of reading them
+        offsets = None if getattr(module, "qtype", None) == "q4_0" else module.offsets
+        return kernels.fused_q4_linear(x, module.qweight, module.scales, offsets, **kwargs)
     return kernels.fused_linear(x, module.weight, **kwargs)
 
 
@@ -124,13 +126,14 @@ class TextDecoder(nn.Module):
         return torch.stack([1 + layer.ada_norm(t_cond) for layer in self.layers])
 
     def forward(self, tokens: torch.Tensor, audio: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                ffn_scales: torch.Tensor, *, rows: slice | None = None,
-                enabled: torch.Tensor | None = None) -> torch.Tensor:
+                ffn_scales: torch.Tensor, *, rows: slice | None = None, enabled: torch.Tensor | None = None,
+                columns_used: int | None = None) -> torch.Tensor:
         """tokens [B, T], audio embeddings [B, T, dim], absolute positions [B, T] of cache rows ``rows`` (default:
         the first B) -> logits of the last position [B, vocab] in float32.  ``ffn_scales``: [n_layers, dim] for
-        one delay, or [B, n_layers, dim], one delay per row."""
+        one delay, or [B, n_layers, dim], one delay per row.  ``columns_used``: see AttentionContext.prepare."""
         x = self.tok_embeddings(tokens) + audio
-        ctx = AttentionContext.prepare(self.rotary, cache, positions, x.dtype, rows=rows, enabled=enabled)
+        ctx = AttentionContext.prepare(self.rotary, cache, positions, x.dtype, rows=rows, enabled=enabled,
+                                       columns_used=columns_used)
         if self._can_step(x, ctx):
             return self._fused_steps(x[:, 0], ctx, ffn_scales).float()
         for i, layer in enumerate(self.layers):

@@ -431,7 +431,7 @@ class Engine:
         positions = torch.arange(slot.position, slot.position + length, device=device)[None]
         cache.reserve(slot.position + length)
         logits = network.decoder(tokens, audio, positions, cache, self.ffn_scales[slot.index:slot.index + 1],
-                                 rows=slice(slot.index, slot.index + 1))
+                                 rows=slice(slot.index, slot.index + 1), columns_used=slot.position + length)
         slot.position += length
         if slot.position == len(slot.prompt):
             token = logits[0].argmax()
@@ -490,7 +490,7 @@ class Engine:
         logits = self.network.decoder(tokens[:, None], self._step_audio[:rows, None], inputs[1, :, None],
                                       self.decoder_cache, self.ffn_scales[:rows], rows=slice(0, rows),
                                       enabled=enabled)
-        chosen.copy_(torch.where(enabled, logits.argmax(dim=-1), chosen))
+        chosen.copy_(torch.where(enabled, _argmax(logits), chosen))
         return chosen
 
     def _deliver(self, slot: Slot, token: int) -> None:
@@ -569,3 +569,14 @@ class _GraphedCalls:
 
     def graph(self, key: CallKey) -> torch.cuda.CUDAGraph:
         return self._graphs[key][0]
+
+
+def _argmax(logits: torch.Tensor, *, piece: int = 1024) -> torch.Tensor:
+    """``logits.argmax(-1)`` [B, V] -> [B] (the first of equal maxima), in two reductions over pieces of the row:
+    compiled, one argmax over the 131072-entry vocabulary was a single 15 us program per step."""
+    rows, vocab = logits.shape
+    if vocab % piece or vocab == piece:
+        return logits.argmax(dim=-1)
+    best, where = logits.view(rows, vocab // piece, piece).max(dim=-1)
+    chosen = best.argmax(dim=-1, keepdim=True)
+    return (chosen * piece + where.gather(-1, chosen))[:, 0]

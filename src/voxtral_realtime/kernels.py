@@ -110,10 +110,14 @@ if triton is not None:
         head), told by an atomic count, combines them (no second kernel) and resets the count for the next call.
         QUANTIZE: the output is also rounded to 8 bits per group of 32 values for the 4-bit ``wo`` GEMV
         (:class:`QuantizedRow`, the arithmetic of ``_quantize_activation_kernel``), which so needs no kernel
-        of its own."""
+        of its own.
+
+        PDL: only q (the previous kernel's output) is waited for.  The query positions, the position table and
+        the rotary rows come from the step's first kernels, which completed before the first kernel of the PDL
+        chain started, and the cached keys and values from earlier steps: this program's first cache tile is
+        requested before the wait, so that its latency overlaps the projection still running."""
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = pid // H_KV
@@ -141,6 +145,9 @@ if triton is not None:
         if FROM_QKV:
             cos = tl.load(cos_ptr + b * stride_cb + offs_d).to(tl.float32)
             signed_sin = tl.load(sin_ptr + b * stride_cb + offs_d).to(tl.float32)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        if FROM_QKV:
             row_ptr = q_ptr + b * stride_qb
             q = _rotated(row_ptr + h * stride_qh, offs_g, stride_qg, offs_d, g_mask, cos, signed_sin, D)
             q = q.to(k_ptr.dtype.element_ty)
@@ -370,17 +377,29 @@ if triton is not None:
         return total
 
     @triton.jit
+    def _group_terms(dot, w_scale, w_offset, x_step, x_sum, x_residual, SYMMETRIC: tl.constexpr):
+        """One group's part of the 4-bit product from its integer dot product (SYMMETRIC: the offset's term is
+        already in ``x_residual``)."""
+        terms = w_scale.to(tl.float32) * (x_step * dot + x_residual)
+        if not SYMMETRIC:
+            terms += w_offset.to(tl.float32) * x_sum
+        return terms
+
+    @triton.jit
     def _fused_q4_gemv_kernel(
         xq_ptr, xstep_ptr, xsum_ptr, xresidual_ptr, squares_ptr, qw_ptr, qscale_ptr, qoffset_ptr, out_ptr, res_ptr,
         stride_qn, stride_sn, gate_rows, eps,
         K: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SQUARES: tl.constexpr,
-        SQUARES_PAD: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
+        SQUARES_PAD: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
+        SYMMETRIC: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
     ):
         """One row of x, quantized to 8 bits per group of 32 (:func:`_quantize_activation_kernel`), times a 4-bit
         weight (layout: :func:`quantized_matmul`), both read as int32 words: word w of a group holds the weights
         4w..4w+3 in its low nibbles and 16+4w..16+4w+3 in its high ones, which meet x's words w and 4 + w in two
         integer dot products (``dp4a``).  Per group ``scale * (step * sum(q qx) + residual) + offset * sum(x)``; with NORM the
-        row's 1/rms (from the quantizer's partial sums of squares) multiplies the result.  A FMA form of this
+        row's 1/rms (from the quantizer's partial sums of squares) multiplies the result.  SYMMETRIC (Q4_0): every
+        offset is -8 scale, so offsets are not read (a ninth of the bytes) and the group's term is
+        ``scale * (step * dot + residual - 8 sum(x))``.  A FMA form of this
         kernel issued about ten instructions per weight and was bound by instruction issue; this one issues
         about one (bench/sass_count.py)."""
         pid = tl.program_id(0)
@@ -396,11 +415,15 @@ if triton is not None:
         inside = (offs_g < K // 32)[None, :]
         words = tl.load(q_ptrs, mask=inside[:, :, None], other=0)
         w_scale = tl.load(qscale_ptr + s_index, mask=inside, other=0.0)
-        w_offset = tl.load(qoffset_ptr + s_index, mask=inside, other=0.0)
+        w_offset = w_scale
+        if not SYMMETRIC:
+            w_offset = tl.load(qoffset_ptr + s_index, mask=inside, other=0.0)
         if GATED:
             up_words = tl.load(q_ptrs + up_q, mask=inside[:, :, None], other=0)
             up_scale = tl.load(qscale_ptr + up_s + s_index, mask=inside, other=0.0)
-            up_offset = tl.load(qoffset_ptr + up_s + s_index, mask=inside, other=0.0)
+            up_offset = up_scale
+            if not SYMMETRIC:
+                up_offset = tl.load(qoffset_ptr + up_s + s_index, mask=inside, other=0.0)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
@@ -411,22 +434,28 @@ if triton is not None:
             after = (g0 + GROUPS + offs_g < K // 32)[None, :]
             words_next = tl.load(q_ptrs + (g0 + GROUPS) * 4, mask=after[:, :, None], other=0)
             scale_next = tl.load(qscale_ptr + s_index + g0 + GROUPS, mask=after, other=0.0)
-            offset_next = tl.load(qoffset_ptr + s_index + g0 + GROUPS, mask=after, other=0.0)
+            offset_next = scale_next
+            if not SYMMETRIC:
+                offset_next = tl.load(qoffset_ptr + s_index + g0 + GROUPS, mask=after, other=0.0)
             if GATED:
                 up_words_next = tl.load(q_ptrs + up_q + (g0 + GROUPS) * 4, mask=after[:, :, None], other=0)
                 up_scale_next = tl.load(qscale_ptr + up_s + s_index + g0 + GROUPS, mask=after, other=0.0)
-                up_offset_next = tl.load(qoffset_ptr + up_s + s_index + g0 + GROUPS, mask=after, other=0.0)
+                up_offset_next = up_scale_next
+                if not SYMMETRIC:
+                    up_offset_next = tl.load(qoffset_ptr + up_s + s_index + g0 + GROUPS, mask=after, other=0.0)
             x_low = tl.load(x_ptrs + g0 * 8, mask=here[:, :, None], other=0)
             x_high = tl.load(x_ptrs + g0 * 8 + 4, mask=here[:, :, None], other=0)
             x_step = tl.load(xstep_ptr + g0 + offs_g[None, :], mask=here, other=0.0)
             x_sum = tl.load(xsum_ptr + g0 + offs_g[None, :], mask=here, other=0.0)
             x_residual = tl.load(xresidual_ptr + g0 + offs_g[None, :], mask=here, other=0.0)
+            if SYMMETRIC:
+                x_residual -= 8.0 * x_sum
             dot = tl.sum(_dot_nibbles(words, x_low, x_high, ASM), axis=2).to(tl.float32)
-            acc += w_scale.to(tl.float32) * (x_step * dot + x_residual) + w_offset.to(tl.float32) * x_sum
+            acc += _group_terms(dot, w_scale, w_offset, x_step, x_sum, x_residual, SYMMETRIC)
             words, w_scale, w_offset = words_next, scale_next, offset_next
             if GATED:
                 dot = tl.sum(_dot_nibbles(up_words, x_low, x_high, ASM), axis=2).to(tl.float32)
-                acc_up += up_scale.to(tl.float32) * (x_step * dot + x_residual) + up_offset.to(tl.float32) * x_sum
+                acc_up += _group_terms(dot, up_scale, up_offset, x_step, x_sum, x_residual, SYMMETRIC)
                 up_words, up_scale, up_offset = up_words_next, up_scale_next, up_offset_next
         one = tl.arange(0, 1)
         squares = tl.zeros([1], tl.float32)
@@ -678,14 +707,15 @@ def _empty_row(k: int, dtype: torch.dtype, device: torch.device, *, squares: int
 
 
 def fused_q4_linear(x: torch.Tensor | QuantizedRow, qweight: torch.Tensor, scales: torch.Tensor,
-                    offsets: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 0.0,
+                    offsets: torch.Tensor | None, *, norm: torch.Tensor | None = None, eps: float = 0.0,
                     scale: torch.Tensor | None = None, gated: bool = False, residual: torch.Tensor | None = None,
                     config: MatmulConfig | None = None, pdl: bool = False) -> torch.Tensor:
     """:func:`fused_linear` for one row of x [1, K] and a 4-bit weight (layout: :func:`quantized_matmul`), in two
     kernels: x (normed, scaled) is quantized to 8 bits per group of 32 values (:func:`quantize_row`: a relative
     error of about 0.4% per value, far below the 4-bit weights' own), then multiplied with integer dot products
     (tests/test_matmul_kernels.py states the arithmetic in PyTorch).  ``x`` may come quantized already (the
-    decode-attention kernel rounds its output so), then without ``norm`` or ``scale``."""
+    decode-attention kernel rounds its output so), then without ``norm`` or ``scale``.  ``offsets`` None: Q4_0's
+    symmetric blocks (every offset -8 scale), which the kernel then does not read."""
     if isinstance(x, QuantizedRow):
         if norm is not None or scale is not None:
             raise ValueError("a quantized row takes no norm or scale: they apply before the rounding")
@@ -700,11 +730,13 @@ def fused_q4_linear(x: torch.Tensor | QuantizedRow, qweight: torch.Tensor, scale
     words = qweight.view(torch.int32)
     squares = row.squares if norm is not None else row.steps
     _fused_q4_gemv_kernel[(n // config.block_n,)](
-        row.q.view(torch.int32), row.steps, row.sums, row.residuals, squares, words, scales, offsets, out,
+        row.q.view(torch.int32), row.steps, row.sums, row.residuals, squares, words, scales,
+        offsets if offsets is not None else scales, out,
         residual if residual is not None else out, words.stride(0), scales.stride(0), n, eps,
         K=k, BLOCK_N=config.block_n, GROUPS=config.block_k // 32, SQUARES=squares.numel(),
         SQUARES_PAD=triton.next_power_of_2(squares.numel()), NORM=norm is not None,
-        GATED=gated, RESIDUAL=residual is not None, PDL=pdl, ASM=not _interpreted(), num_warps=config.num_warps,
+        GATED=gated, RESIDUAL=residual is not None, SYMMETRIC=offsets is None, PDL=pdl, ASM=not _interpreted(),
+        num_warps=config.num_warps,
         num_stages=1, **_launch_options(pdl),
     )
     return out

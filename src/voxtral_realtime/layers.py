@@ -135,10 +135,12 @@ class KVCache:
                 t[row, :, :n] = s
 
     def advance(self, positions: torch.Tensor, enabled: torch.Tensor | None = None,
-                rows: slice | None = None, *, with_mask: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                rows: slice | None = None, *, with_mask: bool = True,
+                columns_used: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Reserve columns for absolute ``positions`` [B, T] of rows ``rows`` (default: the first B); return the
         columns [B, T] and (``with_mask``) the attention mask [B, 1, T, columns] (key j visible to query q iff
-        q - window < j <= q), valid for every layer once it has called :meth:`write`."""
+        q - window < j <= q), valid for every layer once it has called :meth:`write`.  ``columns_used``: the
+        mask covers only the first columns (see :meth:`AttentionContext.prepare`)."""
         rows = rows if rows is not None else slice(0, positions.shape[0])
         columns = positions % self.capacity
         if enabled is not None:
@@ -148,7 +150,7 @@ class KVCache:
         self.positions.index_put_((row_index, columns), positions)
         if not with_mask:
             return columns, None
-        table = self.positions[rows][:, None, None, :]
+        table = self.positions[rows, :columns_used][:, None, None, :]
         q = positions[:, None, :, None]
         mask = (table >= 0) & (table <= q) & (table > q - self.window)
         if enabled is not None:
@@ -209,20 +211,27 @@ class AttentionContext:
     write_index: tuple[torch.Tensor, ...]
     mask: torch.Tensor | None
     query_positions: torch.Tensor | None = None
+    columns_used: int | None = None
 
     @classmethod
     def prepare(cls, rotary: Rotary, cache: KVCache, positions: torch.Tensor, dtype: torch.dtype, *,
-                rows: slice | None = None, enabled: torch.Tensor | None = None) -> AttentionContext:
+                rows: slice | None = None, enabled: torch.Tensor | None = None,
+                columns_used: int | None = None) -> AttentionContext:
         """``positions`` [B, T] of cache rows ``rows`` (default: the first B); rows whose ``enabled`` is false
-        compute throwaway values and leave the cache as it was."""
+        compute throwaway values and leave the cache as it was.  ``columns_used``: the rows' keys, these
+        positions' included, all lie in the first ``columns_used`` columns (the caller knows its positions never
+        reached them, e.g. a stream's prompt): SDPA then reads only those, not the whole preallocated ring (the
+        prompt of a stream attended to 8k masked columns, 0.2 ms per layer).  Ignored with ``enabled``."""
         rows = rows if rows is not None else slice(0, positions.shape[0])
+        if enabled is not None or (columns_used is not None and columns_used >= cache.capacity):
+            columns_used = None
         cos, sin = rotary.cos_sin(positions, dtype)
         if positions.shape[1] == 1 and kernels.decode_attention_available(positions.device):
             columns, _ = cache.advance(positions, enabled, rows, with_mask=False)
             query = positions[:, 0] if enabled is None else torch.where(enabled, positions[:, 0], -1)
             return cls(cos, sin, cache, rows, cache.write_index(columns, rows), None, query)
-        columns, mask = cache.advance(positions, enabled, rows)
-        return cls(cos, sin, cache, rows, cache.write_index(columns, rows), mask)
+        columns, mask = cache.advance(positions, enabled, rows, columns_used=columns_used)
+        return cls(cos, sin, cache, rows, cache.write_index(columns, rows), mask, columns_used=columns_used)
 
 
 class Attention(nn.Module):
@@ -250,7 +259,8 @@ class Attention(nn.Module):
             out = kernels.decode_attention(q, cache.keys[layer], cache.values[layer], cache.positions,
                                            ctx.query_positions, ctx.rows.start, cache.capacity, cache.window)
         else:  # in the cache's dtype (see VoxtralRealtime.cache_dtype)
-            keys, values = cache.keys[layer][ctx.rows], cache.values[layer][ctx.rows]
+            used = slice(0, ctx.columns_used)
+            keys, values = cache.keys[layer][ctx.rows, :, used], cache.values[layer][ctx.rows, :, used]
             out = grouped_attention(q.to(keys.dtype), keys, values, ctx.mask).to(q.dtype)
         return self.wo(out.transpose(1, 2).reshape(batch, length, self.q_size))
 
