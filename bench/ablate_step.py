@@ -4,7 +4,10 @@ step is what that kind costs on the step's critical path, which kernel durations
 programmatic dependent launch a kernel's duration includes its wait for the one before).  A diagnostic for
 developers (bench/results/ablate_step_*.txt).
 
-    python bench/ablate_step.py [--quant q4_0] [--context 400] [--steps 200] [--json FILE]
+    python bench/ablate_step.py [--quant q4_0] [--compile] [--context 400] [--steps 200] [--json FILE]
+
+``--compile``: the step's glue (embedding, rotary, cache bookkeeping, argmax) compiled, as the engine runs it with
+``--compile``; the products and attention are hand-written kernels either way.
 """
 
 from __future__ import annotations
@@ -68,21 +71,24 @@ def _patches(kinds: set[str], table: torch.nn.Module) -> list:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quant", help="quantize the model first (q4_0, q4_k)")
+    parser.add_argument("--compile", action="store_true")
     parser.add_argument("--context", type=int, default=400)
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--sets", default=",".join(SETS),
+                        help="comma-separated sets of kinds (space-separated) to leave out, the first the reference")
     parser.add_argument("--json")
     args = parser.parse_args()
     model = random_model(device="cuda", dtype=torch.bfloat16)
     if args.quant:
         quantize_network(model.network, args.quant)
         benchmark.release(model.device)
-    model.network.decoder.fused_step, model.network.decoder.pdl, model.compile = True, True, False
+    model.network.decoder.fused_step, model.network.decoder.pdl, model.compile = True, True, args.compile
     table = getattr(model.network.decoder.tok_embeddings, "table", model.network.decoder.tok_embeddings)
     report = {"command": " ".join(["python3", *sys.argv]), "device_name": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "quant": args.quant, "rows": []}
+              "torch": torch.__version__, "quant": args.quant, "compile": args.compile, "rows": []}
     print(report["device_name"], torch.__version__, args.quant or "bf16", flush=True)
     whole = None
-    for spec in SETS:
+    for spec in args.sets.split(","):
         with ExitStack() as stack:
             for patch in _patches(set(spec.split()), table):
                 stack.enter_context(patch)

@@ -89,7 +89,7 @@ def count(form: str, four_bit: bool, arch: int, tiling: kernels.MatmulConfig | N
             "stride_qn": "i32", "stride_sn": "i32", "gate_rows": "i32", "eps": "fp32"}
         constants = {"K": k, "BLOCK_N": config.block_n, "GROUPS": config.block_k // 32, "SQUARES": k // 128,
                      "SQUARES_PAD": 128, "PDL": False, "ASM": True, "NORM": flags["NORM"], "GATED": gated,
-                     "RESIDUAL": flags["RESIDUAL"]}
+                     "RESIDUAL": flags["RESIDUAL"], "SYMMETRIC": True}
     else:
         config = tiling or kernels.gemv_config(n, k, gated=gated)
         fn, types = kernels._fused_gemv_kernel, {
