@@ -20,10 +20,9 @@ from contextlib import ExitStack
 from unittest import mock
 
 import torch
+from tune_step import full_size_model
 
 from voxtral_realtime import benchmark, decoder, kernels, layers
-from voxtral_realtime.quantization import quantize_network
-from voxtral_realtime.random_weights import random_model
 
 #: name -> what it leaves out
 KINDS = {
@@ -78,10 +77,7 @@ def main() -> None:
                         help="comma-separated sets of kinds (space-separated) to leave out, the first the reference")
     parser.add_argument("--json")
     args = parser.parse_args()
-    model = random_model(device="cuda", dtype=torch.bfloat16)
-    if args.quant:
-        quantize_network(model.network, args.quant)
-        benchmark.release(model.device)
+    model = full_size_model(args.quant)
     model.network.decoder.fused_step, model.network.decoder.pdl, model.compile = True, True, args.compile
     table = getattr(model.network.decoder.tok_embeddings, "table", model.network.decoder.tok_embeddings)
     report = {"command": " ".join(["python3", *sys.argv]), "device_name": torch.cuda.get_device_name(),

@@ -40,6 +40,15 @@ VARIANTS = {
 }
 
 
+def full_size_model(quant: str | None):
+    """The full-size model with random bf16 weights on the GPU, quantized in place to ``quant`` when given."""
+    model = random_model(device="cuda", dtype=torch.bfloat16)
+    if quant:
+        quantize_network(model.network, quant)
+        benchmark.release(model.device)
+    return model
+
+
 def _configure(model, variant: str) -> None:
     """(A fused variant runs its fused step for batch 1 only: more rows take the plain layers.)"""
     fused, pdl, compiled = VARIANTS[variant]
@@ -145,10 +154,7 @@ def main() -> None:
                         help="skip comparing the fused step's logits with the plain layers' (a compile of ~1 min)")
     parser.add_argument("--json")
     args = parser.parse_args()
-    model = random_model(device="cuda", dtype=torch.bfloat16)
-    if args.quant:
-        quantize_network(model.network, args.quant)
-        benchmark.release(model.device)
+    model = full_size_model(args.quant)
     floor_ms = 1000 * benchmark.decode_weight_bytes(model) / (benchmark.copy_bandwidth(model.device) * 1e9)
     report = {"command": " ".join(["python3", *sys.argv]), "device_name": torch.cuda.get_device_name(),
               "torch": torch.__version__, "quant": args.quant, "floor_ms": floor_ms, "rows": []}
