@@ -127,8 +127,9 @@ def test_complete_needs_end_input_and_the_run(tiny_short):
 
 def test_one_stream_with_graphs_encodes_in_power_of_two_calls_with_the_same_tokens(tiny_long, monkeypatch):
     """With CUDA graphs, one stream's waiting audio (a file) is encoded in calls of 2^k steps, the largest first
-    (one graph per size).  Here, on the CPU, with the graph capture replaced by plain calls: the same tokens as the
-    chunked path, from calls of several sizes."""
+    (one graph per size), and the prompt tokens left after the shared opening go through the one-token steps.
+    Here, on the CPU, with the graph capture replaced by plain calls: the same tokens as the chunked path (which
+    prefills them), from calls of several sizes, and only the opening prefilled."""
     from voxtral_realtime import engine as engine_module
 
     calls = []
@@ -145,6 +146,9 @@ def test_one_stream_with_graphs_encodes_in_power_of_two_calls_with_the_same_toke
     expected = tiny_long.transcribe(audio).tokens
     monkeypatch.setattr(engine_module, "_GraphedCalls", PlainCalls)
     engine = engine_module.Engine(tiny_long.network, max_streams=1, cuda_graphs=True)
+    prefills = []
+    monkeypatch.setattr(engine, "_prefill", lambda slot, length, run=engine._prefill: (
+        prefills.append(length), run(slot, length))[1])
     session = tiny_long.stream(engine=engine)
     session.feed(audio)
     session.finish()
@@ -152,6 +156,8 @@ def test_one_stream_with_graphs_encodes_in_power_of_two_calls_with_the_same_toke
     sizes = [steps for kind, _, steps in calls if kind == "encode"]
     assert max(sizes) == engine._tick_steps[0] > 1 and len(set(sizes)) > 2
     assert all(n & (n - 1) == 0 for n in sizes)
+    assert prefills == [engine._silent_steps]
+    assert 0 < len(session.prompt) - engine._silent_steps <= engine_module.STEPPED_PROMPT_TOKENS
 
 
 def test_argmax_by_pieces_equals_argmax_with_ties_taking_the_first():

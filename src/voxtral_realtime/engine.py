@@ -11,7 +11,9 @@ and receives tokens.  Each :meth:`Engine.run` does all the work the pushed audio
   encoded together, one batched call of 1, 2 or 4 steps per stream at a time (live audio: one step; a stream
   catching up or closing: several).
 * decoder: a stream with a run of prompt tokens ready prefills them in one call; every other stream with an
-  audio embedding waiting takes part in one batched step, one token each, at its own position.
+  audio embedding waiting takes part in one batched step, one token each, at its own position.  With CUDA graphs
+  a short run of prompt tokens (the few left after the shared opening below) goes through those steps too: a
+  graph replay per token beat an eager prefill's hundreds of kernel launches.
 
 Every stream opens with the protocol's left padding, 32 steps of silence: the first 31 of them (those whose mel
 windows do not reach the audio) give every stream the same encoder state and, per delay, the same decoder state.
@@ -50,6 +52,9 @@ CPU_ENCODER_CHUNK_FRAMES = 64
 SHARED_ENCODER_CHUNK_FRAMES = 16
 #: Decoder positions per prefill call: covers the longest prompt (BOS + 32 pad + 30 delay steps at 2400 ms).
 DECODER_CHUNK = 64
+#: With CUDA graphs, a stream's prompt tokens are prefilled only when more than this many are left; fewer (after
+#: the shared opening: 8 at the default 480 ms delay) take part in the graphed one-token steps.
+STEPPED_PROMPT_TOKENS = 8
 
 
 class SlotClient(Protocol):
@@ -158,6 +163,7 @@ class Engine:
         # a compiled call must be warm (compiled, guards settled) before capture: capture cannot compile
         self._graphs = _GraphedCalls(eager_calls=2 if compile else 1) if use_graphs else None
         self._buckets = _buckets(max_streams) if use_graphs else None
+        self._stepped_prompt = STEPPED_PROMPT_TOKENS if use_graphs else 1
         self._ffn_cache: dict[int, torch.Tensor] = {}
         # the shared opening (see the module docstring): encoder rows + its embeddings, decoder rows per prompt/delay
         hop, half = self.audio.hop_length, self.audio.window_size // 2
@@ -395,7 +401,7 @@ class Engine:
                 if slot is None or not (available := slot.decodable()):
                     continue
                 forced = len(slot.prompt) - slot.position
-                if forced >= 2 and available >= 2:
+                if forced > self._stepped_prompt and available >= 2:
                     if self._decoder_calls_left == 0:
                         break
                     self._prefill(slot, min(forced, available))
