@@ -248,6 +248,7 @@ if triton is not None:
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
+        residual = _residual_row(res_ptr, offs_n, BLOCK_N, RESIDUAL)
         acc = tl.zeros([BLOCK_N, COLS], tl.float32)
         acc_up = tl.zeros([BLOCK_N, COLS], tl.float32)
         squares = tl.zeros([COLS], tl.float32)
@@ -287,16 +288,16 @@ if triton is not None:
                 if PAIRS:
                     acc_up += x_b[None, :] * up_b
                 w_up = up_next
-        one = tl.arange(0, 1)
         _gemv_finish(tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :],
-                     tl.zeros([1], tl.float32) + tl.sum(squares, axis=0), out_ptr, res_ptr,
-                     one, one == 0, offs_n, 0, 0, eps, K, NORM, GATED, RESIDUAL)
+                     tl.zeros([1], tl.float32) + tl.sum(squares, axis=0), residual, out_ptr, offs_n, eps, K, NORM,
+                     GATED, RESIDUAL)
 
     @triton.jit
-    def _gemv_finish(out, up, squares, out_ptr, res_ptr, offs_m, m_mask, offs_n, stride_om, stride_rm, eps,
-                     K: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr):
-        """The fused GEMVs' epilogue: sums ``out`` (and ``up``) [M_PAD, BLOCK_N] in float32, ``squares`` [M_PAD]
-        the sums of x^2 -> times 1/rms (NORM), silu(gate) * up (GATED), + residual, stored in out's dtype."""
+    def _gemv_finish(out, up, squares, residual, out_ptr, offs_n, eps, K: tl.constexpr, NORM: tl.constexpr,
+                     GATED: tl.constexpr, RESIDUAL: tl.constexpr):
+        """The one-row fused GEMVs' epilogue: sums ``out`` (and ``up``) [1, BLOCK_N] in float32, ``squares`` [1]
+        the sum of x^2 -> times 1/rms (NORM), silu(gate) * up (GATED), + ``residual`` [1, BLOCK_N] (float32),
+        stored in out's dtype."""
         if NORM:
             inv_rms = 1.0 / tl.sqrt(squares / K + eps)
             out = out * inv_rms[:, None]
@@ -309,9 +310,17 @@ if triton is not None:
             out = ((out * tl.sigmoid(out)).to(dtype).to(tl.float32) * up.to(dtype).to(tl.float32)).to(dtype)
             out = out.to(tl.float32)
         if RESIDUAL:
-            out += tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=m_mask[:, None]).to(
-                tl.float32)
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out.to(dtype), mask=m_mask[:, None])
+            out += residual
+        tl.store(out_ptr + offs_n[None, :], out.to(dtype))
+
+    @triton.jit
+    def _residual_row(res_ptr, offs_n, BLOCK_N: tl.constexpr, RESIDUAL: tl.constexpr):
+        """The residual's values for this program's outputs, in float32 (zeros without one).  Read right after the
+        wait for the previous kernel (the residual was made before that one), so that the read overlaps the
+        products instead of adding a trip to memory to the epilogue."""
+        if RESIDUAL:
+            return tl.load(res_ptr + offs_n[None, :]).to(tl.float32)
+        return tl.zeros([1, BLOCK_N], tl.float32)
 
     @triton.jit
     def _nibble_value(nibble):
@@ -427,6 +436,12 @@ if triton is not None:
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
+        # the epilogue's inputs first: their reads overlap the products
+        residual = _residual_row(res_ptr, offs_n, BLOCK_N, RESIDUAL)
+        squares = tl.zeros([1], tl.float32)
+        if NORM:
+            offs_s = tl.arange(0, SQUARES_PAD)
+            squares += tl.sum(tl.load(squares_ptr + offs_s, mask=offs_s < SQUARES, other=0.0), axis=0)
         acc = tl.zeros([BLOCK_N, GROUPS], tl.float32)
         acc_up = tl.zeros([BLOCK_N, GROUPS], tl.float32)
         for g0 in range(0, K // 32, GROUPS):
@@ -457,13 +472,8 @@ if triton is not None:
                 dot = tl.sum(_dot_nibbles(up_words, x_low, x_high, ASM), axis=2).to(tl.float32)
                 acc_up += _group_terms(dot, up_scale, up_offset, x_step, x_sum, x_residual, SYMMETRIC)
                 up_words, up_scale, up_offset = up_words_next, up_scale_next, up_offset_next
-        one = tl.arange(0, 1)
-        squares = tl.zeros([1], tl.float32)
-        if NORM:
-            offs_s = tl.arange(0, SQUARES_PAD)
-            squares += tl.sum(tl.load(squares_ptr + offs_s, mask=offs_s < SQUARES, other=0.0), axis=0)
-        _gemv_finish(tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :], squares, out_ptr, res_ptr,
-                     one, one == 0, offs_n, 0, 0, eps, K, NORM, GATED, RESIDUAL)
+        _gemv_finish(tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :], squares, residual, out_ptr,
+                     offs_n, eps, K, NORM, GATED, RESIDUAL)
 
     @triton.jit
     def _q4_dequantize_kernel(qw_ptr, scale_ptr, offset_ptr, out_ptr, stride_qn, stride_sn, stride_on,
