@@ -15,9 +15,8 @@ from contextlib import nullcontext
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from tune_step import full_size_model
 
-from voxtral_realtime.quantization import quantize_network
-from voxtral_realtime.random_weights import random_model
 from voxtral_realtime.signals import speechlike
 
 
@@ -28,9 +27,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--seconds", type=float, default=30.0)
     args = parser.parse_args()
-    model = random_model(device="cuda", dtype=torch.bfloat16)
-    if args.quant:
-        quantize_network(model.network, args.quant)
+    model = full_size_model(args.quant)
     model.compile = args.compile
     audio = speechlike(args.seconds, seed=1)
     for _ in range(2):  # the second run has every shape of the timed one compiled / captured

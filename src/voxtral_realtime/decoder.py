@@ -82,9 +82,7 @@ def _four_bit(module: nn.Module) -> bool:
 
 def _fused(module: nn.Module, x: torch.Tensor | kernels.QuantizedRow, **kwargs) -> torch.Tensor:
     if _four_bit(module):
-        # Q4_0's offsets are all -8 x its scales: the kernel derives them instead of reading them
-        offsets = None if getattr(module, "qtype", None) == "q4_0" else module.offsets
-        return kernels.fused_q4_linear(x, module.qweight, module.scales, offsets, **kwargs)
+        return kernels.fused_q4_linear(x, module.qweight, module.scales, module.kernel_offsets, **kwargs)
     return kernels.fused_linear(x, module.weight, **kwargs)
 
 

@@ -386,6 +386,12 @@ class QuantizedLinear(_KeepsF16Scales):
         return (f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype}, "
                 f"bias={self.bias is not None}")
 
+    @property
+    def kernel_offsets(self) -> torch.Tensor | None:
+        """The offsets as the one-row kernel (``kernels.fused_q4_linear``) takes them: None for Q4_0, whose offsets
+        are all -8 x the scales, so that the kernel derives them instead of reading them."""
+        return None if self.qtype == "q4_0" else self.offsets
+
     def dequantize(self, rows: slice = slice(None)) -> torch.Tensor:
         """The weight (or a slice of its rows) in float32, [out, in]."""
         q = _unpack_qweight(self.qweight[rows]).float()
