@@ -1,6 +1,7 @@
 """Where a stage of a file goes: one 30 s file through a session of the full-size model (random weights), the
-CUDA kernels of the stage's calls by total time and the stage's wall time against the kernels' sum.  For the decode
-stage also the prompt's prefill calls (wall, each synchronized) apart from the one-position steps.  A diagnostic for
+CUDA kernels of the stage's calls by total time, the stage's wall time against the kernels' sum and the wall time of
+its batched calls (CUDA graphs) by size.  For the decode stage also the prompt's prefill calls (wall, each
+synchronized) apart from the one-position steps.  A diagnostic for
 developers (bench/results/profile_{encode,decode}_*.txt; before session 10 this was bench/profile_encode.py, the
 encode stage only).
 
@@ -17,6 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from tune_step import full_size_model
 
+from voxtral_realtime.api import TRANSCRIBE_PIECE_SECONDS
 from voxtral_realtime.signals import speechlike
 
 
@@ -52,17 +54,33 @@ def main() -> None:
             return run_call
 
         setattr(engine, f"_{args.stage}", timed(args.stage, getattr(engine, f"_{args.stage}")))
+        graph_calls: dict[int, list[float]] = {}  # the stage's batched calls by steps per row: seconds each
+        batched_call = engine._call
+
+        def timed_call(key, fn):
+            if key[0] != args.stage:
+                return batched_call(key, fn)
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            out = batched_call(key, fn)
+            torch.cuda.synchronize()
+            graph_calls.setdefault(key[2], []).append(time.perf_counter() - started)
+            return out
+
+        engine._call = timed_call
         if args.stage == "decode":
             engine._prefill = timed("prefill", engine._prefill)
         calls_before = engine.decode_calls
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) if profiled else nullcontext() as prof:
             with torch.profiler.record_function("feed+finish"):
-                session.feed(audio)
-                session.finish()
+                session.feed_all(audio, piece=int(TRANSCRIBE_PIECE_SECONDS * model.config.audio.sample_rate))
             torch.cuda.synchronize()
         print(f"{torch.cuda.get_device_name()} quant={args.quant} compile={args.compile}"
               f"{' (profiled)' if profiled else ''}: {args.stage} stage {sum(spans[args.stage]):.3f} s wall in "
               f"{len(spans[args.stage])} calls")
+        for steps, seconds in sorted(graph_calls.items(), reverse=True):
+            print(f"  {len(seconds)} batched call(s) of {steps} step(s): {1000 * sum(seconds) / len(seconds):.2f} ms "
+                  "each")
         if args.stage == "decode":
             print(f"  of which prefill {sum(spans['prefill']):.4f} s in {len(spans['prefill'])} calls; decoder "
                   f"calls {engine.decode_calls - calls_before}")

@@ -31,6 +31,24 @@ def test_chunked_stream_equals_whole_file(tiny_short, sizes):
     assert text == session.transcription.text == offline.text
 
 
+@pytest.mark.parametrize("piece", [16000, 10**9])  # several pieces, and the whole file with the closing padding
+def test_a_recording_fed_whole_reports_progress_and_equals_the_stream(tiny_short, piece):
+    audio = speechlike(4.3, seed=13)
+    reports = []
+    session = tiny_short.stream()
+    text = session.feed_all(audio, piece=piece, progress=reports.append)
+    _, streamed = _feed(tiny_short, audio, [1280])
+    assert text == streamed and session.transcription.tokens == tiny_short.transcribe(audio).tokens
+    assert reports == sorted(reports) and len(reports) >= 4  # about once per second of audio decided
+    assert 0 < reports[0] and reports[-1] <= 4.3
+
+
+def test_transcribe_reports_progress_up_to_the_whole_duration(tiny_short):
+    reports = []
+    tiny_short.transcribe(speechlike(2.5, seed=3), progress=lambda done, total: reports.append((done, total)))
+    assert reports[-1] == (2.5, 2.5) and all(total == 2.5 and 0 < done <= 2.5 for done, total in reports)
+
+
 def test_other_delay_streams_too(tiny_short):
     audio = speechlike(3.0, seed=14)
     session, _ = _feed(tiny_short, audio, [999], delay_ms=240)

@@ -3,7 +3,7 @@
 Every measurement goes through the same public pieces users run (:class:`.api.Model`, :class:`.engine.Engine`);
 the harness only adds clocks.  On CUDA each timed region ends with a device synchronisation.
 
-* :func:`bench_file`: one file through :meth:`Model.stream` (what ``transcribe`` does): encode and decode time,
+* :func:`bench_file`: one file through a session fed as ``transcribe`` feeds it: encode and decode time,
   ms per decoder step, real-time factor, tokens/s, peak memory, achieved GB/s.
 * :func:`bench_step`: the batched decoder step alone at B streams with C tokens of context each: host wall time
   per step (what a stream sees) and the replayed CUDA graph's device time (what the GPU does).
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .api import Model
+from .api import TRANSCRIBE_PIECE_SECONDS, Model
 from .engine import Engine, Slot
 
 GIB = 2**30
@@ -111,8 +111,7 @@ def bench_file(model: Model, audio: np.ndarray, *, delay_ms: int | None = None) 
     calls_before = engine.decode_calls
     _sync(device)
     started = time.perf_counter()
-    session.feed(audio)
-    session.finish()
+    session.feed_all(audio, piece=int(TRANSCRIBE_PIECE_SECONDS * model.config.audio.sample_rate))
     _sync(device)
     total = time.perf_counter() - started
     engine.stage_seconds, stages = None, engine.stage_seconds
