@@ -7,8 +7,8 @@ row only).
     python bench/tune_step.py [--context 400] [--steps 200] [--quant q4_0]
     python bench/tune_step.py --quant q4_0 --tilings "wqkv=4,4096,1 w13=2,4096,1;wqkv=8,1024,1" --variants ""
 
-``--tilings`` (also ``--q4-tilings``): one-row tilings of the fused GEMVs (``name=BLOCK_N,BLOCK_K,WARPS[,PER_SM]`` for
-wqkv, wo, w13, w2, head, PER_SM: the 4-bit kernel's persistent programs per SM; sets separated by ``;``), bf16's (kernels.GEMV_ONE_ROW_TILINGS) or with ``--quant`` the 4-bit
+``--tilings`` (also ``--q4-tilings``): one-row tilings of the fused GEMVs (``name=BLOCK_N,BLOCK_K,WARPS`` for wqkv,
+wo, w13, w2, head; sets separated by ``;``), bf16's (kernels.GEMV_ONE_ROW_TILINGS) or with ``--quant`` the 4-bit
 kernel's (kernels.Q4_ONE_ROW_TILINGS); each set is timed in the fused step with PDL (uncompiled glue, so that no
 compiled graph keeps an old tiling), the default tilings first.  A name not in a set keeps its default.
 """
@@ -101,7 +101,8 @@ def _set_tilings(table: dict, defaults: dict, spec: str) -> None:
     table.update(defaults)
     for item in spec.split():
         name, numbers = item.split("=")
-        table[PRODUCTS[name]] = kernels.MatmulConfig(*map(int, numbers.split(",")))
+        block_n, block_k, warps = map(int, numbers.split(","))
+        table[PRODUCTS[name]] = kernels.MatmulConfig(block_n, block_k, num_warps=warps)
 
 
 def _sweep_tilings(model, table: dict, sets: str, context: int, steps: int, floor_ms: float) -> list[dict]:

@@ -395,30 +395,9 @@ if triton is not None:
         return terms
 
     @triton.jit
-    def _q4_tile(qw_ptr, qscale_ptr, qoffset_ptr, q_tile, s_tile, block, chunk, groups, stride_qn, stride_sn,
-                 up_q, up_s, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GATED: tl.constexpr,
-                 SYMMETRIC: tl.constexpr):
-        """Chunk ``chunk`` (GROUPS groups of 32 values) of the weight rows of block ``block`` (BLOCK_N rows), and of
-        their "up" rows (GATED): (words, scales, offsets, up words, up scales, up offsets); nothing is read past
-        the row's first ``groups`` groups (0: nothing at all; SYMMETRIC: the offsets are the scales, not read)."""
-        inside = (chunk * GROUPS + tl.arange(0, GROUPS) < groups)[None, :]
-        rows = block.to(tl.int64) * BLOCK_N
-        q_ptrs = qw_ptr + rows * stride_qn + chunk * GROUPS * 4 + q_tile
-        s_index = rows * stride_sn + chunk * GROUPS + s_tile
-        words = tl.load(q_ptrs, mask=inside[:, :, None], other=0)
-        scale = tl.load(qscale_ptr + s_index, mask=inside, other=0.0)
-        offset = scale if SYMMETRIC else tl.load(qoffset_ptr + s_index, mask=inside, other=0.0)
-        up_words, up_scale, up_offset = words, scale, offset
-        if GATED:
-            up_words = tl.load(q_ptrs + up_q, mask=inside[:, :, None], other=0)
-            up_scale = tl.load(qscale_ptr + up_s + s_index, mask=inside, other=0.0)
-            up_offset = up_scale if SYMMETRIC else tl.load(qoffset_ptr + up_s + s_index, mask=inside, other=0.0)
-        return words, scale, offset, up_words, up_scale, up_offset
-
-    @triton.jit
     def _fused_q4_gemv_kernel(
         xq_ptr, xstep_ptr, xsum_ptr, xresidual_ptr, squares_ptr, qw_ptr, qscale_ptr, qoffset_ptr, out_ptr, res_ptr,
-        stride_qn, stride_sn, gate_rows, eps, n_blocks, programs,
+        stride_qn, stride_sn, gate_rows, eps,
         K: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SQUARES: tl.constexpr,
         SQUARES_PAD: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
         SYMMETRIC: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
@@ -426,50 +405,59 @@ if triton is not None:
         """One row of x, quantized to 8 bits per group of 32 (:func:`_quantize_activation_kernel`), times a 4-bit
         weight (layout: :func:`quantized_matmul`), both read as int32 words: word w of a group holds the weights
         4w..4w+3 in its low nibbles and 16+4w..16+4w+3 in its high ones, which meet x's words w and 4 + w in two
-        integer dot products (``dp4a``).  Per group ``scale * (step * sum(q qx) + residual) + offset * sum(x)``;
-        with NORM the row's 1/rms (from the quantizer's partial sums of squares) multiplies the result.  SYMMETRIC
-        (Q4_0): every offset is -8 scale, so offsets are not read (a ninth of the bytes) and the group's term is
-        ``scale * (step * dot + residual - 8 sum(x))``.  A FMA form of this kernel issued about ten instructions
-        per weight and was bound by instruction issue; this one issues about one (bench/sass_count.py).
-
-        Program p takes the blocks of BLOCK_N rows p, p + programs, ... (``programs`` below ``n_blocks``: a
-        persistent grid that streams its blocks one tile ahead instead of leaving each block to a new program),
-        GROUPS groups of each row at a time; GROUPS need not divide the row's groups (the tail is masked).  The
-        first tile is requested before the wait for the previous kernel (PDL), each further one (the next chunk of
-        the row, or the next block's first) an iteration ahead."""
+        integer dot products (``dp4a``).  Per group ``scale * (step * sum(q qx) + residual) + offset * sum(x)``; with NORM the
+        row's 1/rms (from the quantizer's partial sums of squares) multiplies the result.  SYMMETRIC (Q4_0): every
+        offset is -8 scale, so offsets are not read (a ninth of the bytes) and the group's term is
+        ``scale * (step * dot + residual - 8 sum(x))``.  A FMA form of this
+        kernel issued about ten instructions per weight and was bound by instruction issue; this one issues
+        about one (bench/sass_count.py)."""
         pid = tl.program_id(0)
-        K_GROUPS: tl.constexpr = K // 32
-        CHUNKS: tl.constexpr = (K_GROUPS + GROUPS - 1) // GROUPS
-        offs_r = tl.arange(0, BLOCK_N)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_g = tl.arange(0, GROUPS)
         offs_w = tl.arange(0, 4)
-        q_tile = offs_r.to(tl.int64)[:, None, None] * stride_qn + offs_g[None, :, None] * 4 + offs_w[None, None, :]
-        s_tile = offs_r.to(tl.int64)[:, None] * stride_sn + offs_g[None, :]
+        q_ptrs = qw_ptr + offs_n.to(tl.int64)[:, None, None] * stride_qn + offs_g[None, :, None] * 4 \
+            + offs_w[None, None, :]
         x_ptrs = xq_ptr + offs_g[None, :, None] * 8 + offs_w[None, None, :]
+        s_index = offs_n.to(tl.int64)[:, None] * stride_sn + offs_g[None, :]
         up_q, up_s = gate_rows * stride_qn, gate_rows * stride_sn
-        tiles = tl.cdiv(n_blocks - pid, programs) * CHUNKS
-        words, w_scale, w_offset, up_words, up_scale, up_offset = _q4_tile(
-            qw_ptr, qscale_ptr, qoffset_ptr, q_tile, s_tile, pid, 0, K_GROUPS, stride_qn, stride_sn, up_q, up_s,
-            BLOCK_N, GROUPS, GATED, SYMMETRIC)
+        # GROUPS need not divide the row's groups: the tail is masked (a program may so take a whole row at once)
+        inside = (offs_g < K // 32)[None, :]
+        words = tl.load(q_ptrs, mask=inside[:, :, None], other=0)
+        w_scale = tl.load(qscale_ptr + s_index, mask=inside, other=0.0)
+        w_offset = w_scale
+        if not SYMMETRIC:
+            w_offset = tl.load(qoffset_ptr + s_index, mask=inside, other=0.0)
+        if GATED:
+            up_words = tl.load(q_ptrs + up_q, mask=inside[:, :, None], other=0)
+            up_scale = tl.load(qscale_ptr + up_s + s_index, mask=inside, other=0.0)
+            up_offset = up_scale
+            if not SYMMETRIC:
+                up_offset = tl.load(qoffset_ptr + up_s + s_index, mask=inside, other=0.0)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
         # the epilogue's inputs first: their reads overlap the products
-        residual = _residual_row(res_ptr, pid * BLOCK_N + offs_r, BLOCK_N, RESIDUAL)
+        residual = _residual_row(res_ptr, offs_n, BLOCK_N, RESIDUAL)
         squares = tl.zeros([1], tl.float32)
         if NORM:
             offs_s = tl.arange(0, SQUARES_PAD)
             squares += tl.sum(tl.load(squares_ptr + offs_s, mask=offs_s < SQUARES, other=0.0), axis=0)
         acc = tl.zeros([BLOCK_N, GROUPS], tl.float32)
         acc_up = tl.zeros([BLOCK_N, GROUPS], tl.float32)
-        for t in range(tiles):
-            block = pid + (t // CHUNKS) * programs
-            g0 = (t % CHUNKS) * GROUPS
-            words_next, scale_next, offset_next, up_words_next, up_scale_next, up_offset_next = _q4_tile(
-                qw_ptr, qscale_ptr, qoffset_ptr, q_tile, s_tile, pid + ((t + 1) // CHUNKS) * programs,
-                (t + 1) % CHUNKS, tl.where(t + 1 < tiles, K_GROUPS, 0), stride_qn, stride_sn, up_q, up_s, BLOCK_N,
-                GROUPS, GATED, SYMMETRIC)
-            here = (g0 + offs_g < K_GROUPS)[None, :]
+        for g0 in range(0, K // 32, GROUPS):
+            here = (g0 + offs_g < K // 32)[None, :]
+            after = (g0 + GROUPS + offs_g < K // 32)[None, :]
+            words_next = tl.load(q_ptrs + (g0 + GROUPS) * 4, mask=after[:, :, None], other=0)
+            scale_next = tl.load(qscale_ptr + s_index + g0 + GROUPS, mask=after, other=0.0)
+            offset_next = scale_next
+            if not SYMMETRIC:
+                offset_next = tl.load(qoffset_ptr + s_index + g0 + GROUPS, mask=after, other=0.0)
+            if GATED:
+                up_words_next = tl.load(q_ptrs + up_q + (g0 + GROUPS) * 4, mask=after[:, :, None], other=0)
+                up_scale_next = tl.load(qscale_ptr + up_s + s_index + g0 + GROUPS, mask=after, other=0.0)
+                up_offset_next = up_scale_next
+                if not SYMMETRIC:
+                    up_offset_next = tl.load(qoffset_ptr + up_s + s_index + g0 + GROUPS, mask=after, other=0.0)
             x_low = tl.load(x_ptrs + g0 * 8, mask=here[:, :, None], other=0)
             x_high = tl.load(x_ptrs + g0 * 8 + 4, mask=here[:, :, None], other=0)
             x_step = tl.load(xstep_ptr + g0 + offs_g[None, :], mask=here, other=0.0)
@@ -479,18 +467,13 @@ if triton is not None:
                 x_residual -= 8.0 * x_sum
             dot = tl.sum(_dot_nibbles(words, x_low, x_high, ASM), axis=2).to(tl.float32)
             acc += _group_terms(dot, w_scale, w_offset, x_step, x_sum, x_residual, SYMMETRIC)
+            words, w_scale, w_offset = words_next, scale_next, offset_next
             if GATED:
                 dot = tl.sum(_dot_nibbles(up_words, x_low, x_high, ASM), axis=2).to(tl.float32)
                 acc_up += _group_terms(dot, up_scale, up_offset, x_step, x_sum, x_residual, SYMMETRIC)
-            words, w_scale, w_offset = words_next, scale_next, offset_next
-            up_words, up_scale, up_offset = up_words_next, up_scale_next, up_offset_next
-            if g0 + GROUPS >= K_GROUPS:  # the block's last chunk: its outputs, and the next block's residual
-                _gemv_finish(tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :], squares, residual,
-                             out_ptr, block * BLOCK_N + offs_r, eps, K, NORM, GATED, RESIDUAL)
-                acc = tl.zeros([BLOCK_N, GROUPS], tl.float32)
-                acc_up = tl.zeros([BLOCK_N, GROUPS], tl.float32)
-                following = tl.minimum(block + programs, n_blocks - 1)  # past the last block: read, not used
-                residual = _residual_row(res_ptr, following * BLOCK_N + offs_r, BLOCK_N, RESIDUAL)
+                up_words, up_scale, up_offset = up_words_next, up_scale_next, up_offset_next
+        _gemv_finish(tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :], squares, residual, out_ptr,
+                     offs_n, eps, K, NORM, GATED, RESIDUAL)
 
     @triton.jit
     def _q4_dequantize_kernel(qw_ptr, scale_ptr, offset_ptr, out_ptr, stride_qn, stride_sn, stride_on,
@@ -666,14 +649,6 @@ class MatmulConfig:
     block_n: int = 16
     block_k: int = 256  # for the 4-bit kernel: values per iteration, a multiple of 32
     num_warps: int = 4
-    #: the one-row 4-bit kernel: 0 launches a program per block of rows; else at most this many programs per SM,
-    #: each looping over blocks (a persistent grid)
-    programs_per_sm: int = 0
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 0.0,
@@ -761,12 +736,10 @@ def fused_q4_linear(x: torch.Tensor | QuantizedRow, qweight: torch.Tensor, scale
     out = row.steps.new_empty((1, n), dtype=row.dtype)
     words = qweight.view(torch.int32)
     squares = row.squares if norm is not None else row.steps
-    blocks = n // config.block_n
-    programs = min(blocks, config.programs_per_sm * _sm_count(qweight.device)) if config.programs_per_sm else blocks
-    _fused_q4_gemv_kernel[(programs,)](
+    _fused_q4_gemv_kernel[(n // config.block_n,)](
         row.q.view(torch.int32), row.steps, row.sums, row.residuals, squares, words, scales,
         offsets if offsets is not None else scales, out,
-        residual if residual is not None else out, words.stride(0), scales.stride(0), n, eps, blocks, programs,
+        residual if residual is not None else out, words.stride(0), scales.stride(0), n, eps,
         K=k, BLOCK_N=config.block_n, GROUPS=config.block_k // 32, SQUARES=squares.numel(),
         SQUARES_PAD=triton.next_power_of_2(squares.numel()), NORM=norm is not None,
         GATED=gated, RESIDUAL=residual is not None, SYMMETRIC=offsets is None, PDL=pdl, ASM=not _interpreted(),
