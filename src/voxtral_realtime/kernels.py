@@ -97,8 +97,8 @@ if triton is not None:
         stride_vr, stride_vh, stride_vc,
         stride_tr, stride_cb,
         stride_ob, stride_oh, stride_og,
-        H_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, GROUP_PAD: tl.constexpr,
-        D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr, FROM_QKV: tl.constexpr,
+        H_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
+        BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr, FROM_QKV: tl.constexpr,
         QUANTIZE: tl.constexpr, PDL: tl.constexpr,
     ):
         """FROM_QKV: ``q_ptr`` is the fused projection's output row [q heads | k heads | v heads] of each stream,
@@ -200,9 +200,9 @@ if triton is not None:
             # every thread's stores before the count (whose release publishes them to the last program)
             tl.debug_barrier()
             if tl.atomic_add(count_ptr + pid, 1, sem="acq_rel") == SPLITS - 1:
-                out = _combine_splits(part_ptr, stats_ptr, pid, GROUP, GROUP_ROWS, GROUP_PAD, D, SPLITS)
+                out = _combine_splits(part_ptr, stats_ptr, pid, GROUP, GROUP_PAD, D, SPLITS)
                 _store_output(out, out_ptr + b * stride_ob + h * stride_oh, stride_og, (b * H_KV + h) * GROUP * D,
-                              xq_ptr, xstep_ptr, xsum_ptr, xresidual_ptr, GROUP, GROUP_ROWS, D, QUANTIZE)
+                              xq_ptr, xstep_ptr, xsum_ptr, xresidual_ptr, GROUP, GROUP_PAD, D, QUANTIZE)
                 tl.store(count_ptr + pid, 0)
 
     @triton.jit
@@ -497,40 +497,43 @@ if triton is not None:
         tl.store(out + 16, high, mask=inside[:, :, None])
 
     @triton.jit
-    def _combine_splits(part_ptr, stats_ptr, pid, GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr,
-                        GROUP_PAD: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr):
-        """The decode kernel's partial softmax sums of program ``pid`` -> its heads' outputs [GROUP_ROWS, D]
-        (GROUP_ROWS: GROUP rounded up to a power of 2; the partials are stored GROUP_PAD rows apart).  Every
-        split's partials are requested at once, one trip to memory (a max over the splits' stats first, then
-        their sums, took two).  They come from other SMs: read past this SM's L1 (".cg"), which may hold a
-        previous call's."""
-        offs_s = tl.arange(0, SPLITS)
-        offs_g = tl.arange(0, GROUP_ROWS)
+    def _combine_splits(part_ptr, stats_ptr, pid, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
+                        SPLITS: tl.constexpr):
+        """The decode kernel's partial softmax sums of program ``pid`` -> its heads' outputs [GROUP_PAD, D].  The
+        partials come from other SMs: read past this SM's L1 (".cg"), which may hold a previous call's."""
+        offs_g = tl.arange(0, GROUP_PAD)
         offs_d = tl.arange(0, D)
-        g_mask = (offs_g < GROUP)[None, :]  # the padding rows were not stored: not read either
-        stats = stats_ptr + (pid * SPLITS + offs_s)[:, None] * 2 * GROUP_PAD + offs_g[None, :]
-        m = tl.load(stats, mask=g_mask, other=float("-inf"), cache_modifier=".cg")
-        sums = tl.load(stats + GROUP_PAD, mask=g_mask, other=0.0, cache_modifier=".cg")
-        parts = tl.load(part_ptr + ((pid * SPLITS + offs_s)[:, None, None] * GROUP_PAD + offs_g[None, :, None]) * D
-                        + offs_d[None, None, :], mask=g_mask[:, :, None], other=0.0, cache_modifier=".cg")
-        m_max = tl.max(m, axis=0)
-        weight = tl.exp(m - tl.where(m_max == float("-inf"), 0.0, m_max)[None, :])
-        total = tl.sum(weight * sums, axis=0)
-        acc = tl.sum(weight[:, :, None] * parts, axis=0)
+        g_mask = offs_g < GROUP  # the padding rows were not stored: not read either
+        stats = stats_ptr + pid * SPLITS * 2 * GROUP_PAD + offs_g
+        parts = part_ptr + pid * SPLITS * GROUP_PAD * D + offs_g[:, None] * D + offs_d[None, :]
+        m_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        for split in tl.static_range(SPLITS):
+            m_max = tl.maximum(m_max, tl.load(stats + split * 2 * GROUP_PAD, mask=g_mask, other=float("-inf"),
+                                              cache_modifier=".cg"))
+        m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+        total = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, D], tl.float32)
+        for split in tl.static_range(SPLITS):
+            weight = tl.exp(tl.load(stats + split * 2 * GROUP_PAD, mask=g_mask, other=float("-inf"),
+                                    cache_modifier=".cg") - m_safe)
+            total += weight * tl.load(stats + split * 2 * GROUP_PAD + GROUP_PAD, mask=g_mask, other=0.0,
+                                      cache_modifier=".cg")
+            acc += weight[:, None] * tl.load(parts + split * GROUP_PAD * D, mask=g_mask[:, None], other=0.0,
+                                             cache_modifier=".cg")
         return acc / tl.where(total > 0, total, 1.0)[:, None]
 
     @triton.jit
     def _store_output(out, out_ptr, stride_og, flat, xq_ptr, xstep_ptr, xsum_ptr, xresidual_ptr,
-                      GROUP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, QUANTIZE: tl.constexpr):
-        """A kv head's outputs [ROWS, D] (rows past GROUP are padding) to ``out_ptr``; QUANTIZE: also rounded as
-        stored to 8 bits per group of 32 values at element ``flat`` of the quantized row."""
-        offs_g = tl.arange(0, ROWS)
+                      GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, QUANTIZE: tl.constexpr):
+        """A kv head's outputs [GROUP_PAD, D] (rows past GROUP are padding) to ``out_ptr``; QUANTIZE: also
+        rounded as stored to 8 bits per group of 32 values at element ``flat`` of the quantized row."""
+        offs_g = tl.arange(0, GROUP_PAD)
         offs_d = tl.arange(0, D)
         g_mask = offs_g < GROUP
         out = out.to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + offs_g[:, None] * stride_og + offs_d[None, :], out, mask=g_mask[:, None])
         if QUANTIZE:
-            q, step, total, residual = _round_groups(tl.reshape(out.to(tl.float32), [ROWS, D // 32, 32]))
+            q, step, total, residual = _round_groups(tl.reshape(out.to(tl.float32), [GROUP_PAD, D // 32, 32]))
             index = flat + offs_g[:, None, None] * D + tl.arange(0, D // 32)[None, :, None] * 32 \
                 + tl.arange(0, 32)[None, None, :]
             tl.store(xq_ptr + index, q, mask=g_mask[:, None, None])
@@ -572,9 +575,9 @@ def _launch_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
         values.stride(0), values.stride(1), values.stride(2),
         table.stride(0), cos.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
-        H_KV=h_kv, GROUP=group, GROUP_ROWS=triton.next_power_of_2(group), GROUP_PAD=group_pad, D=dim, BLOCK_N=64,
-        SPLITS=splits, IEEE=keys.dtype == torch.float32, FROM_QKV=rotary is not None, QUANTIZE=quantized is not None,
-        PDL=pdl, **_launch_options(pdl),
+        H_KV=h_kv, GROUP=group, GROUP_PAD=group_pad, D=dim, BLOCK_N=64, SPLITS=splits,
+        IEEE=keys.dtype == torch.float32, FROM_QKV=rotary is not None, QUANTIZE=quantized is not None, PDL=pdl,
+        **_launch_options(pdl),
     )
 
 
