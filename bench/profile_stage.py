@@ -18,7 +18,6 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from tune_step import full_size_model
 
-from voxtral_realtime.api import TRANSCRIBE_PIECE_SECONDS
 from voxtral_realtime.signals import speechlike
 
 
@@ -73,7 +72,7 @@ def main() -> None:
         calls_before = engine.decode_calls
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) if profiled else nullcontext() as prof:
             with torch.profiler.record_function("feed+finish"):
-                session.feed_all(audio, piece=int(TRANSCRIBE_PIECE_SECONDS * model.config.audio.sample_rate))
+                session.feed_all(audio, piece=model.transcription_piece)
             torch.cuda.synchronize()
         print(f"{torch.cuda.get_device_name()} quant={args.quant} compile={args.compile}"
               f"{' (profiled)' if profiled else ''}: {args.stage} stage {sum(spans[args.stage]):.3f} s wall in "

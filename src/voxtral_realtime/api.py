@@ -30,9 +30,12 @@ from .transcription import Transcription
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "f16": torch.float16, "float16": torch.float16,
           "fp16": torch.float16, "f32": torch.float32, "float32": torch.float32, "fp32": torch.float32}
 
-#: Seconds of audio handed to the session at a time by :meth:`Model.transcribe`: it bounds the audio embeddings
-#: encoded ahead of the decoder (10 min: 7500 steps, 46 MB in bf16), while larger pieces mean fewer encoder calls.
-TRANSCRIBE_PIECE_SECONDS = 600.0
+#: Seconds of audio :meth:`Model.transcribe` hands its session at a time, by device type (others: 10 s).  On CUDA an
+#: encoder call costs about 5 ms whatever its size (a CUDA graph of ~1000 small kernels,
+#: bench/results/profile_encode*_calls_h100.txt), so a recording goes in pieces of 10 minutes, which bound the audio
+#: embeddings encoded ahead of the decoder (46 MB in bf16); on a CPU the encoder's time follows the audio, and
+#: short pieces keep the progress moving.
+TRANSCRIBE_PIECE_SECONDS = {"cuda": 600.0}
 
 AudioInput = str | os.PathLike[str] | np.ndarray | torch.Tensor
 
@@ -112,6 +115,11 @@ class Model:
     def _engine_key(self) -> tuple[int, bool]:
         return self.network.layers_version, self.compile
 
+    @property
+    def transcription_piece(self) -> int:
+        """Samples :meth:`transcribe` hands its session at a time (see TRANSCRIBE_PIECE_SECONDS)."""
+        return int(TRANSCRIBE_PIECE_SECONDS.get(self.device.type, 10.0) * self.config.audio.sample_rate)
+
     def stream(self, *, delay_ms: int | None = None, continue_after_eos: bool = False,
                engine: Engine | None = None) -> StreamingSession:
         """A live session: ``feed()`` 16 kHz float32 mono samples as they come, then ``finish()``.
@@ -133,7 +141,7 @@ class Model:
         samples = load_audio(audio, sample_rate=sample_rate)
         session = StreamingSession(self, delay_ms=delay_ms, track_latency=False)
         total = len(samples) / self.config.audio.sample_rate
-        session.feed_all(samples, piece=int(TRANSCRIBE_PIECE_SECONDS * self.config.audio.sample_rate),
+        session.feed_all(samples, piece=self.transcription_piece,
                          progress=(lambda done: progress(done, total)) if progress else None)
         if progress:
             progress(total, total)

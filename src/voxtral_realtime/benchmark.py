@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .api import TRANSCRIBE_PIECE_SECONDS, Model
+from .api import Model
 from .engine import Engine, Slot
 
 GIB = 2**30
@@ -111,7 +111,7 @@ def bench_file(model: Model, audio: np.ndarray, *, delay_ms: int | None = None) 
     calls_before = engine.decode_calls
     _sync(device)
     started = time.perf_counter()
-    session.feed_all(audio, piece=int(TRANSCRIBE_PIECE_SECONDS * model.config.audio.sample_rate))
+    session.feed_all(audio, piece=model.transcription_piece)
     _sync(device)
     total = time.perf_counter() - started
     engine.stage_seconds, stages = None, engine.stage_seconds
