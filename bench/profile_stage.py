@@ -1,9 +1,9 @@
 """Where a stage of a file goes: one 30 s file through a session of the full-size model (random weights), the
 CUDA kernels of the stage's calls by total time, the stage's wall time against the kernels' sum and the wall time of
 its batched calls (CUDA graphs) by size.  For the decode stage also the prompt's prefill calls (wall, each
-synchronized) apart from the one-position steps.  A diagnostic for
-developers (bench/results/profile_{encode,decode}_*.txt; before session 10 this was bench/profile_encode.py, the
-encode stage only).
+synchronized) apart from the one-position steps.  A diagnostic for developers
+(bench/results/profile_{encode,decode}_*.txt; before session 10 this was bench/profile_encode.py, the encode stage
+only).
 
     python bench/profile_stage.py [--stage encode|decode] [--quant q4_0] [--compile] [--seconds 30]
 """
@@ -40,33 +40,26 @@ def main() -> None:
         engine = session.engine
         engine.capture_graphs()
         spans: dict[str, list[float]] = {args.stage: [], "prefill": []}
+        graph_calls: dict[int, list[float]] = {}  # the stage's batched calls by steps per row: seconds each
 
-        def timed(name: str, call):
+        def timed(name: str, call, seconds_of=None):
+            """``call`` synchronized before and after, its wall time appended to ``spans[name]`` (or to
+            ``seconds_of(*args)``)."""
             def run_call(*a, **k):
                 torch.cuda.synchronize()
                 started = time.perf_counter()
                 with torch.profiler.record_function(f"{name} call"):
                     out = call(*a, **k)
                 torch.cuda.synchronize()
-                spans[name].append(time.perf_counter() - started)
+                (seconds_of(*a) if seconds_of else spans[name]).append(time.perf_counter() - started)
                 return out
             return run_call
 
         setattr(engine, f"_{args.stage}", timed(args.stage, getattr(engine, f"_{args.stage}")))
-        graph_calls: dict[int, list[float]] = {}  # the stage's batched calls by steps per row: seconds each
         batched_call = engine._call
-
-        def timed_call(key, fn):
-            if key[0] != args.stage:
-                return batched_call(key, fn)
-            torch.cuda.synchronize()
-            started = time.perf_counter()
-            out = batched_call(key, fn)
-            torch.cuda.synchronize()
-            graph_calls.setdefault(key[2], []).append(time.perf_counter() - started)
-            return out
-
-        engine._call = timed_call
+        timed_batched_call = timed("batched", batched_call,
+                                   lambda key, fn: graph_calls.setdefault(key[2], []))
+        engine._call = lambda key, fn: (timed_batched_call if key[0] == args.stage else batched_call)(key, fn)
         if args.stage == "decode":
             engine._prefill = timed("prefill", engine._prefill)
         calls_before = engine.decode_calls
