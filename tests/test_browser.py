@@ -198,3 +198,30 @@ console.log(JSON.stringify(results));
         assert results[key]["error"] < 1e-3, results[key]
     assert results[(48000, 6000)]["rms"] == pytest.approx(0.5 / np.sqrt(2), rel=0.02)  # passband up to 6 kHz
     assert results[(48000, 12000)]["rms"] < 1e-3  # above 8 kHz: removed, not folded back to 4 kHz
+
+
+def test_page_subtitles_equal_ours_from_the_words_the_server_sends(tmp_path):
+    """The page writes SRT/VTT from the server's word events (times in whole milliseconds); they must equal the
+    writers' files of the unrounded words, half milliseconds included: words decided in the closing silence
+    all sit at the audio's end, e.g. 75976 samples = 4.7485 s (the cue is then one millisecond long)."""
+    if NODE is None:
+        pytest.skip("node is not installed")
+    import json
+
+    from voxtral_realtime.server.worker import word_dict
+    from voxtral_realtime.transcription import Transcription, Word
+
+    end = 75976 / 16000
+    words = [Word("One", 0.0625, 0.4215), Word("two.", 0.4215, 1.0005), Word("Late", 2.5, 3.0)]
+    words += [Word("get", end, end) for _ in range(4)]
+    result = Transcription(text=" " + " ".join(w.text for w in words), words=words, duration=end)
+    script = tmp_path / "subtitles.mjs"
+    script.write_text(f"""
+import {{ toSrt, toVtt }} from {str(WEB / 'subtitles.js')!r};
+const words = {json.dumps([word_dict(w) for w in words])};
+console.log(JSON.stringify({{srt: toSrt(words), vtt: toVtt(words)}}));
+""")
+    out = json.loads(subprocess.run([NODE, str(script)], capture_output=True, text=True, check=True).stdout)
+    assert out["srt"] == to_srt(result)
+    assert out["vtt"] == to_vtt(result)
+    assert "00:00:04,748 --> 00:00:04,749" in out["srt"]

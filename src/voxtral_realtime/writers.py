@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-from .transcription import Transcription
+from .transcription import Segment, Transcription
 
 FORMATS = ("txt", "json", "srt", "vtt")
 
@@ -17,7 +17,10 @@ def milliseconds(seconds: float) -> int:
 
 
 def timestamp(seconds: float, decimal_marker: str) -> str:
-    millis = milliseconds(seconds)
+    return _clock(milliseconds(seconds), decimal_marker)
+
+
+def _clock(millis: int, decimal_marker: str) -> str:
     hours, millis = divmod(millis, 3_600_000)
     minutes, millis = divmod(millis, 60_000)
     secs, millis = divmod(millis, 1000)
@@ -32,15 +35,22 @@ def to_json(result: Transcription, **extra: object) -> str:
     return json.dumps({**extra, **result.to_dict()}, ensure_ascii=False, indent=2) + "\n"
 
 
+def _cue_span(segment: Segment, decimal_marker: str) -> str:
+    """``start --> end`` of a subtitle cue, at least a millisecond long (players skip empty cues).  The
+    millisecond is added after rounding: words decided in the closing silence all sit at the audio's end, and a
+    half-millisecond end (4.7485 s) would otherwise round differently than the rounded times the server sends."""
+    start = milliseconds(segment.start)
+    end = max(milliseconds(segment.end), start + 1)
+    return f"{_clock(start, decimal_marker)} --> {_clock(end, decimal_marker)}"
+
+
 def to_srt(result: Transcription) -> str:
-    blocks = [f"{i}\n{timestamp(s.start, ',')} --> {timestamp(max(s.end, s.start + 0.001), ',')}\n{s.text}\n"
-              for i, s in enumerate(result.segments, start=1)]
+    blocks = [f"{i}\n{_cue_span(s, ',')}\n{s.text}\n" for i, s in enumerate(result.segments, start=1)]
     return "\n".join(blocks)
 
 
 def to_vtt(result: Transcription) -> str:
-    blocks = [f"{timestamp(s.start, '.')} --> {timestamp(max(s.end, s.start + 0.001), '.')}\n{s.text}\n"
-              for s in result.segments]
+    blocks = [f"{_cue_span(s, '.')}\n{s.text}\n" for s in result.segments]
     return "\n".join(["WEBVTT\n", *blocks])
 
 

@@ -36,8 +36,9 @@ export function segments(words) {
   return out;
 }
 
-export function timestamp(seconds, decimalMarker) {
-  let millis = Math.max(0, Math.round(seconds * 1000));
+const milliseconds = (seconds) => Math.max(0, Math.round(seconds * 1000));
+
+function clock(millis, decimalMarker) {
   const hours = Math.floor(millis / 3600000);
   millis -= hours * 3600000;
   const minutes = Math.floor(millis / 60000);
@@ -52,16 +53,19 @@ export function toTxt(text) {
   return text.trim() + "\n";
 }
 
+/** A cue's times, at least a millisecond long, the millisecond added after rounding (as writers._cue_span). */
+function cueSpan(segment, decimalMarker) {
+  const start = milliseconds(segment.start);
+  const end = Math.max(milliseconds(segment.end), start + 1);
+  return `${clock(start, decimalMarker)} --> ${clock(end, decimalMarker)}`;
+}
+
 export function toSrt(words) {
-  return segments(words)
-    .map((s, i) => `${i + 1}\n${timestamp(s.start, ",")} --> ${timestamp(Math.max(s.end, s.start + 0.001), ",")}\n`
-      + `${s.text}\n`)
-    .join("\n");
+  return segments(words).map((s, i) => `${i + 1}\n${cueSpan(s, ",")}\n${s.text}\n`).join("\n");
 }
 
 export function toVtt(words) {
-  const blocks = segments(words)
-    .map((s) => `${timestamp(s.start, ".")} --> ${timestamp(Math.max(s.end, s.start + 0.001), ".")}\n${s.text}\n`);
+  const blocks = segments(words).map((s) => `${cueSpan(s, ".")}\n${s.text}\n`);
   return ["WEBVTT\n", ...blocks].join("\n");
 }
 
