@@ -30,8 +30,8 @@ from .transcription import Transcription
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "f16": torch.float16, "float16": torch.float16,
           "fp16": torch.float16, "f32": torch.float32, "float32": torch.float32, "fp32": torch.float32}
 
-#: Seconds of audio :meth:`Model.transcribe` hands its session at a time, by device type ("other": the rest).  On CUDA an
-#: encoder call costs about 5 ms whatever its size (a CUDA graph of ~1000 small kernels,
+#: Seconds of audio :meth:`Model.transcribe` hands its session at a time, by device type ("other": the rest).  On
+#: CUDA an encoder call costs about 5 ms whatever its size (a CUDA graph of ~1000 small kernels,
 #: bench/results/profile_encode*_calls_h100.txt), so a recording goes in pieces of 10 minutes, which bound the audio
 #: embeddings encoded ahead of the decoder (46 MB in bf16); on a CPU the encoder's time follows the audio, and
 #: short pieces keep the progress moving.
@@ -118,7 +118,8 @@ class Model:
     @property
     def transcription_piece(self) -> int:
         """Samples :meth:`transcribe` hands its session at a time (see TRANSCRIBE_PIECE_SECONDS)."""
-        return int(TRANSCRIBE_PIECE_SECONDS.get(self.device.type, TRANSCRIBE_PIECE_SECONDS["other"]) * self.config.audio.sample_rate)
+        seconds = TRANSCRIBE_PIECE_SECONDS.get(self.device.type, TRANSCRIBE_PIECE_SECONDS["other"])
+        return int(seconds * self.config.audio.sample_rate)
 
     def stream(self, *, delay_ms: int | None = None, continue_after_eos: bool = False,
                engine: Engine | None = None) -> StreamingSession:
