@@ -37,6 +37,8 @@ from voxtral_realtime.writers import to_srt, to_txt, to_vtt
 LOAD_LIVE_CLIENTS = 50
 LOAD_UPLOADS = 20
 API_KEY = "test-key_123"
+#: the id clients of the real model ask for (vLLM's examples default to it)
+HUB_NAME = "mistralai/Voxtral-Mini-4B-Realtime-2602"
 
 
 def _words(transcription) -> list[tuple[str, float, float]]:
@@ -622,7 +624,8 @@ def test_voxtral_serve_command(checkpoints, tiny_short):
         port = probe.getsockname()[1]
     env = {**os.environ, "VOXTRAL_API_KEY": API_KEY}
     process = subprocess.Popen([sys.executable, "-m", "voxtral_realtime.cli", "serve", "--model", str(folder),
-                                "--device", "cpu", "--port", str(port), "--max-streams", "2", "--no-progress"],
+                                "--device", "cpu", "--port", str(port), "--max-streams", "2", "--no-progress",
+                                "--served-model-name", "tiny", "--served-model-name", HUB_NAME],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
@@ -641,7 +644,7 @@ def test_voxtral_serve_command(checkpoints, tiny_short):
             response = client.post("/v1/audio/transcriptions", files={"file": ("a.wav", wav_bytes(audio),
                                                                                 "audio/wav")})
             assert response.json()["text"] == tiny_short.transcribe(audio).text
-            assert client.get("/v1/models").json()["data"][0]["id"] == str(folder)
+            assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny", HUB_NAME]
     finally:
         process.terminate()
         process.wait(30)
@@ -659,3 +662,64 @@ def test_voxtral_serve_without_the_server_extra_says_what_to_install(monkeypatch
     err = capsys.readouterr().err
     assert "fastapi" in err and "pip install 'voxtral-realtime[server]'" in err
     assert len(err.strip().splitlines()) == 1
+
+
+# -- issue 22: hostile numbers, served names, clients we did not write ------------------------------------------
+
+
+def test_an_absurd_number_is_an_error_event_and_the_stream_in_progress_goes_on(server, tiny_short):
+    """``delay_ms`` = 10^400 once raised OverflowError inside the handler: no error event, the socket dropped and
+    the transcription in progress lost.  Now: an error naming the field, and the stream finishes."""
+    base, app = server
+    audio = speechlike(1.5, seed=45)
+
+    async def scenario() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        ws = await connect(base)
+        await receive_event(ws)
+        await ws.send(json.dumps({"type": "session.update", "model": ""}))
+        await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+        await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": pcm16_base64(audio[:8000])}))
+        errors = []
+        for bad in ({"delay_ms": 10 ** 400}, {"target_streaming_delay_ms": -(10 ** 400)}, {"delay_ms": 1e308},
+                    {"delay_ms": float("inf")}, {"delay_ms": 480.5}):
+            await ws.send(json.dumps({"type": "session.update", "model": "", **bad}))
+            errors.append(await receive_event(ws))
+        await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": pcm16_base64(audio[8000:])}))
+        await ws.send(json.dumps({"type": "input_audio_buffer.commit", "final": True}))
+        while (event := await receive_event(ws))["type"] != "transcription.done":
+            assert event["type"] == "transcription.delta", event
+        await ws.close()
+        return errors, event
+
+    errors, done = asyncio.run(scenario())
+    assert [e["code"] for e in errors] == ["invalid_event"] * 5
+    assert "delay_ms" in errors[0]["error"] and "target_streaming_delay_ms" in errors[1]["error"]
+    assert all(len(e["error"]) < 300 for e in errors)  # the 400 digits are not echoed
+    assert done["text"] == tiny_short.transcribe(audio).text
+    with _client(base) as client:
+        wav = {"file": ("a.wav", wav_bytes(audio), "audio/wav")}
+        for value in ("1" + "0" * 400, "9" * 5000, "-1", "1e3", "nan"):
+            response = client.post("/v1/audio/transcriptions", files=wav, data={"delay_ms": value})
+            assert response.status_code == 400, response.text
+            assert response.json()["error"]["param"] == "delay_ms" and len(response.text) < 500
+    _assert_all_released(app)
+
+
+def test_served_model_names(tiny_short):
+    """``--served-model-name``: a server started on a local folder answers to the Hub id clients ask for."""
+    app = create_app(tiny_short, model_name=["local-tiny", HUB_NAME], max_streams=2)
+    audio = speechlike(1.2, seed=46)
+    expected = tiny_short.transcribe(audio).text
+    with serve_in_thread(app) as base:
+        with _client(base) as client:
+            assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["local-tiny", HUB_NAME]
+            for name in (HUB_NAME, "local-tiny"):
+                response = client.post("/v1/audio/transcriptions", data={"model": name},
+                                       files={"file": ("a.wav", wav_bytes(audio), "audio/wav")})
+                assert response.status_code == 200 and response.json()["text"] == expected
+            refused = client.post("/v1/audio/transcriptions", data={"model": "whisper-1"},
+                                  files={"file": ("a.wav", wav_bytes(audio), "audio/wav")})
+            assert refused.status_code == 404 and HUB_NAME in refused.json()["error"]["message"]
+        result = asyncio.run(transcribe_over_websocket(base, audio, session={"model": HUB_NAME}))
+        assert result.errors == [] and result.done["text"] == expected
+        _assert_all_released(app)

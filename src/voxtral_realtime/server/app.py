@@ -21,7 +21,7 @@ import json
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..errors import AudioError, VoxtralError
 from ..writers import milliseconds, to_srt, to_txt, to_vtt
 from .realtime import serve_realtime
-from .state import Busy, EngineStream, ServerLimits, ServerState, api_key_accepted, presented_api_key
+from .state import Busy, EngineStream, ServerLimits, ServerState, api_key_accepted, clip, presented_api_key
 from .worker import EngineWorker, StreamOptions, StreamUpdate, word_dict
 
 if TYPE_CHECKING:
@@ -62,14 +62,14 @@ class ApiError(Exception):
         return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
 
 
-def create_app(model_or_loader: Model | Callable[[], Model], *, model_name: str | None = None,
+def create_app(model_or_loader: Model | Callable[[], Model], *, model_name: str | Sequence[str] | None = None,
                max_streams: int = 32, decoder_context: int | None = None, api_key: str | None = None,
                limits: ServerLimits | None = None) -> FastAPI:
     """The server application.
 
     ``model_or_loader``: a loaded :class:`~voxtral_realtime.api.Model`, or a function that loads one (called once,
-    at startup, off the event loop).  ``model_name``: the id clients name in ``model`` fields (default: the
-    model's source).  ``max_streams``: concurrent streams on the engine (overrides ``limits.max_streams``);
+    at startup, off the event loop).  ``model_name``: the id clients name in ``model`` fields, or several ids
+    (vLLM's ``--served-model-name``: the first is the one responses report; default: the model's source).  ``max_streams``: concurrent streams on the engine (overrides ``limits.max_streams``);
     ``decoder_context``: cap on each stream's decoder window in tokens (memory, see :meth:`Model.engine`).
     ``api_key``: when set, every ``/v1`` endpoint and ``/metrics`` require it.
     """
@@ -85,7 +85,7 @@ def create_app(model_or_loader: Model | Callable[[], Model], *, model_name: str 
         worker = EngineWorker(model, max_streams=limits.max_streams, decoder_context=decoder_context)
         await asyncio.to_thread(worker.prepare)
         worker.start(asyncio.get_running_loop())
-        app.state.voxtral = ServerState(model=model, model_name=model_name or model.source, worker=worker,
+        app.state.voxtral = ServerState(model=model, model_names=_served_names(model_name, model), worker=worker,
                                         limits=limits, api_key=api_key)
         try:
             yield
@@ -131,6 +131,11 @@ def _with_streams(limits: ServerLimits, max_streams: int) -> ServerLimits:
     return replace(limits, max_streams=max_streams)
 
 
+def _served_names(model_name: str | Sequence[str] | None, model: Model) -> tuple[str, ...]:
+    names = [model_name] if isinstance(model_name, str) else list(model_name or [])
+    return tuple(dict.fromkeys(name for name in names if name)) or (model.source,)
+
+
 def _resolve_model(model_or_loader: Model | Callable[[], Model]) -> Model:
     from ..api import Model
 
@@ -162,8 +167,8 @@ def _add_routes(app: FastAPI) -> None:
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         state = _authorize(request)
-        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": int(state.started),
-                                            "owned_by": "voxtral-realtime"}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": int(state.started),
+                                            "owned_by": "voxtral-realtime"} for name in state.model_names]}
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
@@ -285,8 +290,8 @@ def _parse_transcription_form(form: Any, state: ServerState) -> TranscriptionReq
                                                "the upload was cut off)", param="file")
     model = form.get("model", "")
     if not isinstance(model, str) or not state.model_matches(model):
-        raise ApiError(404, "model_not_found", f"model {model!r} is not served here; this server serves "
-                                               f"{state.model_name!r}", param="model")
+        raise ApiError(404, "model_not_found", f"model {clip(repr(model))} is not served here; this server serves "
+                                               f"{state.served_names_text}", param="model")
     response_format = str(form.get("response_format", "json"))
     if response_format not in RESPONSE_FORMATS:
         raise ApiError(400, "invalid_request", f"response_format must be one of {', '.join(RESPONSE_FORMATS)}",
@@ -322,8 +327,10 @@ def _form_delay(form: Any, state: ServerState) -> int | None:
         return None
     try:
         return state.check_delay(int(str(value)))
-    except (TypeError, ValueError) as err:
-        raise ApiError(400, "invalid_request", f"delay_ms: {err}", param="delay_ms") from None
+    except ValueError as err:  # int() of a non-number or of more than 4300 digits, or a delay out of range
+        raise ApiError(400, "invalid_request", str(err) if str(err).startswith("delay_ms") else
+                       f"delay_ms must be a whole number of milliseconds, got {clip(repr(str(value)))}",
+                       param="delay_ms") from None
 
 
 async def _decode_upload(upload: UploadFile, state: ServerState) -> np.ndarray:

@@ -35,6 +35,7 @@ from .state import (
     Outbox,
     ServerState,
     api_key_accepted,
+    clip,
     presented_api_key,
 )
 from .worker import StreamOptions, StreamUpdate, word_dict
@@ -148,6 +149,9 @@ class RealtimeSession:
                 self._handle(message)
             except ProtocolError as err:
                 self._send_error(err.code, str(err))
+            except Exception:  # a bug must cost the client one event, not its session and the stream in progress
+                log.exception("realtime event failed")
+                self._send_error("processing_error", "the server could not handle this event")
 
     async def _receive_or_idle(self) -> dict[str, Any] | None:
         """The next message; None once the session has been closed for idling."""
@@ -182,7 +186,7 @@ class RealtimeSession:
             raise ProtocolError("invalid_event", "an event is a JSON object with a string 'type'")
         handler = self._handlers.get(event["type"])
         if handler is None:
-            raise ProtocolError("unknown_event", f"unknown event type {event['type']!r}")
+            raise ProtocolError("unknown_event", f"unknown event type {clip(repr(event['type']))}")
         handler(event)
 
     # -- events ------------------------------------------------------------------------------------------------
@@ -192,19 +196,20 @@ class RealtimeSession:
         if not isinstance(model, str):
             raise ProtocolError("invalid_event", "session.update needs 'model' (the served model's name, or \"\")")
         if not self.state.model_matches(model):
-            raise ProtocolError("model_not_found", f"model {model!r} is not served here; this server serves "
-                                                   f"{self.state.model_name!r}")
+            raise ProtocolError("model_not_found", f"model {clip(repr(model))} is not served here; this server "
+                                                   f"serves {self.state.served_names_text}")
         self.options = self._updated_options(event)
         self.model_validated = True
 
     def _updated_options(self, event: dict[str, Any]) -> StreamOptions:
         """Our extensions of session.update; they apply from the next transcription on."""
         options = self.options
-        delay = event.get("delay_ms", event.get("target_streaming_delay_ms"))
+        field = "delay_ms" if "delay_ms" in event else "target_streaming_delay_ms"
+        delay = event.get(field)
         if delay is not None:
             try:
-                delay = self.state.check_delay(delay)
-            except (TypeError, ValueError) as err:
+                delay = self.state.check_delay(delay, field)
+            except ValueError as err:
                 raise ProtocolError("invalid_event", str(err)) from None
         flags = {}
         for name in ("word_timestamps", "continue_after_eos"):

@@ -27,6 +27,16 @@ if TYPE_CHECKING:
 
 SlotKind = Literal["live", "upload"]
 
+#: no delay the model knows is longer (its longest is 2400 ms); larger numbers are refused before any arithmetic
+MAX_DELAY_MS = 10_000
+#: client text quoted back in an error message is cut to this many characters
+ECHO_CHARS = 80
+
+
+def clip(text: str, limit: int = ECHO_CHARS) -> str:
+    """``text`` cut for quoting back to a client: an error must not cost more memory than the limit."""
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} characters)"
+
 
 @dataclass(frozen=True)
 class ServerLimits:
@@ -349,7 +359,8 @@ class ServerState:
     """What every request handler needs; one per app, made in the lifespan hook."""
 
     model: Model
-    model_name: str
+    #: the ids clients may name in ``model`` fields (``--served-model-name``); the first is the one reported
+    model_names: tuple[str, ...]
     worker: EngineWorker
     limits: ServerLimits
     api_key: str | None
@@ -370,16 +381,32 @@ class ServerState:
         self.metrics.on_engine_run(seconds, steps, audio_seconds)
         self.recent_rtf.add(seconds, audio_seconds)
 
-    def check_delay(self, delay_ms: object) -> int:
-        """A delay the model supports, or ValueError / TypeError with the reason."""
+    def check_delay(self, delay_ms: object, field: str = "delay_ms") -> int:
+        """A delay the model supports, or ValueError naming ``field`` with the reason (range before arithmetic:
+        a 400-digit number must not reach a float division)."""
+        if isinstance(delay_ms, float) and delay_ms.is_integer():
+            delay_ms = int(delay_ms)  # JSON does not tell 480 from 480.0
         if isinstance(delay_ms, bool) or not isinstance(delay_ms, int):
-            raise TypeError(f"delay_ms must be a whole number of milliseconds, got {delay_ms!r}")
-        self.model.config.audio.delay_tokens(delay_ms)
+            raise ValueError(f"{field} must be a whole number of milliseconds, got {clip(repr(delay_ms))}")
+        if not 0 < delay_ms <= MAX_DELAY_MS:
+            raise ValueError(f"{field} must be between 1 and {MAX_DELAY_MS} ms, got {clip(repr(delay_ms))}")
+        try:
+            self.model.config.audio.delay_tokens(delay_ms)
+        except ValueError as err:
+            raise ValueError(f"{field}: {err}") from None
         return delay_ms
 
+    @property
+    def model_name(self) -> str:
+        return self.model_names[0]
+
+    @property
+    def served_names_text(self) -> str:
+        return ", ".join(repr(name) for name in self.model_names)
+
     def model_matches(self, name: str) -> bool:
-        """Clients name the served model, or send an empty name (vLLM accepts that too)."""
-        return name in ("", self.model_name)
+        """Clients name a served model, or send an empty name (vLLM accepts that too)."""
+        return name == "" or name in self.model_names
 
 
 # -- API keys ------------------------------------------------------------------------------------------------
