@@ -6,8 +6,8 @@
 
 Endpoints: ``/v1/realtime`` (WebSocket, vLLM's realtime protocol: :mod:`.realtime`),
 ``POST /v1/audio/transcriptions`` (OpenAI's multipart shape; json, text, srt, vtt, verbose_json; ``stream=true``
-for server-sent events in vLLM's chunk shape), ``GET /v1/models``, ``GET /health``, ``GET /metrics``
-(Prometheus), and the browser page at ``/``.
+for server-sent events that both vLLM's and OpenAI's clients read), ``GET /v1/models``, ``GET /health``,
+``GET /metrics`` (Prometheus), and the browser page at ``/``.
 
 Importing this module does no work; :func:`create_app` only builds routes.  The model is loaded once, in the
 lifespan hook, and every stream (live or upload) runs on one batched engine owned by one worker thread
@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -36,18 +37,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import AudioError, VoxtralError
-from ..writers import milliseconds, to_srt, to_txt, to_vtt
+from ..writers import to_srt, to_txt, to_vtt
 from .realtime import serve_realtime
 from .state import Busy, EngineStream, ServerLimits, ServerState, api_key_accepted, clip, presented_api_key
-from .worker import EngineWorker, StreamOptions, StreamUpdate, word_dict
+from .verbose import verbose_json
+from .worker import EngineWorker, StreamOptions, StreamUpdate
 
 if TYPE_CHECKING:
     from ..api import Model
-    from ..transcription import Transcription
 
 WEB_DIR = Path(__file__).parent / "web"
 TRANSCRIPTIONS_PATH = "/v1/audio/transcriptions"
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+#: an ISO-639 language code, optionally with a region (en, yue, pt-BR)
+LANGUAGE = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})?")
 
 
 class ApiError(Exception):
@@ -69,8 +72,9 @@ def create_app(model_or_loader: Model | Callable[[], Model], *, model_name: str 
 
     ``model_or_loader``: a loaded :class:`~voxtral_realtime.api.Model`, or a function that loads one (called once,
     at startup, off the event loop).  ``model_name``: the id clients name in ``model`` fields, or several ids
-    (vLLM's ``--served-model-name``: the first is the one responses report; default: the model's source).  ``max_streams``: concurrent streams on the engine (overrides ``limits.max_streams``);
-    ``decoder_context``: cap on each stream's decoder window in tokens (memory, see :meth:`Model.engine`).
+    (vLLM's ``--served-model-name``: the first is the one responses report; default: the model's source).
+    ``max_streams``: concurrent streams on the engine (overrides ``limits.max_streams``); ``decoder_context``: cap
+    on each stream's decoder window in tokens (memory, see :meth:`Model.engine`).
     ``api_key``: when set, every ``/v1`` endpoint and ``/metrics`` require it.
     """
     limits = _with_streams(limits or ServerLimits(), max_streams)
@@ -198,6 +202,7 @@ class TranscriptionRequest:
     word_timestamps: bool
     segment_timestamps: bool
     delay_ms: int | None
+    language: str | None
 
 
 async def create_transcription(request: Request) -> Response:
@@ -303,6 +308,7 @@ def _parse_transcription_form(form: Any, state: ServerState) -> TranscriptionReq
     if granularities and response_format != "verbose_json":
         raise ApiError(400, "invalid_request", "timestamp_granularities need response_format=verbose_json",
                        param="timestamp_granularities")
+    _form_temperature(form)
     stream = _form_bool(form, "stream")
     if stream and response_format not in ("json", "text"):
         raise ApiError(400, "invalid_request", "stream=true sends text deltas: use response_format json or text",
@@ -311,7 +317,34 @@ def _parse_transcription_form(form: Any, state: ServerState) -> TranscriptionReq
         upload=upload, response_format=response_format, stream=stream,
         include_usage=_form_bool(form, "stream_include_usage"), word_timestamps="word" in granularities,
         segment_timestamps="segment" in granularities or not granularities,
-        delay_ms=_form_delay(form, state))
+        delay_ms=_form_delay(form, state), language=_form_language(form))
+
+
+def _form_language(form: Any) -> str | None:
+    """OpenAI's ``language`` (an ISO-639 code): echoed in verbose_json, not used for decoding (the model
+    transcribes any of its languages unasked)."""
+    value = form.get("language")
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str) or not LANGUAGE.fullmatch(value):
+        raise ApiError(400, "invalid_request", f"language must be a language code such as 'en', got "
+                                               f"{clip(repr(value))}", param="language")
+    return value
+
+
+def _form_temperature(form: Any) -> None:
+    """Decoding is greedy: temperature 0 (or none) is what the server does; OpenAI's range is checked anyway so
+    that a mistaken value is an error and not silently something else."""
+    value = form.get("temperature")
+    if value in (None, ""):
+        return
+    try:
+        temperature = float(str(value))
+    except ValueError:
+        temperature = math.nan
+    if not 0.0 <= temperature <= 1.0:
+        raise ApiError(400, "invalid_request", f"temperature must be a number from 0 to 1, got {clip(repr(value))}",
+                       param="temperature")
 
 
 def _form_bool(form: Any, name: str) -> bool:
@@ -408,25 +441,18 @@ def _formatted(update: StreamUpdate, params: TranscriptionRequest, state: Server
         return PlainTextResponse(to_srt(result))
     if params.response_format == "vtt":
         return PlainTextResponse(to_vtt(result), media_type="text/vtt")
-    return JSONResponse(_verbose_json(result, params, usage))
-
-
-def _verbose_json(result: Transcription, params: TranscriptionRequest, usage: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI's verbose_json.  The model reports no language and no per-segment log-probabilities, so those
-    fields are left out rather than invented; temperature is 0 because decoding is greedy."""
-    body: dict[str, Any] = {"task": "transcribe", "duration": round(result.duration, 3), "text": result.text,
-                            "delay_ms": result.delay_ms}
-    if params.segment_timestamps:
-        body["segments"] = [{"id": i, "seek": 0, "start": milliseconds(s.start) / 1000, "end": milliseconds(s.end) / 1000,
-                             "text": s.text, "temperature": 0.0} for i, s in enumerate(result.segments)]
-    if params.word_timestamps:
-        body["words"] = [{k: v for k, v in word_dict(w).items() if k != "latency"} for w in result.words]
-    body["usage"] = usage
-    return body
+    return JSONResponse(verbose_json(result, update.token_scores, state.model.tokenizer, language=params.language,
+                                     segments=params.segment_timestamps, words=params.word_timestamps, usage=usage))
 
 
 class TranscriptionEventStream(StreamingResponse):
-    """``stream=true``: server-sent events in vLLM's ``transcription.chunk`` shape, then ``data: [DONE]``.
+    """``stream=true``: server-sent events, then ``data: [DONE]``.
+
+    Each event speaks two dialects at once, so that clients of either read it unchanged: vLLM's
+    ``transcription.chunk`` (``choices[0].delta.content``, a closing chunk with ``finish_reason`` ``"stop"`` and
+    an empty ``content``) and OpenAI's typed events (``type`` ``transcript.text.delta`` with ``delta``, then
+    ``transcript.text.done`` with the whole ``text``).  With ``stream_include_usage`` the closing event carries the
+    usage under both dialects' names (vLLM sends it in a chunk of its own, which OpenAI's SDK could not type).
 
     The stream is dropped in ``__call__``'s ``finally``, so a client that disconnects (even before the first
     byte) never leaves a stream behind in the engine."""
@@ -450,25 +476,30 @@ class TranscriptionEventStream(StreamingResponse):
         while True:
             item = await self._sink.deltas.get()
             if isinstance(item, str):
-                yield self._chunk([{"index": 0, "delta": {"content": item}, "finish_reason": None,
-                                    "stop_reason": None}])
+                yield self._event({"type": "transcript.text.delta", "delta": item}, content=item, finish=None)
                 continue
             if isinstance(item, ApiError):
-                yield f"data: {json.dumps(item.body(), ensure_ascii=False)}\n\n"
+                yield _sse(item.body())
             else:
-                yield self._chunk([{"index": 0, "delta": {}, "finish_reason": "stop", "stop_reason": None}])
+                assert item.result is not None
+                done: dict[str, Any] = {"type": "transcript.text.done", "text": item.result.text}
                 if self._params.include_usage and item.usage is not None:
                     usage = item.usage
-                    yield self._chunk([], usage={"prompt_tokens": usage.prompt_tokens,
-                                                 "completion_tokens": usage.completion_tokens,
-                                                 "total_tokens": usage.total_tokens})
+                    done["usage"] = {"type": "tokens", "input_tokens": usage.prompt_tokens,
+                                     "output_tokens": usage.completion_tokens, "prompt_tokens": usage.prompt_tokens,
+                                     "completion_tokens": usage.completion_tokens, "total_tokens": usage.total_tokens}
+                yield self._event(done, content="", finish="stop")
             yield "data: [DONE]\n\n"
             return
 
-    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> str:
-        body = {"id": self._id, "object": "transcription.chunk", "created": self._created,
-                "model": self._state.model_name, "choices": choices, **extra}
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+    def _event(self, typed: dict[str, Any], content: str, finish: str | None) -> str:
+        choice = {"index": 0, "delta": {"content": content}, "finish_reason": finish, "stop_reason": None}
+        return _sse({"id": self._id, "object": "transcription.chunk", "created": self._created,
+                     "model": self._state.model_name, **typed, "choices": [choice]})
+
+
+def _sse(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
 # -- errors ------------------------------------------------------------------------------------------------------

@@ -80,6 +80,8 @@ class StreamUpdate:
     consumed_samples: int = 0
     #: set once, when the stream has finished: its whole transcription
     result: Transcription | None = None
+    #: with the result: per token, (its log-probability, that of [STREAMING_PAD]) at its step
+    token_scores: list[tuple[float, float] | None] = field(default_factory=list)
     usage: StreamUsage | None = None
     #: the stream failed and was dropped (a bug, reported to its client as ``processing_error``)
     error: str | None = None
@@ -404,6 +406,7 @@ class EngineWorker:
             result = session.transcription
             update = self._collect(stream, words=result.words)
             update.result = result
+            update.token_scores = list(session.token_scores)
             update.usage = StreamUsage(prompt_tokens=len(session.prompt), completion_tokens=len(result.tokens))
             update.released = True
             self._post(stream.listener, update)
