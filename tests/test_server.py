@@ -580,10 +580,15 @@ def test_fast_sender_is_slowed_not_dropped_and_a_reader_that_never_reads_stalls_
             await ws.send(json.dumps({"type": "input_audio_buffer.append",
                                       "audio": pcm16_base64(audio[start:start + 16000])}))
         await ws.send(json.dumps({"type": "input_audio_buffer.commit", "final": True}))
+        throttled = []
         while (event := await receive_event(ws, timeout=60))["type"] != "transcription.done":
-            assert event["type"] == "transcription.delta"
+            assert event["type"] in ("transcription.delta", "input_audio_buffer.throttled")
+            if event["type"] == "input_audio_buffer.throttled":
+                throttled.append(event)
         await ws.close()
         await silent_reader.close()
+        # told that it is being slowed down
+        assert throttled and throttled[0]["max_queued_seconds"] == 1.0 and throttled[0]["queued_seconds"] > 1.0
         return event["text"]
 
     assert asyncio.run(asyncio.wait_for(scenario(), 120)) == expected
@@ -613,24 +618,29 @@ def test_a_dead_engine_is_reported_not_waited_for(tiny_short):
 
 
 def test_outbox_of_a_client_that_does_not_read_stays_small():
-    """Text and words of many ticks merge into one event each; an error keeps its place; too many errors mark
-    the client as not reading."""
+    """Text and words of many ticks merge into one event each; an error keeps its place; past its bytes the client
+    is marked as not reading, and what it had queued is dropped."""
     from voxtral_realtime.server.state import Outbox
 
-    outbox = Outbox(max_events=3)
+    outbox = Outbox(max_bytes=100_000)
     for tick in range(1000):
         outbox.put_delta(f"{tick} ")
         outbox.put_words([{"word": str(tick)}])
     outbox.put({"type": "error", "code": "invalid_json"})
     outbox.put_delta("after")
-    events = asyncio.run(outbox.take())
+    events = [json.loads(text) for text in asyncio.run(outbox.take())]
     assert [e["type"] for e in events] == ["transcription.delta", "transcription.words", "error",
                                            "transcription.delta"]
     assert events[0]["delta"] == "".join(f"{t} " for t in range(1000)) and len(events[1]["words"]) == 1000
-    assert not outbox.overflowed
-    for _ in range(4):
-        outbox.put({"type": "error", "code": "invalid_json"})
-    assert outbox.overflowed
+    assert not outbox.overflowed and outbox.unsent_bytes == 0
+    big = "x" * 30_000
+    for _ in range(3):
+        outbox.put({"type": "error", "error": big})
+    assert not outbox.overflowed and 90_000 < outbox.unsent_bytes <= 100_000
+    outbox.put({"type": "error", "error": big})
+    assert outbox.overflowed and outbox.overflow.is_set() and not outbox._items
+    outbox.put_delta("more")  # nothing more is kept
+    assert not outbox._items
 
 
 # -- the command line --------------------------------------------------------------------------------------------
@@ -742,3 +752,53 @@ def test_served_model_names(tiny_short):
         result = asyncio.run(transcribe_over_websocket(base, audio, session={"model": HUB_NAME}))
         assert result.errors == [] and result.done["text"] == expected
         _assert_all_released(app)
+
+
+def _undecided_in_worker(app) -> int:
+    """Samples of audio inside the worker and the engine whose tokens are not decided yet, over all streams
+    (read from the test thread: a snapshot)."""
+    total = 0
+    for stream in list(_state(app).worker._streams.values()):
+        session = stream.session
+        total += stream.pending_samples + max(0, session.samples_fed - len(session.tokens) * 1280)
+    return total
+
+
+def test_fast_senders_are_slowed_not_dropped_and_the_buffer_cap_holds(tiny_short):
+    """Two clients send 40 s each as fast as the socket takes it, through a 1 s buffer, to a server whose
+    keepalive pings every 0.2 s and gives up 0.2 s later: reading them pauses far longer than that.  Both get the
+    whole transcript (their pongs wait behind their audio, which is no sign of death), and the audio waiting
+    anywhere in the server never exceeds the cap (audio counts until its tokens are decided: the engine takes 16
+    steps a round but decodes 2), and the queue metric says so while it waits."""
+    limits = ServerLimits(max_buffered_seconds=1.0, max_message_bytes=64_000)
+    app = create_app(tiny_short, model_name="tiny", max_streams=2, limits=limits)
+    audio = [speechlike(40.0, seed=47), speechlike(40.0, seed=48)]
+    expected = [tiny_short.transcribe(a).text for a in audio]
+    undecided, queued = [], []
+
+    async def sender(base: str, samples: np.ndarray) -> str:
+        result = await transcribe_over_websocket(base, samples, chunk=8000, timeout=300)
+        assert result.errors == []
+        return result.done["text"]
+
+    async def watch() -> None:
+        while True:
+            undecided.append(_undecided_in_worker(app))
+            queued.append(_state(app).queued_samples)
+            await asyncio.sleep(0.02)
+
+    async def scenario(base: str) -> list[str]:
+        watcher = asyncio.create_task(watch())
+        try:
+            return await asyncio.gather(*(sender(base, a) for a in audio))
+        finally:
+            watcher.cancel()
+
+    with serve_in_thread(app, ws_ping_interval=0.2, ws_ping_timeout=0.2) as base:
+        texts = asyncio.run(asyncio.wait_for(scenario(base), 300))
+        _assert_all_released(app)
+    assert texts == expected
+    # per stream: the cap, one message over it, and the look-ahead of the model's delay
+    bound = 2 * (16000 * 1.0 + 8000 + 8 * 1280)
+    assert 0 < max(undecided) <= bound
+    assert max(queued) <= bound and max(queued) > 16000  # the metric saw the backlog

@@ -568,6 +568,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .server import create_app
+    from .server.keepalive import uvicorn_settings
     from .server.state import ServerLimits
 
     reporter = Reporter(enabled=not args.no_progress)
@@ -582,9 +583,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .web_export import mount_local
 
         mount_local(app, args.web_export)
-    # uvicorn's own frame limit sits above the app's, so an oversized message gets the app's clear error event
-    uvicorn.run(app, host=args.host, port=args.port, ws_max_size=2 * limits.max_message_bytes,
-                timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=5,
+                **uvicorn_settings(limits.max_message_bytes))
     return 0
 
 
