@@ -62,7 +62,8 @@ def server(tiny_short):
 def strict_server(tiny_short):
     """Small limits, an API key and a short idle timeout, for the fault tests."""
     limits = ServerLimits(max_upload_bytes=200_000, max_audio_seconds=4.0, max_message_bytes=64_000,
-                          max_buffered_seconds=1.0, idle_timeout_seconds=1.0, max_connections=8)
+                          max_buffered_seconds=1.0, idle_timeout_seconds=1.0, max_connections=8,
+                          body_read_timeout_seconds=1.0)
     app = create_app(tiny_short, model_name="tiny", max_streams=2, api_key=API_KEY, limits=limits)
     with serve_in_thread(app) as base:
         yield base, app
@@ -802,3 +803,33 @@ def test_fast_senders_are_slowed_not_dropped_and_the_buffer_cap_holds(tiny_short
     bound = 2 * (16000 * 1.0 + 8000 + 8 * 1280)
     assert 0 < max(undecided) <= bound
     assert max(queued) <= bound and max(queued) > 16000  # the metric saw the backlog
+
+
+def test_schema_behind_the_key_limits_in_bytes_a_body_cut_short_and_huge_headers(strict_server):
+    base, app = strict_server
+    with _client(base) as client:
+        assert client.get("/openapi.json").status_code == 401
+        schema = client.get("/openapi.json", headers={"Authorization": f"Bearer {API_KEY}"})
+        assert schema.status_code == 200 and "/v1/audio/transcriptions" in schema.json()["paths"]
+        assert client.get("/docs").status_code == 404
+        huge = client.get("/health", headers={f"x-filler-{i}": "a" * 1000 for i in range(100)})
+        assert huge.status_code == 431 and huge.json()["error"]["code"] == "headers_too_large"
+    # a body that stops short of its Content-Length is given up after the read timeout, with 408
+    port = int(base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        raw.sendall(b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " +
+                    API_KEY.encode() + b"\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                    b"Content-Length: 5000\r\n\r\n--b\r\n")
+        assert raw.recv(100).startswith(b"HTTP/1.1 408")
+
+    async def non_ascii() -> dict[str, Any]:
+        ws = await _strict_ws(base)
+        await receive_event(ws)
+        # 40 000 characters, 80 000 bytes: over the 64 000-byte limit
+        await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": "é" * 40_000}, ensure_ascii=False))
+        event = await receive_event(ws)
+        await ws.close()
+        return event
+
+    assert asyncio.run(non_ascii())["code"] == "message_too_large"
+    _assert_all_released(app)

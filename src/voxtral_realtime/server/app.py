@@ -96,14 +96,39 @@ def create_app(model_or_loader: Model | Callable[[], Model], *, model_name: str 
         finally:
             await asyncio.to_thread(worker.stop)
 
-    app = FastAPI(title="voxtral-realtime", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.add_middleware(UploadSizeLimit, max_bytes=limits.max_upload_bytes, paths=(TRANSCRIPTIONS_PATH,))
+    # the schema is served by a route of ours, behind the API key when there is one
+    app = FastAPI(title="voxtral-realtime", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(UploadSizeLimit, max_bytes=limits.max_upload_bytes, paths=(TRANSCRIPTIONS_PATH,),
+                       read_timeout=limits.body_read_timeout_seconds)
+    app.add_middleware(HeaderSizeLimit, max_bytes=limits.max_header_bytes)
     app.add_middleware(StartupErrorMessage)
     app.add_exception_handler(ApiError, _api_error_response)
     app.add_exception_handler(StarletteHTTPException, _http_error_response)
     _add_routes(app)
     app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")
     return app
+
+
+class HeaderSizeLimit:
+    """431 for a request whose headers total more than ``max_bytes`` (names and values), before any route sees it.
+
+    uvicorn's default HTTP parser (httptools) puts no limit on headers; with h11 its own limit answers a plain 400.
+    This gives the status that says what is wrong; the bytes were read by then, so the bound on memory per
+    connection is uvicorn's (``--http h11``'s ``h11_max_incomplete_event_size``), not this."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and \
+                sum(len(name) + len(value) for name, value in scope["headers"]) > self.max_bytes:
+            if scope["type"] == "websocket":  # refused handshake: the client sees 403
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            error = ApiError(431, "headers_too_large", f"the request's headers exceed {self.max_bytes} bytes")
+            await JSONResponse(error.body(), status_code=431)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 class StartupErrorMessage:
@@ -167,6 +192,11 @@ def _add_routes(app: FastAPI) -> None:
     @app.post(TRANSCRIPTIONS_PATH)
     async def transcriptions(request: Request) -> Response:
         return await create_transcription(request)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request) -> JSONResponse:
+        _authorize(request)
+        return JSONResponse(app.openapi())
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
@@ -240,12 +270,17 @@ class UploadTooLarge(Exception):
     pass
 
 
+class BodyReadTimeout(Exception):
+    pass
+
+
 class UploadSizeLimit:
     """Refuses request bodies above ``max_bytes`` on ``paths``: at once from Content-Length, or while reading a
-    body sent without one, before a multipart parser spools it to disk."""
+    body sent without one, before a multipart parser spools it to disk.  A body whose next piece takes more than
+    ``read_timeout`` seconds to come (one that stops short of its Content-Length) is given up, not waited for."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, paths: tuple[str, ...]) -> None:
-        self.app, self.max_bytes, self.paths = app, max_bytes, paths
+    def __init__(self, app: ASGIApp, max_bytes: int, paths: tuple[str, ...], read_timeout: float) -> None:
+        self.app, self.max_bytes, self.paths, self.read_timeout = app, max_bytes, paths, read_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in self.paths:
@@ -260,7 +295,10 @@ class UploadSizeLimit:
 
         async def counting_receive() -> Message:
             nonlocal received
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout)
+            except asyncio.TimeoutError:
+                raise BodyReadTimeout(f"the request body stopped coming for {self.read_timeout:g} s") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
@@ -281,6 +319,8 @@ async def _read_form(request: Request) -> Any:
         return await request.form(max_files=1, max_fields=32, max_part_size=64 * 1024)
     except UploadTooLarge as err:
         raise ApiError(413, "upload_too_large", str(err)) from None
+    except BodyReadTimeout as err:
+        raise ApiError(408, "request_timeout", str(err)) from None
     except StarletteHTTPException as err:  # Starlette's multipart errors
         raise ApiError(400, "invalid_multipart", f"the multipart body cannot be read: {err.detail}") from None
     except Exception as err:  # noqa: BLE001 - a client that hung up mid-upload, or a body cut short

@@ -198,9 +198,9 @@ class RealtimeSession:
         if text is None:
             raise ProtocolError("invalid_event", "binary frames are not part of the protocol: send each event as "
                                                  "a JSON text frame (audio goes base64-encoded in 'audio')")
-        if len(text) > self.state.limits.max_message_bytes:
-            raise ProtocolError("message_too_large", f"a message may hold at most "
-                                                     f"{self.state.limits.max_message_bytes} bytes; send audio in "
+        limit = self.state.limits.max_message_bytes
+        if len(text) > limit or len(text.encode()) > limit:  # characters are at least a byte each
+            raise ProtocolError("message_too_large", f"a message may hold at most {limit} bytes; send audio in "
                                                      "smaller appends")
         try:
             event = json.loads(text)

@@ -54,8 +54,12 @@ class ServerLimits:
     #: WebSocket connections at once (idle ones included)
     max_connections: int = 256
     max_upload_bytes: int = 100 * 1024 * 1024
+    #: request headers (names and values) beyond this are answered 431
+    max_header_bytes: int = 64 * 1024
+    #: an upload whose body stops coming for this long is answered 408 (a body cut short would hold it forever)
+    body_read_timeout_seconds: float = 30.0
     max_audio_seconds: float = 2 * 3600.0
-    #: one WebSocket message (a base64 append of 1 MiB is about 24 s of audio)
+    #: one WebSocket message in bytes of UTF-8 (a base64 append of 1 MiB is about 24 s of audio)
     max_message_bytes: int = 1024 * 1024
     #: audio a WebSocket client may have waiting in the server: above it the server stops reading its messages
     #: (TCP back-pressure); audio appended before a transcription starts beyond it is refused (buffer_full)
