@@ -833,3 +833,129 @@ def test_schema_behind_the_key_limits_in_bytes_a_body_cut_short_and_huge_headers
 
     assert asyncio.run(non_ascii())["code"] == "message_too_large"
     _assert_all_released(app)
+
+
+def test_memory_of_a_connection_is_bounded_in_bytes(strict_server):
+    """A client that never reads, flooding the server with events whose error echoes its own 60 KB strings (once:
+    256 unsent events of 60 KB each, held per connection), and one-sample appends before the first commit (once:
+    an array per append, 63-80 bytes a sample): the Python memory the server holds for them stays small."""
+    import tracemalloc
+
+    base, app = strict_server
+
+    async def flood() -> int:
+        ws = await _strict_ws(base)  # never reads
+        await ws.send(json.dumps({"type": "session.update", "model": ""}))
+        for i in range(300):
+            await ws.send(json.dumps({"type": "x" * 60_000 + str(i)}))
+        await asyncio.sleep(0.5)
+        held = tracemalloc.get_traced_memory()[0]
+        await ws.close()
+        return held
+
+    async def one_sample_appends() -> int:
+        ws = await _strict_ws(base)
+        await receive_event(ws)
+        await ws.send(json.dumps({"type": "session.update", "model": ""}))
+        one = pcm16_base64(np.full(1, 0.25, np.float32))
+        for _ in range(12_000):  # 0.75 s: under the 1 s buffer this server allows before a start
+            await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": one}))
+        await _processed(ws)
+        held = tracemalloc.get_traced_memory()[0]
+        await ws.close()
+        return held
+
+    tracemalloc.start()
+    try:
+        baseline = tracemalloc.get_traced_memory()[0]
+        flooded = asyncio.run(flood()) - baseline
+        _assert_all_released(app)
+        baseline = tracemalloc.get_traced_memory()[0]
+        appended = asyncio.run(one_sample_appends()) - baseline
+    finally:
+        tracemalloc.stop()
+    assert flooded < 3_000_000, flooded
+    assert appended < 300_000, appended  # 24 KB of PCM16, plus the client's own bookkeeping
+    _assert_all_released(app)
+
+
+def _json_values():
+    from hypothesis import strategies as st
+
+    scalars = (st.none() | st.booleans() | st.integers() | st.sampled_from([10 ** 400, -10 ** 400, 2 ** 63, 480, 960])
+               | st.floats() | st.text(max_size=40))
+    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.text(max_size=8), inner, max_size=3), max_leaves=6)
+
+
+def test_property_every_event_field_gets_an_answer_never_a_dropped_session(server):
+    """Any JSON in any field of the three client events: an error event naming the problem or acceptance, and the
+    session stays open (checked by a barrier event after each)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    base, app = server
+    values = _json_values()
+    events = st.one_of(
+        st.fixed_dictionaries({"type": st.just("session.update")}, optional={
+            "model": values | st.sampled_from(["", "tiny"]), "delay_ms": values,
+            "target_streaming_delay_ms": values, "word_timestamps": values, "continue_after_eos": values}),
+        st.fixed_dictionaries({"type": st.just("input_audio_buffer.append")}, optional={
+            "audio": values | st.binary(max_size=64).map(lambda b: base64.b64encode(b).decode())}),
+        st.fixed_dictionaries({"type": st.just("input_audio_buffer.commit")}, optional={"final": values}),
+        st.fixed_dictionaries({"type": values}))
+    loop = asyncio.new_event_loop()
+    ws = loop.run_until_complete(connect(base))
+    loop.run_until_complete(receive_event(ws))
+
+    async def answered(event: dict[str, Any]) -> list[dict[str, Any]]:
+        await ws.send(json.dumps(event))
+        await ws.send(json.dumps({"type": "test.barrier"}))
+        errors = []
+        while True:
+            reply = await receive_event(ws, timeout=10)
+            if reply["type"] == "error":
+                if reply["code"] == "unknown_event" and "test.barrier" in reply["error"]:
+                    return errors
+                errors.append(reply)
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(events)
+    def one_event(event: dict[str, Any]) -> None:
+        for error in loop.run_until_complete(answered(event)):
+            assert isinstance(error["code"], str) and isinstance(error["error"], str) and len(error["error"]) < 400
+            assert error["code"] != "processing_error", error  # a bug, not the client's mistake
+
+    try:
+        one_event()
+    finally:
+        loop.run_until_complete(ws.close())
+        loop.close()
+    _assert_all_released(app)
+
+
+def test_property_every_form_field_gets_a_status_never_a_500(server):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    base, app = server
+    wav = wav_bytes(speechlike(0.3, seed=49))
+    text = st.text(max_size=30) | st.sampled_from(["480", "1" + "0" * 400, "nan", "-1", "0.5", "true", "en", "json",
+                                                     "verbose_json", "word", "2400", "1e3", "inf"])
+    fields = st.fixed_dictionaries({}, optional={name: text for name in (
+        "delay_ms", "temperature", "stream", "stream_include_usage", "response_format", "language", "model",
+        "timestamp_granularities[]")})
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(fields)
+    def one_form(data: dict[str, str]) -> None:
+        with _client(base) as client:
+            response = client.post("/v1/audio/transcriptions", data=data,
+                                   files={"file": ("a.wav", wav, "audio/wav")})
+        assert response.status_code in (200, 400, 404), (data, response.status_code, response.text[:200])
+        if response.status_code != 200:
+            named = response.json()["error"]["param"]
+            assert named in {name.removesuffix("[]") for name in data} | {"model"}, (data, response.text)
+
+    one_form()
+    _assert_all_released(app)
