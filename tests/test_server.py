@@ -27,6 +27,7 @@ from live_server import (
     wav_bytes,
 )
 from signals import speechlike
+from test_audio import pcm_wav_saying
 from test_eos import AUDIO as EOS_AUDIO
 from test_eos import eos_prone_model  # noqa: F401 - a fixture
 
@@ -482,19 +483,11 @@ def test_upload_limits(strict_server):
                            files={"file": ("long.wav", wav_bytes(np.zeros(16000 * 5, np.float32)), "audio/wav")})
         assert long.status_code == 413 and long.json()["error"]["code"] == "audio_too_long"
         # a sample-rate bomb (20 KB saying 5 Hz: 2000 s, 128 MB of float32 once decoded) costs nothing
-        bomb = client.post("/v1/audio/transcriptions", files={"file": ("bomb.wav", _wav_saying(5, 10_000),
+        bomb = client.post("/v1/audio/transcriptions", files={"file": ("bomb.wav", pcm_wav_saying(5, 10_000),
                                                                        "audio/wav")})
         assert bomb.status_code == 400 and "5 Hz" in bomb.json()["error"]["message"]
     _assert_all_released(app)
 
-
-def _wav_saying(rate: int, samples: int) -> bytes:
-    """A PCM16 mono WAV whose header says ``rate`` (soundfile refuses to write absurd rates)."""
-    import struct
-
-    data = np.zeros(samples, "<i2").tobytes()
-    fmt = struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16)
-    return b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVEfmt " + fmt + b"data" + struct.pack("<I", len(data)) + data
 
 
 def test_stream_limits_busy_idle_and_message_size(strict_server, tiny_short):

@@ -81,7 +81,8 @@ def load_audio(source: AudioSource, *, sample_rate: int | None = None,
 
     ``sample_rate`` is ignored for files and bytes, which carry their own rate.  ``max_seconds`` (files and bytes):
     refuse longer audio with :class:`AudioTooLong`, from the container's declared duration before decoding, and
-    while decoding (stopping there) when it declares none or lies, so memory stays bounded by the limit.  Float samples outside
+    while decoding (stopping there) when it declares none or lies, so memory stays bounded by the limit.  A file's
+    sample rate must be one of real audio (:data:`MIN_FILE_RATE` to :data:`MAX_FILE_RATE`).  Float samples outside
     ``[-1, 1]`` are kept as they are, not clipped.  An array that is already float32 mono 16 kHz is returned
     without a copy (it may share memory with ``source``).
 
