@@ -120,12 +120,17 @@ def test_gguf_model_is_the_in_memory_quantized_model(source, written, audio, qty
 def test_quantizing_a_model_that_has_run_compiled_uses_the_new_weights(source, audio):
     """A model keeps its one-stream engine (compiled code, CUDA graphs) across sessions; quantizing its network
     afterwards must not leave that engine computing with the old weights (it did: found on the GPU)."""
-    expected = quantized_in_memory(source, "q4_0").transcribe(audio).tokens
+    fresh = quantized_in_memory(source, "q4_0")
+    expected = fresh.transcribe(audio).tokens
+    # compiled float32 code rounds differently from eager, and int8 activations turn that into other tokens on
+    # this random model: compare compiled with compiled
+    fresh.compile = True
+    expected_compiled = fresh.transcribe(audio).tokens
     model = voxtral_realtime.load(source, device="cpu", dtype="f32")
     model.compile = True
     unquantized = model.transcribe(audio).tokens
     quantize_network(model.network, "q4_0")
-    assert model.transcribe(audio).tokens == expected != unquantized
+    assert model.transcribe(audio).tokens == expected_compiled != unquantized
     model.compile = False
     assert model.transcribe(audio).tokens == expected
 

@@ -139,6 +139,7 @@ class OnnxQuantizedLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype}, "
                 f"bias={self.bias is not None}")
 
+    @torch.compiler.disable  # an opaque call on raw pointers: nothing for inductor to fuse or trace
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         rows = flat.shape[0]
