@@ -22,7 +22,8 @@ from unittest import mock
 import torch
 from tune_step import full_size_model
 
-from voxtral_realtime import benchmark, decoder, kernels, layers
+from voxtral_realtime import decoder, kernels, layers
+from voxtral_realtime.benchmarking import benchmark
 
 #: name -> what it leaves out
 KINDS = {

@@ -33,7 +33,7 @@ def _memory() -> dict[str, float]:
 def cmd_write(args: argparse.Namespace) -> None:
     from voxtral_realtime.config import ModelConfig
     from voxtral_realtime.gguf_file import write_gguf, write_random_gguf
-    from voxtral_realtime.random_weights import AUDIO_BLOCK, FULL_SIZE_PARAMS, write_tekken_json
+    from voxtral_realtime.benchmarking.random_weights import AUDIO_BLOCK, FULL_SIZE_PARAMS, write_tekken_json
 
     started = time.perf_counter()
     if args.full:
@@ -51,9 +51,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     import torch
 
     import voxtral_realtime
-    from voxtral_realtime import benchmark
+    from voxtral_realtime.benchmarking import benchmark
     from voxtral_realtime.quantization import quantized_bytes
-    from voxtral_realtime.signals import speechlike
+    from voxtral_realtime.benchmarking.signals import speechlike
 
     torch.set_num_threads(args.threads)
     before = _memory()

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import voxtral_realtime
-from voxtral_realtime.random_weights import write_random_checkpoint
+from voxtral_realtime.benchmarking.random_weights import write_random_checkpoint
 
 
 def main() -> None:

@@ -58,7 +58,7 @@ part_batch() {
     python3 - <<'PY'
 import pathlib, wave
 import numpy as np
-from voxtral_realtime.signals import speechlike
+from voxtral_realtime.benchmarking.signals import speechlike
 folder = pathlib.Path("/tmp/batch_audio")
 folder.mkdir(exist_ok=True)
 for i in range(256):

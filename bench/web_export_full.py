@@ -40,9 +40,9 @@ import torch
 from voxtral_realtime.api import Model
 from voxtral_realtime.config import ModelConfig
 from voxtral_realtime.errors import first_line
-from voxtral_realtime.random_weights import AUDIO_BLOCK, full_size_config, random_network, write_tekken_json
+from voxtral_realtime.benchmarking.random_weights import AUDIO_BLOCK, full_size_config, random_network, write_tekken_json
 from voxtral_realtime.tokenizer import Tokenizer
-from voxtral_realtime.web_export import GraphState, estimate_export_bytes, export_web
+from voxtral_realtime.browser.export import GraphState, estimate_export_bytes, export_web
 
 #: the first calls of each graph, not counted (allocations, kernel choices); every step feeds 80 ms of noise to the
 #: audio graph, then its embedding with token 32 to the decoder graph
@@ -130,7 +130,7 @@ def _summary(audio_times: list[float], decoder_times: list[float], tokens: list[
 
 def time_numpy(sessions: dict[str, Any], manifest: dict, steps: int, deadline: float) -> dict[str, Any]:
     """``steps`` (+ warm-up) audio and decoder steps through ``session.run`` with numpy feeds and results, the
-    state carried in numpy arrays (as :class:`.web_export.OnnxEngine` does); fewer steps past ``deadline``
+    state carried in numpy arrays (as :class:`voxtral_realtime.browser.export.OnnxEngine` does); fewer steps past ``deadline``
     (a ``time.perf_counter`` value)."""
     audio, decoder = sessions["audio"], sessions["decoder"]
     graphs = manifest["graphs"]

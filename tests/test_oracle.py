@@ -8,7 +8,7 @@ import pytest
 import torch
 from signals import speechlike
 
-from voxtral_realtime.benchmark import teacher_forced_logits
+from voxtral_realtime.benchmarking.benchmark import teacher_forced_logits
 
 SAMPLES_PER_TOKEN = 1280
 

@@ -21,7 +21,7 @@ pytest.importorskip("soundfile")
 
 from live_server import connect, pcm16_base64, receive_event, wav_bytes
 
-from voxtral_realtime.signals import speechlike
+from voxtral_realtime.benchmarking.signals import speechlike
 
 REPLICAS = 2
 

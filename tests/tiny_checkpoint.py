@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Final
 import torch
 from torch import nn
 
-from voxtral_realtime.random_weights import AUDIO_BLOCK, SPECIAL_TOKENS, write_tekken_json
+from voxtral_realtime.benchmarking.random_weights import AUDIO_BLOCK, SPECIAL_TOKENS, write_tekken_json
 
 if TYPE_CHECKING:
     from transformers import VoxtralRealtimeConfig, VoxtralRealtimeForConditionalGeneration

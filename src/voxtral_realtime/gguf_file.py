@@ -508,7 +508,7 @@ def _replace_module(network: nn.Module, path: str, module: nn.Module) -> None:
 
 def _config_and_tokenizer_path(tensors: GGUFTensors, tokenizer: str | os.PathLike[str] | None,
                                scratch: Path) -> tuple[ModelConfig, Path, str]:
-    from .random_weights import FULL_SIZE_PARAMS
+    from .benchmarking.random_weights import FULL_SIZE_PARAMS
 
     source = tensors.files[0]
     if tokenizer is not None:

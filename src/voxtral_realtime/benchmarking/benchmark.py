@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .api import Model
-from .engine import Engine, Slot
+from ..api import Model
+from ..engine import Engine, Slot
 
 GIB = 2**30
 
@@ -76,7 +76,7 @@ def decode_weight_bytes(model: Model) -> int:
 def bench_quantized(model: Model, qtype: str, audio: np.ndarray, step_batches: list[int], step_context: int, *,
                     delay_ms: int | None = None) -> dict[str, Any]:
     """``model`` quantized in place to ``qtype``, then the one-file and decoder-step measurements."""
-    from .quantization import quantize_network
+    from ..quantization import quantize_network
 
     device = model.device
     quantize_network(model.network, qtype)
@@ -328,7 +328,7 @@ def bench_precision(model: Model, audio: np.ndarray, *, delay_ms: int | None = N
     the two free-running transcriptions, and per-step logit error with both fed the float32 tokens."""
     import copy
 
-    from .api import Model as ModelClass
+    from ..api import Model as ModelClass
 
     if model.dtype == torch.float32:
         return {}

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any, Final
 import torch
 from safetensors.torch import save_file
 
-from .config import ModelConfig
-from .loading import mistral_state_dict
-from .model import VoxtralRealtime
+from ..config import ModelConfig
+from ..loading import mistral_state_dict
+from ..model import VoxtralRealtime
 
 if TYPE_CHECKING:
-    from .api import Model
+    from ..api import Model
 
 #: Special tokens named in the synthetic tekken.json, by rank (= token id); every other rank below 1000 is a
 #: ``<SPECIAL_{i}>`` placeholder.  Ranks 0-19 are mistral-common's legacy layout (``Tekkenizer.
@@ -211,8 +211,8 @@ def random_model(*, device: torch.device | str, dtype: torch.dtype, params: dict
     synthetic tokenizer: for benchmarks on machines without the real files."""
     import tempfile
 
-    from .api import Model
-    from .tokenizer import Tokenizer
+    from ..api import Model
+    from ..tokenizer import Tokenizer
 
     with tempfile.TemporaryDirectory(prefix="voxtral-random-") as folder:
         tekken = write_tekken_json(Path(folder) / "tekken.json")

@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .errors import VoxtralError
-from .loading import export_state_dict, hf_layout
+from ..errors import VoxtralError
+from ..loading import export_state_dict, hf_layout
 
 if TYPE_CHECKING:
-    from .api import Model
+    from ..api import Model
 
 
 def _transformers() -> Any:

@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import AudioConfig
-from .engine import Slot
-from .errors import VoxtralError, first_line
+from ..config import AudioConfig
+from ..engine import Slot
+from ..errors import VoxtralError, first_line
 
 QUANTS = ("fp32", "fp16", "q4", "q8")
 #: Largest external-data file, 512 MB (decimal: the Rust project's browser shards are "512 MB"; browsers cache
@@ -92,7 +92,7 @@ def _ring_mask(position: torch.Tensor, count: int, columns: int, window: int) ->
 def _attend(attention: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
             values: torch.Tensor, write: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """One :class:`.layers.Attention` over a ring: x [1, T, dim] -> (output, new keys, new values)."""
-    from .layers import apply_rotary, grouped_attention
+    from ..layers import apply_rotary, grouped_attention
 
     length = x.shape[1]
     qk, v = attention.wqkv(x).split([attention.q_size + attention.kv_size, attention.kv_size], dim=-1)
@@ -601,7 +601,7 @@ def estimate_export_bytes(config: Any, quant: str, *, decoder_context: int | Non
     """
     if quant not in QUANTS:
         raise VoxtralError(f"unknown quantization {quant!r}; use one of {', '.join(QUANTS)}")
-    from .model import VoxtralRealtime
+    from ..model import VoxtralRealtime
 
     with torch.device("meta"):
         network = VoxtralRealtime(config)
@@ -677,7 +677,7 @@ class WebExport:
 
     def __init__(self, folder: str | os.PathLike[str], *, verify: bool = True, threads: int | None = None) -> None:
         _, ort = _require_onnx()
-        from .tokenizer import Tokenizer
+        from ..tokenizer import Tokenizer
 
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder, verify=verify)
@@ -706,8 +706,8 @@ class WebExport:
 
     def transcribe(self, audio: Any, *, delay_ms: int | None = None, sample_rate: int | None = None) -> Any:
         """Like :meth:`.api.Model.transcribe`, on the exported graphs."""
-        from .audio import load_audio
-        from .streaming import StreamingSession
+        from ..audio import load_audio
+        from ..streaming import StreamingSession
 
         samples = load_audio(audio, sample_rate=sample_rate)
         session = StreamingSession(self, delay_ms=delay_ms, track_latency=False)
@@ -720,7 +720,7 @@ def step_agreement(export: WebExport, audio: Any, reference_tokens: Sequence[int
                    delay_ms: int | None = None) -> float:
     """The fraction of ``reference_tokens`` (a transcription of ``audio``) that the export chooses when every
     step is fed the reference's previous token: a per-step measure of how far quantization moves the argmax."""
-    from .audio import load_audio
+    from ..audio import load_audio
 
     samples = load_audio(audio)
     cfg, tok = export.config.audio, export.tokenizer
@@ -904,11 +904,11 @@ def copy_page(out: Path, onnxruntime_web: str | os.PathLike[str] | None) -> list
     """Copy the page (HTML + JS modules shipped in this package) into ``out`` and, from ``onnxruntime_web``
     (an ``npm pack`` tarball, a ``node_modules/onnxruntime-web`` folder, or "npm": the pinned version fetched with
     npm pack), the onnxruntime-web files it loads; return the copied names."""
-    package = Path(__file__).parent
+    here = Path(__file__).parent
     # the transcript-file writers and the microphone capture (with its resampler) are the server page's modules:
     # one implementation of each
-    files = [f for f in sorted((package / "web_local").iterdir()) if f.is_file()]
-    files += [package / "server" / "web" / name for name in ("subtitles.js", "pcm-capture.worklet.js", "resampler.js")]
+    files = [f for f in sorted((here / "page").iterdir()) if f.is_file()]
+    files += [here.parent / "server" / "web" / name for name in ("subtitles.js", "pcm-capture.worklet.js", "resampler.js")]
     copied = []
     for f in files:
         shutil.copyfile(f, out / f.name)

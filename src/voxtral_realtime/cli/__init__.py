@@ -18,9 +18,9 @@ from typing import Any
 
 from rich.markup import escape
 
-from .config import SUPPORTED_DELAYS_MS
-from .errors import VoxtralError, first_line
-from .loading import DEFAULT_MODEL
+from ..config import SUPPORTED_DELAYS_MS
+from ..errors import VoxtralError, first_line
+from ..loading import DEFAULT_MODEL
 
 EPILOG_TRANSCRIBE = """\
 examples:
@@ -90,7 +90,7 @@ def _positive_float(text: str) -> float:
 
 
 def _quant_list(text: str) -> list[str]:
-    from .quantization import FORMATS
+    from ..quantization import FORMATS
 
     types = [t.strip().lower() for t in text.split(",") if t.strip()]
     unknown = [t for t in types if t not in FORMATS]
@@ -117,7 +117,7 @@ def _add_gguf_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _size(text: str) -> int:
-    from .gguf_file import parse_size
+    from ..gguf_file import parse_size
 
     try:
         return parse_size(text)
@@ -126,7 +126,7 @@ def _size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(
         prog="voxtral", description="Streaming speech recognition with Mistral's Voxtral Mini 4B Realtime.")
@@ -248,7 +248,7 @@ class Reporter:
 
 
 def _load_model(args: argparse.Namespace, reporter: Reporter) -> Any:
-    from .api import load
+    from ..api import load
 
     model = getattr(args, "gguf", None) or args.model
     with reporter.bar("loading model", total=1, unit=" tensors") as update:
@@ -257,7 +257,7 @@ def _load_model(args: argparse.Namespace, reporter: Reporter) -> Any:
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
-    from .writers import WRITERS
+    from ..writers import WRITERS
 
     reporter = Reporter(enabled=not args.no_progress)
     files = [Path(f) for f in args.files]
@@ -313,7 +313,7 @@ def _replay_in_real_time(model: Any, path: Path, delay_ms: int | None, reporter:
     """Feed a file through a live session at 1x speed, printing text as it is decided, then word latencies."""
     import time
 
-    from .audio import load_audio
+    from ..audio import load_audio
 
     samples = load_audio(path)
     session = model.stream(delay_ms=delay_ms)
@@ -342,7 +342,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from .audio import StreamResampler
+    from ..audio import StreamResampler
 
     reporter = Reporter(enabled=not args.no_progress)
     sd = _import_sounddevice()
@@ -400,10 +400,10 @@ def _import_sounddevice() -> Any:
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from . import benchmark
-    from .api import default_device
-    from .audio import load_audio
-    from .signals import speechlike
+    from ..benchmarking import benchmark
+    from ..api import default_device
+    from ..audio import load_audio
+    from ..benchmarking.signals import speechlike
 
     reporter = Reporter(enabled=not args.no_progress)
     if args.audio is not None and not args.audio.is_file():
@@ -464,7 +464,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from .loading import download
+    from ..loading import download
 
     print(download(args.repo, cache_dir=args.cache_dir))
     return 0
@@ -485,7 +485,7 @@ int4 kernel without ever expanding the weights.
 
 
 def _add_quantize_parser(sub: Any) -> None:
-    from .gguf_file import EMBEDDING_TYPES
+    from ..gguf_file import EMBEDDING_TYPES
 
     qu = sub.add_parser("quantize", help="write a quantized GGUF file (Q4_0, Q4_K, Q8_0) of a checkpoint",
                         description="Quantize a checkpoint (Mistral or transformers folder, or Hub repo id) into "
@@ -508,7 +508,7 @@ def _add_quantize_parser(sub: Any) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .gguf_file import write_gguf
+    from ..gguf_file import write_gguf
 
     reporter = Reporter(enabled=not args.no_progress)
     with reporter.bar(f"quantizing to {args.type}", total=1, unit=" tensors") as update:
@@ -564,8 +564,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _check_server_dependencies()
     import uvicorn
 
-    from .server import create_app
-    from .server.state import ServerLimits
+    from ..server import create_app
+    from ..server.state import ServerLimits
 
     reporter = Reporter(enabled=not args.no_progress)
     limits = ServerLimits(max_streams=args.max_streams, max_upload_bytes=int(args.max_upload_mb * 2**20),
@@ -575,7 +575,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(lambda: _load_model(args, reporter), model_name=args.model, max_streams=args.max_streams,
                      decoder_context=args.decoder_context, api_key=args.api_key, limits=limits)
     if args.web_export is not None:
-        from .web_export import mount_local
+        from ..browser.export import mount_local
 
         mount_local(app, args.web_export)
     # uvicorn's own frame limit sits above the app's, so an oversized message gets the app's clear error event
@@ -611,7 +611,7 @@ load the model once (pip install 'ray[data]'; "local" starts a one-machine clust
 
 
 def _add_batch_parser(sub: Any) -> None:
-    from .batch import DEFAULT_STREAMS_PER_WORKER
+    from ..batch import DEFAULT_STREAMS_PER_WORKER
 
     bt = sub.add_parser("batch", help="transcribe a corpus (folder, glob, manifest) to JSONL, resumable, on Ray",
                         description="Transcribe many files through the batched engine, in this process or on a Ray "
@@ -648,8 +648,8 @@ def _random_model_loader(args: argparse.Namespace, reporter: Reporter) -> Callab
     def build() -> Any:
         import torch
 
-        from .api import default_device, resolve_dtype
-        from .random_weights import random_model
+        from ..api import default_device, resolve_dtype
+        from ..benchmarking.random_weights import random_model
 
         device = torch.device(args.device) if args.device else default_device()
         reporter.info("building the full-size model with random weights")
@@ -659,7 +659,7 @@ def _random_model_loader(args: argparse.Namespace, reporter: Reporter) -> Callab
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from .batch import BatchOptions, BatchStats, run_batch
+    from ..batch import BatchOptions, BatchStats, run_batch
 
     reporter = Reporter(enabled=not args.no_progress)
     if args.gpus_per_worker is not None and args.gpus_per_worker < 0:
@@ -716,7 +716,7 @@ stderr says how many tokens equal the PyTorch model's.  Needs: pip install onnx 
 
 
 def _add_export_parser(sub: Any) -> None:
-    from .web_export import QUANTS
+    from ..browser.export import QUANTS
 
     ex = sub.add_parser("export", help="export the model for other runtimes (the browser)",
                         description="Export the model for other runtimes.")
@@ -747,8 +747,8 @@ def _add_export_parser(sub: Any) -> None:
 
 
 def cmd_export_web(args: argparse.Namespace) -> int:
-    from . import web_export
-    from .api import load
+    from ..browser import export as web_export
+    from ..api import load
 
     web_export._require_onnx()  # before loading gigabytes of weights
     reporter = Reporter(enabled=not args.no_progress)
@@ -777,7 +777,7 @@ def cmd_export_web(args: argparse.Namespace) -> int:
     if args.output_format == "json":
         print(json.dumps({"file": str(args.check), **result.to_dict()}, ensure_ascii=False, indent=2))
     else:
-        from .writers import WRITERS
+        from ..writers import WRITERS
 
         print(WRITERS["txt"](result), end="", flush=True)
     return 0
@@ -820,7 +820,3 @@ def rust_compat_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.files, args.output_dir, args.func = args.audio, None, cmd_transcribe
     return _dispatch(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
