@@ -25,9 +25,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from voxtral_realtime import kernels
 from voxtral_realtime.benchmarking import benchmark
+from voxtral_realtime.benchmarking.random_weights import random_model
 from voxtral_realtime.engine import Engine
 from voxtral_realtime.quantization import quantize_network
-from voxtral_realtime.benchmarking.random_weights import random_model
 
 #: the decoder step's products: name -> (N, K, gated), the keys of the one-row tiling tables
 PRODUCTS = {"wqkv": (6144, 3072, False), "wo": (3072, 4096, False), "w13": (9216, 3072, True),

@@ -6,9 +6,8 @@ import copy
 
 import pytest
 
-from voxtral_realtime.config import ModelConfig
+from voxtral_realtime.config import FULL_SIZE_PARAMS, ModelConfig
 from voxtral_realtime.errors import CheckpointError
-from voxtral_realtime.benchmarking.random_weights import FULL_SIZE_PARAMS
 
 TEKKEN_AUDIO = {"sampling_rate": 16000, "frame_rate": 12.5, "transcription_delay_ms": 480,
                 "streaming_n_left_pad_tokens": 32,

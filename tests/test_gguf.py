@@ -23,6 +23,7 @@ from voxtral_realtime.benchmarking.benchmark import teacher_forced_logits
 from voxtral_realtime.cli import main, rust_compat_main
 from voxtral_realtime.errors import CheckpointError
 from voxtral_realtime.gguf_file import KEY_PARAMS, KEY_TOKENIZER, gguf_files, parse_size, write_gguf
+from voxtral_realtime.protocol import padded_audio, prompt_ids
 from voxtral_realtime.quantization import CpuInt4Linear, Q8Linear, QuantizedEmbedding, quantize_network
 
 LINEAR_SUFFIXES = ("wq.weight", "wk.weight", "wv.weight", "wo.weight", "w1.weight", "w2.weight", "w3.weight",
@@ -142,11 +143,8 @@ def test_token_agreement_with_float32(source, audio, record_property):
     reference = base.transcribe(audio).tokens
     cfg = base.config.audio
     delay = cfg.delay_tokens(None)
-    step = cfg.samples_per_token
-    padded = np.concatenate([np.zeros(cfg.n_left_pad_tokens * step, np.float32), audio,
-                             np.zeros((-len(audio)) % step + cfg.n_right_pad_tokens(delay) * step, np.float32)])
-    mel = base.network.mel(torch.from_numpy(padded))
-    prompt = [base.tokenizer.bos_id] + [base.tokenizer.streaming_pad_id] * (cfg.n_left_pad_tokens + delay)
+    mel = base.network.mel(torch.from_numpy(padded_audio(cfg, audio, delay)))
+    prompt = prompt_ids(base.tokenizer, cfg, delay)
     exact = teacher_forced_logits(base.network, mel, prompt, reference, delay)
     results = {}
     for label, qtype, embeddings in [("bf16-rounded weights", None, None), ("q8_0", "q8_0", None),
@@ -327,11 +325,8 @@ def _trained_to_be_confident(base: Model, audio: np.ndarray, targets_from: list[
     network = copy.deepcopy(base.network)
     decoder, cfg, tokenizer = network.decoder, base.config.audio, base.tokenizer
     delay = cfg.delay_tokens(None)
-    step = cfg.samples_per_token
-    padded = np.concatenate([np.zeros(cfg.n_left_pad_tokens * step, np.float32), audio,
-                             np.zeros((-len(audio)) % step + cfg.n_right_pad_tokens(delay) * step, np.float32)])
-    mel = network.mel(torch.from_numpy(padded))
-    prompt = [tokenizer.bos_id] + [tokenizer.streaming_pad_id] * (cfg.n_left_pad_tokens + delay)
+    mel = network.mel(torch.from_numpy(padded_audio(cfg, audio, delay)))
+    prompt = prompt_ids(tokenizer, cfg, delay)
     targets = [1000 + (37 * i) % 3000 if i % 3 == 2 else tokenizer.streaming_pad_id
                for i in range(len(targets_from))]
     inputs = prompt + targets[:-1]

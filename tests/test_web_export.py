@@ -17,15 +17,15 @@ from signals import speechlike
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from voxtral_realtime.cli import main
-from voxtral_realtime.errors import VoxtralError
-from voxtral_realtime.browser.export import (
+from voxtral_realtime.browser import (
     WebExport,
     copy_page,
     export_web,
     read_manifest,
     step_agreement,
 )
+from voxtral_realtime.cli import main
+from voxtral_realtime.errors import VoxtralError
 
 #: Long enough that the short checkpoint's windows (12 encoder frames, 10 decoder tokens) wrap many times.
 SECONDS = 5.0
@@ -111,7 +111,7 @@ def test_quantized_exports_are_smaller_and_their_agreement_is_reported(exports, 
 
 
 def test_size_arithmetic_matches_the_measured_exports(exports, tiny_short):
-    from voxtral_realtime.browser.export import estimate_export_bytes
+    from voxtral_realtime.browser import estimate_export_bytes
 
     for quant in ("fp32", "fp16", "q8", "q4"):
         files = read_manifest(exports["short", quant], verify=False)["files"]
@@ -251,8 +251,8 @@ def test_serve_mounts_the_page_at_local(exports, tmp_path):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
+    from voxtral_realtime.browser import mount_local
     from voxtral_realtime.server import create_app
-    from voxtral_realtime.browser.export import mount_local
 
     site = tmp_path / "site"
     shutil.copytree(exports["short", "fp32"], site)
@@ -290,7 +290,7 @@ def test_full_size_bench_script_runs_on_small_shapes(tmp_path):
     import subprocess
     import sys
 
-    from voxtral_realtime.benchmarking.random_weights import FULL_SIZE_PARAMS
+    from voxtral_realtime.config import FULL_SIZE_PARAMS
 
     params = copy.deepcopy(FULL_SIZE_PARAMS)
     params.update(dim=128, hidden_dim=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, vocab_size=4096)

@@ -25,8 +25,8 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 sync_api = pytest.importorskip("playwright.sync_api")
 
+from voxtral_realtime.browser import copy_page, export_web, npm_pack_onnxruntime_web
 from voxtral_realtime.errors import VoxtralError
-from voxtral_realtime.browser.export import copy_page, export_web, npm_pack_onnxruntime_web
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH")
@@ -127,7 +127,7 @@ def test_file_upload_gives_the_models_tokens(site, browser, wav, tiny_short, tmp
 
 
 def test_q4_export_runs_in_the_page_as_in_onnxruntime(browser, wav, tiny_short, tmp_path):
-    from voxtral_realtime.browser.export import WebExport
+    from voxtral_realtime.browser import WebExport
 
     folder = tmp_path / "site-q4"
     export_web(tiny_short, folder, quant="q4")

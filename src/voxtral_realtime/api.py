@@ -167,7 +167,8 @@ def load(model: str | os.PathLike[str] = DEFAULT_MODEL, *, device: str | torch.d
     dtype = resolve_dtype(dtype, device)
     files = gguf_files(model)
     if files is not None:
-        return load_gguf(files, tokenizer=tokenizer, device=device, dtype=dtype, progress=progress)
+        network, gguf_tokenizer = load_gguf(files, tokenizer=tokenizer, device=device, dtype=dtype, progress=progress)
+        return Model(network, gguf_tokenizer, source=str(files[0]))
     if tokenizer is not None:
         raise CheckpointError(f"{model}: a tokenizer can only be given with a GGUF file; a checkpoint folder uses "
                               "its own tekken.json")

@@ -236,3 +236,28 @@ def _audio_config(tekken_audio: dict[str, Any] | None, **fixed: Any) -> AudioCon
     if not math.isclose(audio.samples_per_token % audio.hop_length, 0):
         raise CheckpointError("tekken.json: frame_rate and hop_length do not give whole mel frames per token")
     return audio
+
+
+#: params.json of mistralai/Voxtral-Mini-4B-Realtime-2602 (docs/model.md).
+FULL_SIZE_PARAMS: dict[str, Any] = {
+    "dim": 3072, "n_layers": 26, "head_dim": 128, "hidden_dim": 9216, "n_heads": 32, "n_kv_heads": 8,
+    "use_biases": False, "causal": True, "rope_theta": 1e6, "norm_eps": 1e-5, "vocab_size": 131072,
+    "model_parallel": 1, "tied_embeddings": True, "sliding_window": 8192, "model_max_length": 131072,
+    "ada_rms_norm_t_cond": True, "ada_rms_norm_t_cond_dim": 32,
+    "multimodal": {"whisper_model_args": {
+        "encoder_args": {
+            "dim": 1280, "n_layers": 32, "head_dim": 64, "hidden_dim": 5120, "n_heads": 32, "n_kv_heads": 32,
+            "vocab_size": 131072, "use_biases": True, "use_cache": False, "rope_theta": 1e6, "causal": True,
+            "norm_eps": 1e-5, "pos_embed": "rope", "max_source_positions": None, "ffn_type": "swiglu",
+            "norm_type": "rms_norm", "sliding_window": 750,
+            "audio_encoding_args": {"sampling_rate": 16000, "frame_rate": 12.5, "num_mel_bins": 128,
+                                    "hop_length": 160, "window_size": 400, "chunk_length_s": None,
+                                    "global_log_mel_max": 1.5, "transcription_format": "streaming"},
+        },
+        "downsample_args": {"downsample_factor": 4},
+    }},
+}
+
+
+def full_size_config() -> ModelConfig:
+    return ModelConfig.from_params_json(FULL_SIZE_PARAMS, None)

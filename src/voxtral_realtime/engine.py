@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from .model import VoxtralRealtime
+from .protocol import left_padding
 
 #: Encoder frames per call when one stream has many steps waiting (a file fed at once), once it is past the
 #: window: the ring holds window + chunk - 1 frames per stream, so engines for many streams use a small chunk,
@@ -167,7 +168,7 @@ class Engine:
         self._ffn_cache: dict[int, torch.Tensor] = {}
         # the shared opening (see the module docstring): encoder rows + its embeddings, decoder rows per prompt/delay
         hop, half = self.audio.hop_length, self.audio.window_size // 2
-        last_silent_frame = (self.audio.n_left_pad_tokens * self._step_samples - half) // hop
+        last_silent_frame = (len(left_padding(self.audio)) - half) // hop
         self._silent_steps = max(0, (last_silent_frame + 1) // self._frames_per_step)
         self._encoder_opening: tuple[tuple, torch.Tensor] | None = None
         self._decoder_openings: dict[tuple[tuple[int, ...], int], object] = {}
@@ -214,7 +215,7 @@ class Engine:
         slot.samples_pushed = slot.encoder_position = slot.position = 0
         slot.embeddings.clear()
         slot.embedding_limit, slot.stopped = None, False
-        self.push(slot, np.zeros(self.audio.n_left_pad_tokens * self._step_samples, np.float32))
+        self.push(slot, left_padding(self.audio))
         self._open(slot, delay_tokens)
 
     def _open(self, slot: Slot, delay_tokens: int) -> None:

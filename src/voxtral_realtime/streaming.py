@@ -26,16 +26,54 @@ import contextlib
 import time
 from bisect import bisect_left
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from .engine import Engine, Slot
+from .config import ModelConfig
+from .engine import Slot, SlotClient
+from .protocol import closing_silence, prompt_ids
+from .tokenizer import Tokenizer
 from .transcription import Transcription, WordBuilder
 
-if TYPE_CHECKING:
-    from .api import Model
+
+class SessionEngine(Protocol):
+    """What a session needs of an engine: :class:`.engine.Engine` (batched, torch) and the browser export's
+    :class:`.browser.runner.OnnxEngine` (one stream, onnxruntime) both provide it."""
+
+    def attach(self, client: SlotClient) -> Slot:
+        """A slot for a new stream; :meth:`reset` it before use."""
+
+    def release(self, slot: Slot) -> None:
+        """Give the slot back."""
+
+    def reset(self, slot: Slot, prompt: list[int], delay_tokens: int) -> None:
+        """Start the slot over with ``prompt``; the protocol's left padding is pushed already."""
+
+    def push(self, slot: Slot, samples: np.ndarray) -> None:
+        """Queue float32 samples for the slot, without computing anything."""
+
+    def end(self, slot: Slot) -> None:
+        """No more audio for the slot (its closing silence is pushed): decode what the audio allows."""
+
+    def has_work(self, slot: Slot) -> bool:
+        """Whether :meth:`run` would still compute something for the slot."""
+
+    def run(self) -> None:
+        """Do all the work the pushed audio allows; tokens go to the slots' clients."""
+
+
+class SessionModel(Protocol):
+    """What a session needs of a model: :class:`.api.Model` and the browser export's runner provide it."""
+
+    @property
+    def config(self) -> ModelConfig: ...
+
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+
+    def engine_for_session(self) -> SessionEngine: ...
 
 
 class StreamingSession:
@@ -46,13 +84,13 @@ class StreamingSession:
     collect their new text with :meth:`take_text`.
     """
 
-    def __init__(self, model: Model, *, delay_ms: int | None = None, track_latency: bool = True,
-                 continue_after_eos: bool = False, engine: Engine | None = None) -> None:
+    def __init__(self, model: SessionModel, *, delay_ms: int | None = None, track_latency: bool = True,
+                 continue_after_eos: bool = False, engine: SessionEngine | None = None) -> None:
         self.model = model
         audio, tok = model.config.audio, model.tokenizer
         self.delay_tokens = audio.delay_tokens(delay_ms)
         self.delay_ms = round(self.delay_tokens * audio.token_ms)
-        self.prompt = [tok.bos_id] + [tok.streaming_pad_id] * (audio.n_left_pad_tokens + self.delay_tokens)
+        self.prompt = prompt_ids(tok, audio, self.delay_tokens)
         self.continue_after_eos = continue_after_eos
         self.tokens: list[int] = []
         self.samples_fed = 0
@@ -244,10 +282,8 @@ class StreamingSession:
         if self._ended_by_eos:
             return
         self._restart_if_needed()
-        audio = self.model.config.audio
-        segment_samples = self.samples_fed - self._segment_start
-        right = (-segment_samples) % self._step + audio.n_right_pad_tokens(self.delay_tokens) * self._step
-        self.engine.push(self._live_slot, np.zeros(right, np.float32))
+        closing = closing_silence(self.model.config.audio, self.delay_tokens, self.samples_fed - self._segment_start)
+        self.engine.push(self._live_slot, closing)
         self.engine.end(self._live_slot)
 
     def _run(self) -> None:

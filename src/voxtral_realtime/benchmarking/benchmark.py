@@ -27,6 +27,7 @@ import torch
 
 from ..api import Model
 from ..engine import Engine, Slot
+from ..protocol import padded_audio, prompt_ids
 
 GIB = 2**30
 
@@ -202,7 +203,7 @@ def bench_streams(model: Model, n_streams: int, *, seconds: float, delay_ms: int
     tick_s = step / cfg.sample_rate
     n_ticks = int(seconds / tick_s)
     delay_tokens = cfg.delay_tokens(delay_ms)
-    context = 1 + cfg.n_left_pad_tokens + delay_tokens + n_ticks + join_ticks + 8
+    context = len(prompt_ids(model.tokenizer, cfg, delay_tokens)) + n_ticks + join_ticks + 8
     engine = model.engine(n_streams, decoder_context=context)
     started = time.perf_counter()
     engine.capture_graphs()
@@ -328,22 +329,17 @@ def bench_precision(model: Model, audio: np.ndarray, *, delay_ms: int | None = N
     the two free-running transcriptions, and per-step logit error with both fed the float32 tokens."""
     import copy
 
-    from ..api import Model as ModelClass
-
     if model.dtype == torch.float32:
         return {}
     wide = copy.deepcopy(model.network).float()
     wide.rebuild_buffers()
-    wide_model = ModelClass(wide, model.tokenizer, model.source)
+    wide_model = Model(wide, model.tokenizer, model.source)
     reference = wide_model.transcribe(audio, delay_ms=delay_ms).tokens
     ours = model.transcribe(audio, delay_ms=delay_ms).tokens
     cfg = model.config.audio
     delay = cfg.delay_tokens(delay_ms)
-    step = cfg.samples_per_token
-    padded = np.concatenate([np.zeros(cfg.n_left_pad_tokens * step, np.float32), audio,
-                             np.zeros((-len(audio)) % step + cfg.n_right_pad_tokens(delay) * step, np.float32)])
-    mel = wide.mel(torch.from_numpy(padded).to(wide.device))
-    prompt = [model.tokenizer.bos_id] + [model.tokenizer.streaming_pad_id] * (cfg.n_left_pad_tokens + delay)
+    mel = wide.mel(torch.from_numpy(padded_audio(cfg, audio, delay)).to(wide.device))
+    prompt = prompt_ids(model.tokenizer, cfg, delay)
     exact = teacher_forced_logits(wide, mel, prompt, reference, delay)
     del wide, wide_model
     approx = teacher_forced_logits(model.network, mel, prompt, reference, delay)

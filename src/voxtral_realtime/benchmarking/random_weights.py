@@ -10,19 +10,31 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import json
+import math
+import os
 import shutil
+import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import torch
 from safetensors.torch import save_file
 
-from ..config import ModelConfig
-from ..loading import mistral_state_dict
+from ..api import Model
+from ..config import FULL_SIZE_PARAMS, ModelConfig
+from ..gguf_file import (
+    KEY_EMBEDDINGS,
+    KEY_PARAMS,
+    KEY_QUANTIZATION,
+    KEY_TOKENIZER,
+    Progress,
+    checked_options,
+    plan_tensors,
+    write_tensors,
+)
+from ..loading import mistral_layout, mistral_state_dict
 from ..model import VoxtralRealtime
-
-if TYPE_CHECKING:
-    from ..api import Model
+from ..tokenizer import Tokenizer
 
 #: Special tokens named in the synthetic tekken.json, by rank (= token id); every other rank below 1000 is a
 #: ``<SPECIAL_{i}>`` placeholder.  Ranks 0-19 are mistral-common's legacy layout (``Tekkenizer.
@@ -142,29 +154,16 @@ def write_tekken_json(
     return path
 
 
-#: params.json of mistralai/Voxtral-Mini-4B-Realtime-2602 (REFERENCE 1.1).
-FULL_SIZE_PARAMS: dict[str, Any] = {
-    "dim": 3072, "n_layers": 26, "head_dim": 128, "hidden_dim": 9216, "n_heads": 32, "n_kv_heads": 8,
-    "use_biases": False, "causal": True, "rope_theta": 1e6, "norm_eps": 1e-5, "vocab_size": 131072,
-    "model_parallel": 1, "tied_embeddings": True, "sliding_window": 8192, "model_max_length": 131072,
-    "ada_rms_norm_t_cond": True, "ada_rms_norm_t_cond_dim": 32,
-    "multimodal": {"whisper_model_args": {
-        "encoder_args": {
-            "dim": 1280, "n_layers": 32, "head_dim": 64, "hidden_dim": 5120, "n_heads": 32, "n_kv_heads": 32,
-            "vocab_size": 131072, "use_biases": True, "use_cache": False, "rope_theta": 1e6, "causal": True,
-            "norm_eps": 1e-5, "pos_embed": "rope", "max_source_positions": None, "ffn_type": "swiglu",
-            "norm_type": "rms_norm", "sliding_window": 750,
-            "audio_encoding_args": {"sampling_rate": 16000, "frame_rate": 12.5, "num_mel_bins": 128,
-                                    "hop_length": 160, "window_size": 400, "chunk_length_s": None,
-                                    "global_log_mel_max": 1.5, "transcription_format": "streaming"},
-        },
-        "downsample_args": {"downsample_factor": 4},
-    }},
-}
-
-
-def full_size_config() -> ModelConfig:
-    return ModelConfig.from_params_json(FULL_SIZE_PARAMS, None)
+def random_init(name: str, shape: tuple[int, ...] | torch.Size) -> tuple[float, float]:
+    """(mean, std) of a random weight by its name: norm gains near 1, small biases, an N(0, 1) token table and
+    N(0, 1/fan_in) elsewhere, so activations stay finite in bf16."""
+    if name.endswith("norm.weight"):
+        return 1.0, 0.1
+    if name.endswith("bias"):
+        return 0.0, 0.1
+    if name.endswith("tok_embeddings.weight"):
+        return 0.0, 1.0
+    return 0.0, math.prod(shape[1:]) ** -0.5
 
 
 @torch.no_grad()
@@ -176,15 +175,7 @@ def random_network(config: ModelConfig, *, device: torch.device | str, dtype: to
     network.to_empty(device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     for name, param in network.named_parameters():
-        if name.endswith("norm.weight"):
-            param.normal_(1.0, 0.1, generator=generator)
-        elif name.endswith("bias"):
-            param.normal_(0.0, 0.1, generator=generator)
-        elif "tok_embeddings" in name:
-            param.normal_(0.0, 1.0, generator=generator)
-        else:
-            fan_in = param[0].numel()
-            param.normal_(0.0, fan_in ** -0.5, generator=generator)
+        param.normal_(*random_init(name, param.shape), generator=generator)
     network.to(dtype)
     network.rebuild_buffers()
     return network.eval()
@@ -209,14 +200,53 @@ def random_model(*, device: torch.device | str, dtype: torch.dtype, params: dict
                  seed: int = 0) -> Model:
     """A ready :class:`Model` of ``params``' shapes (default: the real model's) with random weights and the
     synthetic tokenizer: for benchmarks on machines without the real files."""
-    import tempfile
-
-    from ..api import Model
-    from ..tokenizer import Tokenizer
-
     with tempfile.TemporaryDirectory(prefix="voxtral-random-") as folder:
         tekken = write_tekken_json(Path(folder) / "tekken.json")
         config = ModelConfig.from_params_json(params or FULL_SIZE_PARAMS, dict(AUDIO_BLOCK))
         tokenizer = Tokenizer(tekken)
     network = random_network(config, device=device, dtype=dtype, seed=seed)
     return Model(network, tokenizer, source="random weights")
+
+
+def write_random_gguf(config: ModelConfig, params: dict[str, Any], tekken_path: Path, out: str | os.PathLike[str],
+                      *, qtype: str = "q4_0", embeddings: str = "same", seed: int = 0,
+                      progress: Progress | None = None) -> list[Path]:
+    """A GGUF of ``config``'s shapes with random weights (as :func:`random_network` draws them),
+    made one tensor at a time: a full-size quantized file for memory and speed measurements without the real
+    checkpoint and without ever holding the float model."""
+    embeddings, out = checked_options(qtype, embeddings, out)
+    tensors = _RandomTensors(config, seed)
+    metadata = {KEY_PARAMS: json.dumps(params), KEY_TOKENIZER: tekken_path.read_text("utf-8"),
+                KEY_QUANTIZATION: qtype, KEY_EMBEDDINGS: embeddings, "general.name": "random weights"}
+    planned = plan_tensors(config, mistral_layout(config, set()), tensors, qtype, embeddings, True)
+    return write_tensors(tensors, planned, metadata, out, None, progress)
+
+
+class _RandomTensors:
+    """Random stand-ins for a Mistral checkpoint's tensors, by name (:func:`random_init`); each tensor is drawn when
+    asked for, from a seed of its own."""
+
+    def __init__(self, config: ModelConfig, seed: int) -> None:
+        with torch.device("meta"):
+            network = VoxtralRealtime(config)
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        params = {name: tuple(p.shape) for name, p in network.named_parameters()}
+        for name, parts in mistral_layout(config, set()).items():
+            for part in parts:
+                if part.key is not None:
+                    self._shapes[part.key] = (part.rows or params[name][0], *params[name][1:])
+        self._seed = seed
+
+    def keys(self) -> set[str]:
+        return set(self._shapes)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def get(self, key: str) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self._seed * 1_000_003 + sum(map(ord, key)) * 7919 + len(key))
+        mean, std = random_init(key, self._shapes[key])
+        return torch.randn(self._shapes[key], generator=generator).mul_(std).add_(mean)
+
+    def close(self) -> None:
+        pass

@@ -11,6 +11,7 @@ import torch
 
 from ..errors import VoxtralError
 from ..loading import export_state_dict, hf_layout
+from ..protocol import padded_audio, prompt_ids
 
 if TYPE_CHECKING:
     from ..api import Model
@@ -66,14 +67,11 @@ def reference_transcribe(hf: Any, model: Model, audio: np.ndarray, *, delay_ms: 
     transformers = _transformers()
     cfg = model.config.audio
     delay = cfg.delay_tokens(delay_ms)
-    step = cfg.samples_per_token
-    right = (-len(audio)) % step + cfg.n_right_pad_tokens(delay) * step
-    padded = np.concatenate([np.zeros(cfg.n_left_pad_tokens * step, np.float32), audio.astype(np.float32),
-                             np.zeros(right, np.float32)])
+    padded = padded_audio(cfg, audio, delay)
     features = transformers.VoxtralRealtimeFeatureExtractor()(padded, sampling_rate=cfg.sample_rate,
                                                               return_tensors="pt").input_features
     tok = model.tokenizer
-    ids = torch.tensor([[tok.bos_id] + [tok.streaming_pad_id] * (cfg.n_left_pad_tokens + delay)], device=model.device)
+    ids = torch.tensor([prompt_ids(tok, cfg, delay)], device=model.device)
     out = hf.generate(input_ids=ids, input_features=features.to(model.device, model.dtype), num_delay_tokens=delay,
                       do_sample=False)
     return out[0, ids.shape[1]:].tolist()

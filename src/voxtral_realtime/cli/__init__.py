@@ -400,9 +400,9 @@ def _import_sounddevice() -> Any:
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from ..benchmarking import benchmark
     from ..api import default_device
     from ..audio import load_audio
+    from ..benchmarking import benchmark
     from ..benchmarking.signals import speechlike
 
     reporter = Reporter(enabled=not args.no_progress)
@@ -575,7 +575,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(lambda: _load_model(args, reporter), model_name=args.model, max_streams=args.max_streams,
                      decoder_context=args.decoder_context, api_key=args.api_key, limits=limits)
     if args.web_export is not None:
-        from ..browser.export import mount_local
+        from ..browser import mount_local
 
         mount_local(app, args.web_export)
     # uvicorn's own frame limit sits above the app's, so an oversized message gets the app's clear error event
@@ -716,7 +716,7 @@ stderr says how many tokens equal the PyTorch model's.  Needs: pip install onnx 
 
 
 def _add_export_parser(sub: Any) -> None:
-    from ..browser.export import QUANTS
+    from ..browser import QUANTS
 
     ex = sub.add_parser("export", help="export the model for other runtimes (the browser)",
                         description="Export the model for other runtimes.")
@@ -747,10 +747,10 @@ def _add_export_parser(sub: Any) -> None:
 
 
 def cmd_export_web(args: argparse.Namespace) -> int:
-    from ..browser import export as web_export
+    from .. import browser
     from ..api import load
 
-    web_export._require_onnx()  # before loading gigabytes of weights
+    browser.require_onnx()  # before loading gigabytes of weights
     reporter = Reporter(enabled=not args.no_progress)
     if args.check is not None and not args.check.is_file():
         raise VoxtralError(f"{args.check}: no such file")
@@ -760,15 +760,15 @@ def cmd_export_web(args: argparse.Namespace) -> int:
         # export traces float32 on the CPU whatever the machine has: the graphs must not depend on it
         model = load(args.model, device="cpu", dtype="f32", progress=update)
     with reporter.bar("exporting", total=7, unit=" stages") as update:
-        manifest = web_export.export_web(model, args.out, quant=args.quant, decoder_context=args.decoder_context,
+        manifest = browser.export_web(model, args.out, quant=args.quant, decoder_context=args.decoder_context,
                                          progress=lambda done, total, what: update(done, total))
     if args.onnxruntime_web:
-        web_export.copy_page(args.out, args.onnxruntime_web)
+        browser.copy_page(args.out, args.onnxruntime_web)
     total = sum(f["bytes"] for f in manifest["files"])
     reporter.info(f"wrote {args.out}: {len(manifest['files'])} files, {total / 1e6:.1f} MB ({args.quant})")
     if args.check is None:
         return 0
-    exported = web_export.WebExport(args.out)
+    exported = browser.WebExport(args.out)
     result = exported.transcribe(args.check, delay_ms=args.delay_ms)
     reference = model.transcribe(args.check, delay_ms=args.delay_ms).tokens
     same = sum(a == b for a, b in zip(result.tokens, reference))
