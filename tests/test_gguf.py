@@ -21,7 +21,7 @@ import voxtral_realtime
 from voxtral_realtime.api import Model
 from voxtral_realtime.benchmarking.benchmark import teacher_forced_logits
 from voxtral_realtime.cli import main, rust_compat_main
-from voxtral_realtime.errors import CheckpointError
+from voxtral_realtime.errors import CheckpointError, UsageError
 from voxtral_realtime.gguf_file import KEY_PARAMS, KEY_TOKENIZER, gguf_files, parse_size, write_gguf
 from voxtral_realtime.protocol import padded_audio, prompt_ids
 from voxtral_realtime.quantization import CpuInt4Linear, Q8Linear, QuantizedEmbedding, quantize_network
@@ -244,7 +244,7 @@ def test_parse_size():
     assert parse_size("512M") == 512 * 2**20 and parse_size("2G") == 2 * 2**30 and parse_size("1000") == 1000
     assert parse_size("1.5KiB") == 1536 and parse_size("64kb") == 65536
     for bad in ("", "12Q", "-5M", "M", "0"):
-        with pytest.raises(ValueError):
+        with pytest.raises(UsageError):
             parse_size(bad)
 
 
@@ -269,7 +269,7 @@ def test_cli_quantize_then_transcribe(source, tmp_path, wav, capsys, tekken_path
                      "--no-progress"]) == 0
         assert json.loads(capsys.readouterr().out)["tokens"] == expected
     bare = tmp_path / "bare" / "tiny.gguf"
-    assert main(["quantize", str(source), "--out", str(bare), "--type", "q4_k", "--no-tokenizer",
+    assert main(["quantize", str(source), "--out", str(bare), "--quant", "q4_k", "--no-tokenizer",
                  "--no-progress"]) == 0
     capsys.readouterr()
     assert rust_compat_main(["--audio", str(wav), "--gguf", str(bare), "--tokenizer", str(tekken_path),

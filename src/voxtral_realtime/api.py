@@ -20,7 +20,7 @@ import torch
 from .audio import load_audio
 from .config import ModelConfig
 from .engine import Engine
-from .errors import CheckpointError
+from .errors import CheckpointError, UsageError
 from .loading import DEFAULT_MODEL, inspect_checkpoint, load_weights, resolve_model_dir
 from .model import VoxtralRealtime
 from .streaming import StreamingSession
@@ -61,7 +61,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     try:
         return DTYPES[dtype.lower()]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use bf16, f16 or f32") from None
+        raise UsageError(f"unknown dtype {dtype!r}; use bf16, f16 or f32") from None
 
 
 class Model:

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import CheckpointError
+from .errors import CheckpointError, UsageError
 
 SAMPLE_RATE = 16_000
 #: Delays the model was trained for (REFERENCE 6.2): every 80 ms step from 80 to 1200 ms, and 2400 ms.
@@ -82,12 +82,12 @@ class AudioConfig:
         delay_ms = self.transcription_delay_ms if delay_ms is None else delay_ms
         step = self.token_ms
         if isinstance(delay_ms, bool) or not isinstance(delay_ms, (int, float)) or delay_ms <= 0:
-            raise ValueError(f"delay must be a positive number of milliseconds, got {delay_ms!r}")
+            raise UsageError(f"delay must be a positive number of milliseconds, got {delay_ms!r}")
         n = delay_ms / step
         if abs(n - round(n)) > 1e-9:
-            raise ValueError(f"delay {delay_ms} ms is not a multiple of the model's {step:g} ms step")
+            raise UsageError(f"delay {delay_ms} ms is not a multiple of the model's {step:g} ms step")
         if step == 80 and delay_ms not in SUPPORTED_DELAYS_MS:
-            raise ValueError(f"delay {delay_ms} ms is not one the model was trained for (80..1200 in steps of 80, "
+            raise UsageError(f"delay {delay_ms} ms is not one the model was trained for (80..1200 in steps of 80, "
                              "or 2400)")
         return round(n)
 

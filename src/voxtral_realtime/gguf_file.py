@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .config import FULL_SIZE_PARAMS, ModelConfig
-from .errors import CheckpointError, first_line
+from .errors import CheckpointError, UsageError, first_line
 from .loading import (
     Part,
     TensorFiles,
@@ -95,10 +95,10 @@ def parse_size(text: str) -> int:
     """"512M" -> 536870912: a byte count with an optional K/M/G/T suffix (powers of 1024, as ``split -b``)."""
     match = _SIZE.match(text)
     if not match:
-        raise ValueError(f"{text!r} is not a size; write e.g. 512M, 2G or 1000000")
+        raise UsageError(f"{text!r} is not a size; write e.g. 512M, 2G or 1000000")
     value = float(match["number"]) * 1024 ** " kmgt".index(match["unit"].lower() or " ")
     if value < 1:
-        raise ValueError(f"{text!r}: the size must be at least one byte")
+        raise UsageError(f"{text!r}: the size must be at least one byte")
     return int(value)
 
 
@@ -208,14 +208,14 @@ def _metadata_bytes(metadata: dict[str, str]) -> int:
 
 def checked_options(qtype: str, embeddings: str, out: str | os.PathLike[str]) -> tuple[str, Path]:
     if qtype not in FORMATS:
-        raise ValueError(f"unknown quantization type {qtype!r}; use one of {', '.join(FORMATS)}")
+        raise UsageError(f"unknown quantization type {qtype!r}; use one of {', '.join(FORMATS)}")
     if embeddings not in EMBEDDING_TYPES:
-        raise ValueError(f"unknown embeddings type {embeddings!r}; use one of {', '.join(EMBEDDING_TYPES)}")
+        raise UsageError(f"unknown embeddings type {embeddings!r}; use one of {', '.join(EMBEDDING_TYPES)}")
     out = Path(out)
     if out.suffix != ".gguf":
-        raise ValueError(f"{out}: the output file name must end in .gguf")
+        raise UsageError(f"{out}: the output file name must end in .gguf")
     if out.is_dir():
-        raise ValueError(f"{out}: is a folder; give the file to write")
+        raise UsageError(f"{out}: is a folder; give the file to write")
     return (qtype if embeddings == "same" else embeddings), out
 
 
