@@ -40,7 +40,7 @@ SETS = ["", "rounding", "attention", "head", "rounding attention", "rounding att
 def _buffer(*key) -> torch.Tensor | kernels.QuantizedRow:
     kind, shape, dtype = key[0], key[1], key[2]
     if kind == "row":
-        return kernels._empty_row(shape, dtype, torch.device("cuda"), squares=key[3])
+        return kernels.rounding.empty_row(shape, dtype, torch.device("cuda"), squares=key[3])
     return torch.zeros(shape, dtype=dtype, device="cuda")
 
 

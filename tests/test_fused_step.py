@@ -14,7 +14,7 @@ from voxtral_realtime.config import DecoderConfig
 from voxtral_realtime.decoder import DecoderLayer, TextDecoder
 from voxtral_realtime.layers import AttentionContext, KVCache
 
-pytestmark = pytest.mark.skipif(kernels.triton is None, reason="needs Triton (GPU, or its CPU interpreter)")
+pytestmark = pytest.mark.skipif(kernels.common.triton is None, reason="needs Triton (GPU, or its CPU interpreter)")
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 CFG = DecoderConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96, vocab_size=300,

@@ -11,7 +11,7 @@ import torch
 from voxtral_realtime import kernels
 from voxtral_realtime.layers import KVCache
 
-pytestmark = pytest.mark.skipif(kernels.triton is None, reason="needs Triton (GPU, or its CPU interpreter)")
+pytestmark = pytest.mark.skipif(kernels.common.triton is None, reason="needs Triton (GPU, or its CPU interpreter)")
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 
@@ -69,7 +69,7 @@ def test_matches_reference_on_rings_of_every_state(dtype, heads, heads_kv, dim, 
     assert (out.float() - expected).abs().max().item() <= tolerance * max(1.0, expected.abs().max().item())
     assert out[-1].abs().max().item() == 0  # the disabled row
     # the splits' last program combines, told by counts that it leaves at zero for the next call
-    assert kernels._split_counts(DEVICE, kernels.SPLIT_TARGET_PROGRAMS // 2).eq(0).all()
+    assert kernels.attention._split_counts(DEVICE, kernels.attention.SPLIT_TARGET_PROGRAMS // 2).eq(0).all()
     again = kernels.decode_attention(q, cache.keys[0], cache.values[0], cache.positions, qpos, row_start,
                                      cache.capacity, cache.window)
     torch.testing.assert_close(again, out, rtol=0, atol=0)

@@ -13,7 +13,7 @@ import torch
 from voxtral_realtime import kernels
 from voxtral_realtime.kernels import MatmulConfig
 
-pytestmark = pytest.mark.skipif(kernels.triton is None, reason="needs Triton (GPU, or its CPU interpreter)")
+pytestmark = pytest.mark.skipif(kernels.common.triton is None, reason="needs Triton (GPU, or its CPU interpreter)")
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -140,8 +140,8 @@ def test_a_long_weight_is_dequantized_in_slices(monkeypatch):
     q, scales, offsets = random_q4(80, 256, generator)
     x = torch.randn(3, 256, device=DEVICE, generator=generator)
     made = []
-    monkeypatch.setattr(kernels, "DEQUANTIZED_VALUES", 32 * 256)
-    monkeypatch.setattr(kernels, "q4_dequantize", lambda *a, real=kernels.q4_dequantize: made.append(
+    monkeypatch.setattr(kernels.q4, "DEQUANTIZED_VALUES", 32 * 256)
+    monkeypatch.setattr(kernels.q4, "q4_dequantize", lambda *a, real=kernels.q4_dequantize: made.append(
         a[0].shape[0]) or real(*a))
     out = kernels.quantized_matmul(x, q, scales, offsets)
     assert made == [32, 32, 16]
