@@ -137,3 +137,13 @@ def test_both_engines_offer_what_a_session_needs(method):
     for engine in _engines():
         offered = inspect.signature(getattr(engine, method))
         offered.bind(None, *arguments)  # raises TypeError if the engine's method cannot take the session's call
+
+
+def test_the_package_docstring_maps_every_module():
+    import voxtral_realtime
+
+    doc = voxtral_realtime.__doc__
+    for name in _modules():
+        leaf = name.rpartition(".")[2]
+        if name != "voxtral_realtime" and leaf != "__main__":
+            assert f"``{leaf}``" in doc, f"{name} is not in the package docstring"

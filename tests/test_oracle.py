@@ -14,7 +14,8 @@ SAMPLES_PER_TOKEN = 1280
 
 
 def padded_for_reference(audio: np.ndarray, delay_tokens: int, left_tokens: int = 32) -> np.ndarray:
-    """mistral-common's offline padding (REFERENCE 6.3): left silence, alignment, then delay + 11 steps."""
+    """mistral-common's offline padding (docs/model.md, "Prompt and padding"): left silence, alignment, then
+    delay + 11 steps."""
     align = (-len(audio)) % SAMPLES_PER_TOKEN
     right = align + (delay_tokens + 11) * SAMPLES_PER_TOKEN
     return np.concatenate([np.zeros(left_tokens * SAMPLES_PER_TOKEN, np.float32), audio,

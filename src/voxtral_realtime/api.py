@@ -87,10 +87,6 @@ class Model:
     def dtype(self) -> torch.dtype:
         return self.network.dtype
 
-    @property
-    def default_delay_ms(self) -> int:
-        return self.config.audio.transcription_delay_ms
-
     def engine(self, max_streams: int, *, decoder_context: int | None = None) -> Engine:
         """A batched engine for up to ``max_streams`` concurrent sessions (pass it to :meth:`stream`).
 

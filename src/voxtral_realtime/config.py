@@ -14,7 +14,7 @@ from typing import Any
 from .errors import CheckpointError, UsageError
 
 SAMPLE_RATE = 16_000
-#: Delays the model was trained for (REFERENCE 6.2): every 80 ms step from 80 to 1200 ms, and 2400 ms.
+#: Delays the model was trained for (docs/model.md, "Delays"): every 80 ms step from 80 to 1200 ms, and 2400 ms.
 SUPPORTED_DELAYS_MS = tuple(range(80, 1201, 80)) + (2400,)
 
 
@@ -92,7 +92,7 @@ class AudioConfig:
         return round(n)
 
     def n_right_pad_tokens(self, delay_tokens: int) -> int:
-        """Silence appended after the audio: the delay, the BOS slot and 10 steps for the last word (REFERENCE 6.3)."""
+        """Silence appended after the audio: the delay, the BOS slot and 10 steps for the last word (docs/model.md)."""
         return delay_tokens + 1 + 10
 
 
@@ -101,11 +101,6 @@ class ModelConfig:
     encoder: EncoderConfig
     decoder: DecoderConfig
     audio: AudioConfig
-
-    @property
-    def audio_embedding_dim(self) -> int:
-        """Width of one adapter input row: ``downsample_factor`` encoder frames side by side."""
-        return self.encoder.dim * self.audio.downsample_factor
 
     @classmethod
     def from_params_json(cls, params: dict[str, Any], tekken_audio: dict[str, Any] | None) -> ModelConfig:
@@ -212,7 +207,7 @@ def _hf_rope_theta(section: dict[str, Any]) -> float:
     rope = section.get("rope_parameters") or {}
     theta = rope.get("rope_theta", section.get("rope_theta"))
     if theta is None:
-        # transformers would silently fall back to 10000 here, which is wrong for this model (REFERENCE 1.2).
+        # transformers would silently fall back to 10000 here, wrong for this model (docs/model.md, "Hyperparameters")
         raise KeyError("rope_parameters.rope_theta")
     return float(theta)
 

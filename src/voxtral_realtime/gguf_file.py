@@ -1,6 +1,6 @@
 """GGUF files: writing a quantized model (``voxtral quantize``) and loading one, ours or the Rust project's.
 
-**Tensors** keep the Mistral checkpoint's names and row order (REFERENCE 7.1; q/k rows in interleaved-RoPE order),
+**Tensors** keep the Mistral checkpoint's names and row order (docs/model.md; q/k rows in interleaved-RoPE order),
 as the Rust project's ``voxtral-q4.gguf`` does, so one name table (:func:`loading.mistral_layout`) reads both and
 the loader applies the same q/k row permutation as for ``consolidated.safetensors``.  Dims are stored in ggml's
 reversed order by the ``gguf`` library.  Types we write:

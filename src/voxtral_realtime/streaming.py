@@ -1,4 +1,5 @@
-"""The streaming protocol (REFERENCE 6): audio in piece by piece, one token out per 80 ms step.
+"""A streaming session (docs/architecture.md, "The streaming protocol"): audio in piece by piece, one token out per
+80 ms step.
 
 Offline transcription is this same session fed the whole file, so the two agree by construction:
 
@@ -168,10 +169,9 @@ class StreamingSession:
 
     def feed_all(self, pcm: np.ndarray, *, piece: int, progress: Callable[[float], None] | None = None) -> str:
         """A whole recording, then :meth:`finish`: pushed ``piece`` samples at a time, each piece run before the
-        next, the last one together with the closing padding.  The encoder so takes the audio in the fewest and
-        largest calls (a 30 s file in 3 instead of 9 fed at once, 20 in 10 s feeds: a call of one 80 ms step
-        costs a third of one of 256, bench/results/profile_encode*_calls_h100.txt).  ``progress(seconds)`` is
-        told the audio decided so far, about once per second of it.  Returns the text."""
+        next, the last one together with the closing padding, so that the encoder takes the audio in the fewest
+        and largest calls (on CUDA a call costs about the same whatever its size: docs/performance.md).
+        ``progress(seconds)`` is told the audio decided so far, about once per second of it.  Returns the text."""
         self._progress = progress
         texts = []
         try:

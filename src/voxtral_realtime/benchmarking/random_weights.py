@@ -42,7 +42,7 @@ from ..tokenizer import Tokenizer
 #: needed because the v7 instruct tokenizer that ``MistralTokenizer.from_file`` builds looks up [INST], [/INST],
 #: [AVAILABLE_TOOLS], [/AVAILABLE_TOOLS], [TOOL_RESULTS], [/TOOL_RESULTS], [TOOL_CALLS], [PREFIX], [SUFFIX],
 #: [SYSTEM_PROMPT], [/SYSTEM_PROMPT] and [TOOL_CONTENT] by name and fails without them.  24, 25, 32, 33, 34 are
-#: the real Voxtral Realtime ranks (REFERENCE §6.1).  [NEXT_AUDIO_TEXT] and [TRANSCRIBE] are left out: their real
+#: the real Voxtral Realtime ranks (docs/model.md).  [NEXT_AUDIO_TEXT] and [TRANSCRIBE] are left out: their real
 #: ranks are unknown, and mistral-common needs them only for speech synthesis and non-streaming transcription.
 SPECIAL_TOKENS: Final[dict[int, str]] = {
     0: "<unk>",
@@ -74,7 +74,7 @@ SPECIAL_TOKENS: Final[dict[int, str]] = {
 
 NUM_SPECIAL_TOKENS: Final = 1000
 
-#: The real file's ``audio`` block (REFERENCE §8), in its key order.
+#: The real file's ``audio`` block (docs/model.md, "Tokenizer file"), in its key order.
 AUDIO_BLOCK: Final[dict[str, Any]] = {
     "sampling_rate": 16000,
     "frame_rate": 12.5,

@@ -1,7 +1,7 @@
 """Synthetic audio for tests and benchmarks: deterministic, speech-like in level and structure, on the 16-bit grid.
 
-Values are multiples of 1/32768, so the 16-bit WAV round trip that transformers' processor applies (REFERENCE
-2.4) leaves them unchanged and both pipelines see bit-identical samples.
+Values are multiples of 1/32768, so the 16-bit WAV round trip that transformers' processor applies (docs/model.md,
+"Audio front end") leaves them unchanged and both pipelines see bit-identical samples.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Export the model for a browser page: the two step graphs (:mod:`.graphs`) as ONNX, their weight shards, the
-tokenizer and a manifest (docs/browser.md).
+tokenizer and a manifest (docs/architecture.md, "The browser export").
 
 Weights are ONNX external data in shards of at most 512 MB; ``q4``/``q8`` use onnxruntime's ``MatMulNBits``
 quantizer, ``fp16`` stores weights in half precision and casts them to float32 in the graph (computation stays in

@@ -1,4 +1,5 @@
-"""The two ONNX-exportable step graphs, one 80 ms step each, with every bit of state explicit (docs/browser.md).
+"""The two ONNX-exportable step graphs, one 80 ms step each, with every bit of state explicit
+(docs/architecture.md, "The browser export").
 
 * :class:`AudioStepGraph`: the 1520 samples that one step's 8 mel frames read -> log-mel (the windowed DFT is a
   matmul) -> causal conv stem (its left context is state) -> one encoder block of 4 frames over a KV ring ->

@@ -237,9 +237,8 @@ def quantized_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     """``x`` [..., K] @ w.T (+ ``bias``) with w [N, K] stored in 4 bits: ``qweight`` uint8 [N, K/2] (in each group
     of 32 values, byte b holds value b in its low nibble and value 16 + b in its high one), ``scales``/``offsets``
     [N, K/32] (w = scale * q + offset).  One row: :func:`fused_q4_linear`.  More rows: the weight is dequantized
-    to x's dtype (:func:`q4_dequantize`, in slices of at most DEQUANTIZED_VALUES) for cuBLAS, which beat a
-    tensor-core kernel dequantizing its tiles in registers at every row count from 16 on, and by 20x on an
-    encoder chunk (bench/results/tune_q4_rows_h200.txt; that kernel is gone)."""
+    to x's dtype (:func:`q4_dequantize`, in slices of at most DEQUANTIZED_VALUES) for cuBLAS, the faster way at
+    every row count from 16 on (docs/performance.md)."""
     lead = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1])
     if flat.dtype not in (torch.bfloat16, torch.float16, torch.float32):
