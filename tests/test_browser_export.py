@@ -12,18 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from signals import speechlike
+
+from voxtral_realtime.benchmarking.signals import speechlike
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from voxtral_realtime.browser import (
-    WebExport,
-    copy_page,
-    export_web,
-    read_manifest,
-    step_agreement,
-)
+from voxtral_realtime.browser import WebExport, copy_page, export_web, read_manifest, step_agreement
 from voxtral_realtime.cli import main
 from voxtral_realtime.errors import VoxtralError
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from signals import speechlike
+
+from voxtral_realtime.benchmarking.signals import speechlike
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -28,8 +29,9 @@ sync_api = pytest.importorskip("playwright.sync_api")
 from voxtral_realtime.browser import copy_page, export_web, npm_pack_onnxruntime_web
 from voxtral_realtime.errors import VoxtralError
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH")
+from . import chromium
+
+pytestmark = pytest.mark.skipif(chromium.CHROMIUM is None, reason="no chromium on PATH")
 #: a CPU-only headless browser: WebAssembly, the backend every browser has
 LOAD_TIMEOUT_MS = 120_000
 
@@ -86,9 +88,7 @@ def playwright():
 
 @pytest.fixture(scope="module")
 def browser(playwright, wav):
-    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
-        "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-        f"--use-file-for-fake-audio-capture={wav}"])
+    browser = chromium.launch(playwright, microphone=wav)
     yield browser
     browser.close()
 
@@ -250,8 +250,8 @@ def test_webgpu_backend_gives_the_models_tokens(site, playwright, tiny_short, tm
     wav = tmp_path / "short.wav"
     soundfile.write(wav, speechlike(1.0, seed=22), 16000, subtype="PCM_16")
     server = _Server(site)
-    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
-        "--enable-unsafe-webgpu", "--use-webgpu-adapter=swiftshader", "--enable-features=Vulkan"])
+    browser = chromium.launch(playwright, "--enable-unsafe-webgpu", "--use-webgpu-adapter=swiftshader",
+                              "--enable-features=Vulkan")
     try:
         page = browser.new_page()
         page.goto(server.url + "manifest.json")
@@ -271,8 +271,7 @@ def test_webgpu_backend_gives_the_models_tokens(site, playwright, tiny_short, tm
 def test_denied_microphone_is_reported(site, playwright):
     server = _Server(site)
     # no fake-UI flag: the permission prompt is dismissed, as when a user blocks the microphone
-    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--use-fake-device-for-media-stream",
-                                                                         "--deny-permission-prompts"])
+    browser = chromium.launch(playwright, "--use-fake-device-for-media-stream", "--deny-permission-prompts")
     try:
         page, _ = _open(browser, server.url)
         page.click("#mic")

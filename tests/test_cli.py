@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from signals import speechlike
-from test_audio import encode_with_pyav
 
 from voxtral_realtime import load_audio
+from voxtral_realtime.benchmarking.signals import speechlike
 from voxtral_realtime.cli import main
+
+from .test_audio import encode_with_pyav
 
 
 def _stereo_at(rate: int, seconds: float, seed: int) -> np.ndarray:

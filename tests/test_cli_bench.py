@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from signals import speechlike
 
+from voxtral_realtime.benchmarking.signals import speechlike
 from voxtral_realtime.cli import main
 
 

@@ -8,8 +8,8 @@ import threading
 import types
 
 import numpy as np
-from signals import speechlike
 
+from voxtral_realtime.benchmarking.signals import speechlike
 from voxtral_realtime.cli import main
 
 

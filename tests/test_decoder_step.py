@@ -7,12 +7,13 @@ from unittest import mock
 
 import pytest
 import torch
-from test_matmul_kernels import one_row_product
 
 from voxtral_realtime import kernels
 from voxtral_realtime.config import DecoderConfig
 from voxtral_realtime.decoder import DecoderLayer, TextDecoder
 from voxtral_realtime.layers import AttentionContext, KVCache
+
+from .test_kernels_q4 import one_row_product
 
 pytestmark = pytest.mark.skipif(kernels.common.triton is None, reason="needs Triton (GPU, or its CPU interpreter)")
 CUDA = torch.cuda.is_available()
@@ -155,9 +156,8 @@ def test_fused_linear_takes_one_row():
 def test_transcription_through_the_fused_step_equals_the_plain_one(checkpoints, tiny_short, monkeypatch):
     """The whole model, its one-stream engine stepping through ``DecoderLayer.step`` (in the interpreter on a
     CPU), gives the plain CPU path's tokens; the audio runs past the decoder's window and wraps its ring."""
-    from signals import speechlike
-
     import voxtral_realtime
+    from voxtral_realtime.benchmarking.signals import speechlike
 
     audio = speechlike(0.6, seed=8)
     expected = tiny_short.transcribe(audio).tokens  # plain layers on the CPU, before the patches below

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from signals import speechlike
+
+from voxtral_realtime.benchmarking.signals import speechlike
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -30,9 +31,9 @@ def test_cuda_bf16_runs_to_the_end(checkpoints):
 
 def test_cuda_graph_engine_with_many_streams_equals_cpu(checkpoints, tiny_short):
     """Streams batched on the GPU (CUDA graphs per bucket, rows joining and leaving) give the CPU f32 tokens."""
-    from test_engine import _round_robin
-
     import voxtral_realtime
+
+    from .test_engine import _round_robin
 
     gpu = voxtral_realtime.load(checkpoints["short"].mistral_dir, device="cuda", dtype="f32")
     # five streams join two rounds apart; two more join once the first ones have left and take their rows

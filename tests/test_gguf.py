@@ -15,11 +15,11 @@ import pytest
 import soundfile
 import torch
 from safetensors.torch import load_file
-from signals import speechlike
 
 import voxtral_realtime
 from voxtral_realtime.api import Model
 from voxtral_realtime.benchmarking.benchmark import teacher_forced_logits
+from voxtral_realtime.benchmarking.signals import speechlike
 from voxtral_realtime.cli import main, rust_compat_main
 from voxtral_realtime.errors import CheckpointError, UsageError
 from voxtral_realtime.gguf_file import KEY_PARAMS, KEY_TOKENIZER, gguf_files, parse_size, write_gguf

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from signals import speechlike
 
 from voxtral_realtime.benchmarking.benchmark import teacher_forced_logits
+from voxtral_realtime.benchmarking.signals import speechlike
 
 SAMPLES_PER_TOKEN = 1280
 

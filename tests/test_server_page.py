@@ -13,27 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from live_server import serve_in_thread
-from signals import speechlike
 
+from voxtral_realtime.benchmarking.signals import speechlike
 from voxtral_realtime.server import create_app
 from voxtral_realtime.writers import to_srt, to_txt, to_vtt
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+from . import chromium
+from .live_server import serve_in_thread
+
 NODE = shutil.which("node")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 WEB = Path(__file__).resolve().parent.parent / "src" / "voxtral_realtime" / "server" / "web"
 SPEECH_SECONDS = 3.0
-
-
-def _sync_playwright():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is not installed (pip install playwright; no browser download is needed)")
-    if CHROMIUM is None:
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
-    return sync_playwright
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +38,9 @@ def microphone_wav(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def browser(microphone_wav):
-    sync_playwright = _sync_playwright()
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-                  f"--use-file-for-fake-audio-capture={microphone_wav}", "--no-sandbox", "--disable-gpu",
-                  "--disable-background-networking", "--disable-component-update", "--no-first-run"])
+    with chromium.sync_playwright()() as playwright:
+        browser = chromium.launch(playwright, "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                  "--disable-component-update", "--no-first-run", microphone=microphone_wav)
         yield browser
         browser.close()
 

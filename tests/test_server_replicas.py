@@ -19,9 +19,9 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("websockets")
 pytest.importorskip("soundfile")
 
-from live_server import connect, pcm16_base64, receive_event, wav_bytes
-
 from voxtral_realtime.benchmarking.signals import speechlike
+
+from .live_server import connect, pcm16_base64, receive_event, wav_bytes
 
 REPLICAS = 2
 

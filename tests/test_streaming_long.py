@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 import torch
-from signals import speechlike
+
+from voxtral_realtime.benchmarking.signals import speechlike
 
 MINUTES = 20
 
@@ -21,9 +22,9 @@ def _rss_mib() -> float:
 def endless_model(tmp_path_factory, tekken_path):
     """One layer each, windows of 12 encoder frames / 10 tokens, and an EOS that can never win (its tied
     embedding row is zero, so its logit is always 0): a random model would otherwise stop at some EOS."""
-    from tiny_checkpoint import make_hf_model, write_mistral_folder
-
     import voxtral_realtime
+
+    from .tiny_checkpoint import make_hf_model, write_mistral_folder
 
     model = make_hf_model(encoder_window=12, decoder_window=10, audio_layers=1, text_layers=1, vocab_size=4096,
                           seed=77)

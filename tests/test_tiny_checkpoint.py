@@ -21,27 +21,22 @@ import torch
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tiny_checkpoint import (
+from transformers import VoxtralRealtimeConfig, VoxtralRealtimeForConditionalGeneration
+
+from .tiny_checkpoint import (
     MISTRAL_PREFIX,
-    cached_tekken_json,
     make_hf_model,
     params_json_text,
     write_hf_folder,
     write_mistral_folder,
     write_tekken_json,
 )
-from transformers import VoxtralRealtimeConfig, VoxtralRealtimeForConditionalGeneration
 
 # Non-default windows, so that a window not plumbed through to a file shows up.
 ENCODER_WINDOW, DECODER_WINDOW = 12, 10
 AUDIO_LAYERS, TEXT_LAYERS = 2, 2
 #: docs/model.md, "Hyperparameters"
 REAL_PARAMS_SHA256 = "2ace010ebf7f0b62c60747d91c6d140e3c7238632d3e9c63d60a2bd2065ea301"
-
-
-@pytest.fixture(scope="session")
-def tekken_path() -> Path:
-    return cached_tekken_json()
 
 
 @pytest.fixture(scope="module")

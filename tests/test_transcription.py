@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import srt
 import webvtt
-from signals import speechlike
 
+from voxtral_realtime.benchmarking.signals import speechlike
 from voxtral_realtime.cli import main
 from voxtral_realtime.transcription import Transcription, Word, WordBuilder
 from voxtral_realtime.writers import timestamp, to_srt, to_vtt

@@ -153,7 +153,7 @@ def fused_q4_linear(x: torch.Tensor | QuantizedRow, qweight: torch.Tensor, scale
     """:func:`fused_linear` for one row of x [1, K] and a 4-bit weight (layout: :func:`quantized_matmul`), in two
     kernels: x (normed, scaled) is quantized to 8 bits per group of 32 values (:func:`quantize_row`: a relative
     error of about 0.4% per value, far below the 4-bit weights' own), then multiplied with integer dot products
-    (tests/test_matmul_kernels.py states the arithmetic in PyTorch).  ``x`` may come quantized already (the
+    (tests/test_kernels_q4.py states the arithmetic in PyTorch).  ``x`` may come quantized already (the
     decode-attention kernel rounds its output so), then without ``norm`` or ``scale``.  ``offsets`` None: Q4_0's
     symmetric blocks (every offset -8 scale), which the kernel then does not read."""
     if isinstance(x, QuantizedRow):
