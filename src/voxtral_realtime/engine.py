@@ -41,6 +41,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from .config import AudioConfig
 from .model import VoxtralRealtime
 from .protocol import left_padding
 
@@ -78,6 +79,26 @@ class Slot:
     position: int = 0  # decoder positions done = embeddings consumed
     embedding_limit: int | None = None  # how many embeddings may be consumed in all, once the audio has ended
     stopped: bool = False
+
+    def restart(self, prompt: list[int], audio: AudioConfig) -> None:
+        """Empty the slot for a new segment opening with ``prompt``, the protocol's left padding queued."""
+        self.prompt = list(prompt)
+        # the first mel frame is centred on sample 0, so its window starts half a window before the signal
+        self.samples = np.zeros(audio.window_size // 2, np.float32)
+        self.samples_pushed = self.encoder_position = self.position = 0
+        self.embeddings.clear()
+        self.embedding_limit, self.stopped = None, False
+        self.add_samples(left_padding(audio))
+
+    def add_samples(self, samples: np.ndarray) -> None:
+        self.samples = np.concatenate([self.samples, samples.astype(np.float32, copy=False)])
+        self.samples_pushed += len(samples)
+
+    def end_samples(self, audio: AudioConfig) -> None:
+        """No more audio (the pushes end on a step boundary): complete the last mel frames; like the reference,
+        the final audio embedding is not consumed."""
+        self.embedding_limit = self.samples_pushed // audio.samples_per_token - 1
+        self.samples = np.concatenate([self.samples, np.zeros(audio.window_size // 2, np.float32)])
 
     def decodable(self) -> int:
         if self.stopped:
@@ -209,13 +230,7 @@ class Engine:
         """Start ``slot`` over with a new prompt: the protocol's left padding is already in, no audio yet."""
         row = slot.index
         self.ffn_scales[row] = self._ffn_rows(delay_tokens)
-        slot.prompt = list(prompt)
-        # the first mel frame is centred on sample 0, so its window starts half a window before the signal
-        slot.samples = np.zeros(self.audio.window_size // 2, np.float32)
-        slot.samples_pushed = slot.encoder_position = slot.position = 0
-        slot.embeddings.clear()
-        slot.embedding_limit, slot.stopped = None, False
-        self.push(slot, left_padding(self.audio))
+        slot.restart(prompt, self.audio)
         self._open(slot, delay_tokens)
 
     def _open(self, slot: Slot, delay_tokens: int) -> None:
@@ -248,8 +263,7 @@ class Engine:
 
     def push(self, slot: Slot, samples: np.ndarray) -> None:
         """Queue float32 16 kHz samples for ``slot`` (computed at the next :meth:`run`)."""
-        slot.samples = np.concatenate([slot.samples, samples.astype(np.float32, copy=False)])
-        slot.samples_pushed += len(samples)
+        slot.add_samples(samples)
 
     def has_work(self, slot: Slot | None = None) -> bool:
         """Whether :meth:`run` would still compute something for ``slot`` (default: for any stream)."""
@@ -267,10 +281,8 @@ class Engine:
         return 0
 
     def end(self, slot: Slot) -> None:
-        """No more audio for ``slot`` (its pushes end on a step boundary): complete the last mel frames; like the
-        reference, the final audio embedding is not consumed."""
-        slot.embedding_limit = slot.samples_pushed // self._step_samples - 1
-        slot.samples = np.concatenate([slot.samples, np.zeros(self.audio.window_size // 2, np.float32)])
+        """No more audio for ``slot``: see :meth:`Slot.end_samples`."""
+        slot.end_samples(self.audio)
 
     def capture_graphs(self) -> None:
         """Capture every bucket's graphs now (with every row disabled: nothing changes), so that no stream pays for

@@ -19,7 +19,7 @@ from ..audio import load_audio
 from ..config import AudioConfig
 from ..engine import Slot
 from ..errors import VoxtralError, first_line
-from ..protocol import closing_silence, left_padding, prompt_ids
+from ..protocol import closing_silence, prompt_ids
 from ..streaming import StreamingSession
 from ..tokenizer import Tokenizer
 from .export import read_manifest, require_onnx
@@ -150,24 +150,16 @@ class OnnxEngine:
             self.slot = None
 
     def reset(self, slot: _OnnxSlot, prompt: list[int], delay_tokens: int) -> None:
-        audio = self.export.config.audio
         self.audio_state.reset()
         self.decoder_state.reset()
-        slot.prompt, slot.delay_tokens = list(prompt), delay_tokens
-        slot.samples = np.zeros(audio.window_size // 2, np.float32)  # the first frame is centred on sample 0
-        slot.samples_pushed = slot.encoder_position = slot.position = 0
-        slot.embeddings.clear()
-        slot.embedding_limit, slot.stopped = None, False
-        self.push(slot, left_padding(audio))
+        slot.delay_tokens = delay_tokens
+        slot.restart(prompt, self.export.config.audio)
 
     def push(self, slot: _OnnxSlot, samples: np.ndarray) -> None:
-        slot.samples = np.concatenate([slot.samples, samples.astype(np.float32, copy=False)])
-        slot.samples_pushed += len(samples)
+        slot.add_samples(samples)
 
     def end(self, slot: _OnnxSlot) -> None:
-        slot.embedding_limit = slot.samples_pushed // self.step_samples - 1
-        half = self.export.config.audio.window_size // 2
-        slot.samples = np.concatenate([slot.samples, np.zeros(half, np.float32)])
+        slot.end_samples(self.export.config.audio)
 
     def has_work(self, slot: _OnnxSlot) -> bool:
         """Whether :meth:`run` would still compute something for ``slot``."""
