@@ -3,8 +3,8 @@
 Transcripts go to stdout, progress bars and messages to stderr.  A user mistake (a :class:`.errors.VoxtralError`)
 prints one ``error:`` line and exits non-zero; in a run over several files a bad file is reported and the others
 are still transcribed.  Anything else is a bug: its traceback is shown, with a line saying so.  Each subcommand
-module has ``add_parser(sub)`` and ``run(args)``; torch and the model are imported inside ``run`` so that
-``--help`` and option errors answer at once.
+module has ``add_parser(sub)`` and ``run(args)``; only optional dependencies (the server's, sounddevice) are
+imported inside ``run``, where a missing one becomes a one-line error.
 """
 
 from __future__ import annotations

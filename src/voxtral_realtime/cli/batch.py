@@ -8,6 +8,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..batch import DEFAULT_STREAMS_PER_WORKER, BatchOptions, BatchStats, run_batch
 from ..errors import VoxtralError
 from .common import DELAY_HELP, Reporter, add_model_options, delay_ms, positive_float, positive_int, random_model_loader
 
@@ -26,10 +29,7 @@ same command again.  With --ray-address, audio is decoded in Ray tasks and trans
 load the model once (pip install 'ray[data]'; "local" starts a one-machine cluster).
 """
 
-
 def add_parser(sub: Any) -> None:
-    from ..batch import DEFAULT_STREAMS_PER_WORKER
-
     bt = sub.add_parser("batch", help="transcribe a corpus (folder, glob, manifest) to JSONL, resumable, on Ray",
                         description="Transcribe many files through the batched engine, in this process or on a Ray "
                                     "cluster; results are appended to a JSONL file and a rerun resumes.",
@@ -60,8 +60,6 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..batch import BatchOptions, BatchStats, run_batch
-
     reporter = Reporter(enabled=not args.no_progress)
     if args.gpus_per_worker is not None and args.gpus_per_worker < 0:
         raise VoxtralError("--gpus-per-worker must be 0 or more")
@@ -88,7 +86,6 @@ def _batch_progress(reporter: Reporter) -> Iterator[Any]:
     if not reporter.enabled:
         yield lambda stats: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = [TextColumn("batch"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]}"),
                TimeElapsedColumn()]

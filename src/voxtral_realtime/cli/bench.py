@@ -8,6 +8,12 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ..api import default_device
+from ..audio import load_audio
+from ..benchmarking import benchmark
+from ..benchmarking.signals import speechlike
 from ..errors import VoxtralError
 from .common import (
     DELAY_HELP,
@@ -34,7 +40,6 @@ graph alone), achieved GB/s of weights read per step against the measured copy b
 (compute / audio time: below 1 is faster than real time).  Streams: every 80 ms tick each stream brings 80 ms
 of audio; "real time" means the 99th-percentile tick takes less than 80 ms.
 """
-
 
 def add_parser(sub: Any) -> None:
     bn = sub.add_parser("bench", help="measure speed: ms per decoder step, real-time factor, concurrent streams",
@@ -75,12 +80,6 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..api import default_device
-    from ..audio import load_audio
-    from ..benchmarking import benchmark
-    from ..benchmarking.signals import speechlike
 
     reporter = Reporter(enabled=not args.no_progress)
     if args.audio is not None and not args.audio.is_file():

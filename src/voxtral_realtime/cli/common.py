@@ -8,11 +8,18 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
+from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from ..api import default_device, load, resolve_dtype
+from ..benchmarking.random_weights import random_model
 from ..config import SUPPORTED_DELAYS_MS
 from ..errors import UsageError
+from ..gguf_file import parse_size
 from ..loading import DEFAULT_MODEL
+from ..quantization import FORMATS
 
 DELAY_HELP = ("how far the model may look ahead before deciding a word, in ms: 80..1200 in steps of 80, or 2400; "
               "longer is more accurate, shorter is more immediate (default: the model's own, 480)")
@@ -57,8 +64,6 @@ def positive_float(text: str) -> float:
 
 
 def quant_list(text: str) -> list[str]:
-    from ..quantization import FORMATS
-
     types = [t.strip().lower() for t in text.split(",") if t.strip()]
     unknown = [t for t in types if t not in FORMATS]
     if unknown or not types:
@@ -84,8 +89,6 @@ def add_gguf_options(parser: argparse.ArgumentParser) -> None:
 
 
 def size(text: str) -> int:
-    from ..gguf_file import parse_size
-
     try:
         return parse_size(text)
     except UsageError as err:
@@ -94,10 +97,7 @@ def size(text: str) -> int:
 
 class Reporter:
     """Progress bars on stderr (only when it is a terminal, unless asked) and one-line messages."""
-
     def __init__(self, enabled: bool) -> None:
-        from rich.console import Console
-
         self.console = Console(stderr=True, highlight=False)
         self.enabled = enabled and self.console.is_terminal
 
@@ -114,7 +114,6 @@ class Reporter:
         if not self.enabled:
             yield lambda done, total: None
             return
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         columns = [TextColumn("{task.description}"), BarColumn(),
                    TextColumn("{task.completed:.0f}/{task.total:.0f}" + unit), TimeElapsedColumn(),
@@ -125,8 +124,6 @@ class Reporter:
 
 
 def load_model(args: argparse.Namespace, reporter: Reporter) -> Any:
-    from ..api import load
-
     model = getattr(args, "gguf", None) or args.model
     with reporter.bar("loading model", total=1, unit=" tensors") as update:
         return load(model, device=args.device, dtype=args.dtype, progress=update,
@@ -135,12 +132,7 @@ def load_model(args: argparse.Namespace, reporter: Reporter) -> Any:
 
 def random_model_loader(args: argparse.Namespace, reporter: Reporter) -> Callable[[], Any]:
     """Builds the full-size network with random weights on ``--device`` in ``--dtype`` (benchmarks)."""
-
     def build() -> Any:
-        import torch
-
-        from ..api import default_device, resolve_dtype
-        from ..benchmarking.random_weights import random_model
 
         device = torch.device(args.device) if args.device else default_device()
         reporter.info("building the full-size model with random weights")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..loading import DEFAULT_MODEL
+from ..loading import DEFAULT_MODEL, download
 
 
 def add_parser(sub: Any) -> None:
@@ -18,7 +18,5 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..loading import download
-
     print(download(args.repo, cache_dir=args.cache_dir))
     return 0

@@ -8,8 +8,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .. import browser
+from ..api import load
+from ..browser import QUANTS
 from ..errors import VoxtralError
 from ..loading import DEFAULT_MODEL
+from ..writers import WRITERS
 from .common import DELAY_HELP, Reporter, delay_ms, positive_int
 
 EPILOG_EXPORT_WEB = """\
@@ -25,10 +29,7 @@ their weights in files of at most 512 MB, tekken.json and manifest.json (sizes a
 stderr says how many tokens equal the PyTorch model's.  Needs: pip install onnx onnxruntime onnxscript.
 """
 
-
 def add_parser(sub: Any) -> None:
-    from ..browser import QUANTS
-
     ex = sub.add_parser("export", help="export the model for other runtimes (the browser)",
                         description="Export the model for other runtimes.")
     targets = ex.add_subparsers(dest="target", metavar="TARGET", required=True)
@@ -58,9 +59,6 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import browser
-    from ..api import load
-
     browser.require_onnx()  # before loading gigabytes of weights
     reporter = Reporter(enabled=not args.no_progress)
     if args.check is not None and not args.check.is_file():
@@ -88,7 +86,5 @@ def run(args: argparse.Namespace) -> int:
     if args.output_format == "json":
         print(json.dumps({"file": str(args.check), **result.to_dict()}, ensure_ascii=False, indent=2))
     else:
-        from ..writers import WRITERS
-
         print(WRITERS["txt"](result), end="", flush=True)
     return 0

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import queue
+import signal
+import threading
 from typing import Any
 
+from ..audio import StreamResampler
 from ..errors import VoxtralError, first_line
 from .common import DELAY_HELP, Reporter, add_model_options, delay_ms, load_model
 
@@ -24,11 +28,6 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import queue
-    import signal
-    import threading
-
-    from ..audio import StreamResampler
 
     reporter = Reporter(enabled=not args.no_progress)
     sd = _import_sounddevice()

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..gguf_file import EMBEDDING_TYPES, write_gguf
 from .common import Reporter, size
 
 EPILOG_QUANTIZE = """\
@@ -21,10 +22,7 @@ project's file; params.json and tekken.json go into the metadata.  On the CPU th
 int4 kernel without ever expanding the weights.
 """
 
-
 def add_parser(sub: Any) -> None:
-    from ..gguf_file import EMBEDDING_TYPES
-
     qu = sub.add_parser("quantize", help="write a quantized GGUF file (Q4_0, Q4_K, Q8_0) of a checkpoint",
                         description="Quantize a checkpoint (Mistral or transformers folder, or Hub repo id) into "
                                     "a GGUF file that `voxtral transcribe --gguf` and the Rust project load.",
@@ -46,8 +44,6 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..gguf_file import write_gguf
-
     reporter = Reporter(enabled=not args.no_progress)
     with reporter.bar(f"quantizing to {args.quant}", total=1, unit=" tensors") as update:
         files = write_gguf(args.source, args.out, qtype=args.quant, embeddings=args.embeddings,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
 
+from ..browser import mount_local
 from ..errors import VoxtralError
 from .common import Reporter, add_model_options, load_model, positive_float, positive_int
 
@@ -20,7 +22,6 @@ Endpoints: / (browser page), /v1/realtime (WebSocket, vLLM's realtime protocol),
 VOXTRAL_API_KEY), /v1/* and /metrics need "Authorization: Bearer KEY"; browsers send it as the WebSocket
 subprotocol api-key.KEY.  Needs the server extra: pip install 'voxtral-realtime[server]'.
 """
-
 
 def add_parser(sub: Any) -> None:
     sv = sub.add_parser("serve", help="serve live captions (WebSocket), file transcription (REST) and a web page",
@@ -65,8 +66,6 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(lambda: load_model(args, reporter), model_name=args.model, max_streams=args.max_streams,
                      decoder_context=args.decoder_context, api_key=args.api_key, limits=limits)
     if args.web_export is not None:
-        from ..browser import mount_local
-
         mount_local(app, args.web_export)
     # uvicorn's own frame limit sits above the app's, so an oversized message gets the app's clear error event
     uvicorn.run(app, host=args.host, port=args.port, ws_max_size=2 * limits.max_message_bytes,
@@ -75,8 +74,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_server_dependencies() -> None:
-    import importlib.util
-
     needed = {"fastapi": "fastapi", "uvicorn": "uvicorn", "python_multipart": "python-multipart",
               "prometheus_client": "prometheus_client"}
     missing = [package for module, package in needed.items() if importlib.util.find_spec(module) is None]

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..audio import load_audio
 from ..errors import VoxtralError
+from ..writers import WRITERS
 from .common import DELAY_HELP, Reporter, add_gguf_options, add_model_options, delay_ms, load_model
 
 EPILOG_TRANSCRIBE = """\
@@ -23,7 +26,6 @@ consolidated.safetensors + params.json + tekken.json (or a transformers config.j
 Set VOXTRAL_MODEL to change the default model.  Audio: anything ffmpeg decodes (wav, flac, ogg, mp3, m4a,
 webm...), any sample rate and channel count.
 """
-
 
 def add_parser(sub: Any) -> None:
     tr = sub.add_parser("transcribe", help="transcribe audio files",
@@ -46,8 +48,6 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..writers import WRITERS
-
     reporter = Reporter(enabled=not args.no_progress)
     files = [Path(f) for f in args.files]
     readable = []
@@ -100,9 +100,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _replay_in_real_time(model: Any, path: Path, delay_ms: int | None, reporter: Reporter) -> Any:
     """Feed a file through a live session at 1x speed, printing text as it is decided, then word latencies."""
-    import time
-
-    from ..audio import load_audio
 
     samples = load_audio(path)
     session = model.stream(delay_ms=delay_ms)
