@@ -1,33 +1,10 @@
 """The compute engine: runs the network for any number of concurrent streams, one slot per stream.
 
 Streams join (:meth:`Engine.attach`) and leave (:meth:`Engine.release`) at any time; a stream only pushes audio
-and receives tokens.  Each :meth:`Engine.run` does all the work the pushed audio allows, for every stream:
-
-* audio -> log-mel -> encoder -> adapter, always in whole 80 ms steps.  In an engine for one stream, a stream
-  with many steps waiting (a file, the silence that opens every stream) is encoded by itself in large chunks,
-  which is compute-bound and fast; with CUDA graphs in calls of 2^k steps (largest first), one graph per size,
-  since launching a chunk's hundreds of kernels one by one took longer than running them.  In an engine for
-  many streams (whose encoder rings only hold a few steps beyond the window) the streams with audio waiting are
-  encoded together, one batched call of 1, 2 or 4 steps per stream at a time (live audio: one step; a stream
-  catching up or closing: several).
-* decoder: a stream with a run of prompt tokens ready prefills them in one call; every other stream with an
-  audio embedding waiting takes part in one batched step, one token each, at its own position.  With CUDA graphs
-  a short run of prompt tokens (the few left after the shared opening below) goes through those steps too: a
-  graph replay per token beat an eager prefill's hundreds of kernel launches.
-
-Every stream opens with the protocol's left padding, 32 steps of silence: the first 31 of them (those whose mel
-windows do not reach the audio) give every stream the same encoder state and, per delay, the same decoder state.
-They are computed once and copied into each new stream's rows, so joining costs a copy, not 31 steps.
-
-All per-stream memory (conv context, encoder and decoder KV caches, delay conditioning) lives in rows of
-preallocated tensors, so a batched call is a fixed-shape computation over rows ``[0, B)``: rows without work
-this time are disabled and write only to scratch (see :class:`.layers.KVCache`).  On CUDA the two batched calls
-are captured as CUDA graphs, one per batch-size bucket, and replayed.
-
-Decoder steps are pipelined: each step takes its input token from the device (the token the previous step chose
-for that row, kept in a device buffer), so step k+1 is queued before step k's tokens are read back; the host
-delivers step k's tokens while the GPU computes step k+1 and never waits with the GPU idle.  A stream that stops
-at step k (EOS) has had step k+1 computed for nothing; that result is dropped.
+and receives tokens, and each :meth:`Engine.run` does all the work the pushed audio allows, for every stream.
+docs/architecture.md ("The engine") describes the slots, the shared opening, the batched calls and their CUDA
+graphs, and the pipelined decoder steps; docs/performance.md says why each is there.  A stream that stops at
+step k (EOS) has had step k+1 computed for nothing (the pipelining); that result is dropped.
 """
 
 from __future__ import annotations

@@ -1,20 +1,10 @@
-"""A streaming session (docs/architecture.md, "The streaming protocol"): audio in piece by piece, one token out per
-80 ms step.
+"""A streaming session: audio in piece by piece, one token out per 80 ms step (docs/architecture.md, "The streaming
+protocol").  Offline transcription is this same session fed the whole file, so the two agree by construction.
 
-Offline transcription is this same session fed the whole file, so the two agree by construction:
-
-* the decoder sees ``[BOS] + [STREAMING_PAD] * (left_pad + delay)`` while the audio starts with ``left_pad``
-  steps of silence; at every position the input is ``embedding(token) + audio_embedding``;
-* after the prompt each new 80 ms of audio allows one greedy step whose output token is fed back, whatever it is;
-* :meth:`StreamingSession.finish` appends silence (alignment to a whole step, then delay + 11 steps) so the last
-  words come out; like the reference, the final audio embedding is not consumed;
-* EOS ends the transcription, as in the reference.  A live, always-on stream can instead go on after EOS
-  (``continue_after_eos``): the model may say EOS in a long silence, and the words after it must not be lost.
-  The session then starts a fresh segment (new prompt, empty caches) at the step after the EOS, replaying the
-  audio it already holds from there.
-
-The session holds the protocol's bookkeeping; the computation runs in an :class:`.engine.Engine` slot, either a
-private one or one shared with other sessions (batched with them: :meth:`Model.engine`).
+The session holds the protocol's bookkeeping (prompt and padding from :mod:`.protocol`); the computation runs in
+a slot of an engine (:class:`SessionEngine`), private or shared with other sessions (:meth:`Model.engine`).  An
+always-on stream (``continue_after_eos``) goes on after an EOS with a fresh segment, replaying the audio it holds
+from the step after it: the model may say EOS in a long silence, and what is said after must not be lost.
 
 Each generated token belongs to the 80 ms of input audio starting at ``step * 80 ms`` (steps count from the
 start of the input, across segments); the session groups tokens into timed words and, for live use, records how
