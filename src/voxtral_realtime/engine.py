@@ -182,7 +182,8 @@ class Engine:
     def state_bytes(self) -> int:
         """Device memory held for the streams' state (KV caches, conv context, delay conditioning)."""
         caches = (self.encoder_state.cache, self.decoder_cache)
-        return sum(c.bytes_per_row() * c.rows for c in caches) + self.ffn_scales.numel() * self.ffn_scales.element_size()
+        scales = self.ffn_scales.numel() * self.ffn_scales.element_size()
+        return sum(c.bytes_per_row() * c.rows for c in caches) + scales
 
     @property
     def free_slots(self) -> int:
