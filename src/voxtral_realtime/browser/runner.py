@@ -14,7 +14,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import torch
 
+from .. import cpu_kernels
 from ..audio import load_audio
 from ..config import AudioConfig
 from ..engine import Slot
@@ -42,9 +44,7 @@ class WebExport:
                             n_left_pad_tokens=a["n_left_pad_tokens"])
         self.config = SimpleNamespace(audio=audio)
         self.tokenizer = Tokenizer(self.folder / "tekken.json")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
+        options = cpu_kernels.session_options(threads or torch.get_num_threads())
         self.sessions = {}
         for key, graph in self.manifest["graphs"].items():
             try:
