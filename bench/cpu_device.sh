@@ -46,7 +46,7 @@ part_ours() {
 part_crisp() {
     python3 -c "
 import wave, numpy as np
-from voxtral_realtime.signals import speechlike
+from voxtral_realtime.benchmarking.signals import speechlike
 a = (np.clip(speechlike(10.0, seed=1), -1, 1) * 32767).astype('<i2')
 w = wave.open('/tmp/a10.wav', 'wb'); w.setnchannels(1); w.setsampwidth(2); w.setframerate(16000); w.writeframes(a.tobytes())"
     log "hf"; timeout 120 python3 .peer/make_random_hf.py /tmp/hf --size full --dtype f16 | tail -2
