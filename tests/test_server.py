@@ -18,22 +18,17 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from live_server import (
-    connect,
-    pcm16_base64,
-    receive_event,
-    serve_in_thread,
-    transcribe_over_websocket,
-    wav_bytes,
-)
-from signals import speechlike
-from test_audio import pcm_wav_saying
-from test_eos import AUDIO as EOS_AUDIO
-from test_eos import eos_prone_model  # noqa: F401 - a fixture
 
+from voxtral_realtime.benchmarking.signals import speechlike
+from voxtral_realtime.errors import UsageError
 from voxtral_realtime.server import create_app
 from voxtral_realtime.server.state import ServerLimits
 from voxtral_realtime.writers import to_srt, to_txt, to_vtt
+
+from .live_server import connect, pcm16_base64, receive_event, serve_in_thread, transcribe_over_websocket, wav_bytes
+from .test_audio import pcm_wav_saying
+from .test_streaming_eos import AUDIO as EOS_AUDIO
+from .test_streaming_eos import eos_prone_model  # noqa: F401 - a fixture
 
 LOAD_LIVE_CLIENTS = 50
 LOAD_UPLOADS = 20
@@ -746,6 +741,12 @@ def test_served_model_names(tiny_short):
         result = asyncio.run(transcribe_over_websocket(base, audio, session={"model": HUB_NAME}))
         assert result.errors == [] and result.done["text"] == expected
         _assert_all_released(app)
+
+
+def test_a_bad_stream_count_is_a_usage_error():
+    """The CLI reports VoxtralError in one line; a plain ValueError from an option would be a traceback."""
+    with pytest.raises(UsageError, match="max_streams"):
+        create_app(lambda: None, max_streams=0)
 
 
 def _undecided_in_worker(app) -> int:

@@ -20,10 +20,11 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from live_server import serve_in_thread, wav_bytes
-from signals import speechlike
 
+from voxtral_realtime.benchmarking.signals import speechlike
 from voxtral_realtime.server import create_app
+
+from .live_server import serve_in_thread, wav_bytes
 
 openai = pytest.importorskip("openai")
 

@@ -36,7 +36,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import AudioError, VoxtralError
+from ..errors import AudioError, UsageError, VoxtralError
 from ..writers import to_srt, to_txt, to_vtt
 from .realtime import serve_realtime
 from .state import Busy, EngineStream, ServerLimits, ServerState, api_key_accepted, clip, presented_api_key
@@ -156,7 +156,7 @@ def _with_streams(limits: ServerLimits, max_streams: int) -> ServerLimits:
     from dataclasses import replace
 
     if max_streams < 1:
-        raise ValueError(f"max_streams must be at least 1, got {max_streams}")
+        raise UsageError(f"max_streams must be at least 1, got {max_streams}")
     return replace(limits, max_streams=max_streams)
 
 

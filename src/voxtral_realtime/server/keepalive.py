@@ -27,7 +27,6 @@ from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-
 #: a WebSocket connection's kernel receive buffer: about 1.5 s of audio as base64 PCM16 in JSON
 RECEIVE_BUFFER_BYTES = 64 * 1024
 
