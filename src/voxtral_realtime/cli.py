@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from rich.markup import escape
+from rich.progress import (BarColumn, DownloadColumn, Progress, ProgressColumn, SpinnerColumn, Task, TaskID, TextColumn,
+                           TimeRemainingColumn, TransferSpeedColumn)
+from rich.text import Text
 
 from .config import SUPPORTED_DELAYS_MS
 from .errors import VoxtralError, first_line
@@ -108,6 +111,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="weight precision (default: bf16 on CUDA, f16 on mps, f32 on cpu)")
 
 
+def _add_revision_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--revision", help="branch, tag or commit of a Hub model (default: its main branch)")
+
+
 def _add_gguf_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gguf", metavar="FILE",
                         help="a GGUF model (voxtral quantize's or the Rust project's; a shard set by any shard or "
@@ -138,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog=EPILOG_TRANSCRIBE, formatter_class=argparse.RawDescriptionHelpFormatter)
     tr.add_argument("files", nargs="+", metavar="FILE", help="audio or video files")
     _add_model_options(tr)
+    _add_revision_option(tr)
     _add_gguf_options(tr)
     tr.add_argument("--delay-ms", type=_delay_ms, help=DELAY_HELP)
     tr.add_argument("--output-format", choices=["txt", "json", "srt", "vtt"], default="txt",
@@ -157,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog="example:\n  voxtral listen --delay-ms 240        # faster captions, a little "
                                "less accurate", formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_options(li)
+    _add_revision_option(li)
     li.add_argument("--delay-ms", type=_delay_ms, help=DELAY_HELP)
     li.add_argument("--input-device", help="input device name or index (default: the system default; "
                                            "`python -m sounddevice` lists them)")
@@ -200,9 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     bn.set_defaults(func=cmd_bench)
 
     dl = sub.add_parser("download", help="download a model from the Hugging Face Hub into the local cache",
-                        description="Download (or resume downloading) a checkpoint into the Hugging Face cache and "
-                                    "print its local folder.")
+                        description="Download (or resume downloading) the files of a checkpoint that voxtral "
+                                    "loads into the Hugging Face cache, check the cached ones against the Hub's "
+                                    "sizes and hashes (fetching a damaged one again), and print the local folder.")
+    dl.add_argument("--no-progress", action="store_true", help="no progress bar (default when stderr is not a tty)")
     dl.add_argument("repo", nargs="?", default=DEFAULT_MODEL, help="repo id (default: %(default)s)")
+    _add_revision_option(dl)
     dl.add_argument("--cache-dir", help="cache folder (default: the Hugging Face cache, $HF_HOME)")
     dl.set_defaults(func=cmd_download)
     _add_quantize_parser(sub)
@@ -246,14 +258,77 @@ class Reporter:
             task = progress.add_task(description, total=total)
             yield lambda done, total: progress.update(task, completed=done, total=total)
 
+    @contextmanager
+    def stages(self) -> Iterator[Stages]:
+        """One transient line for a sequence of stages: a download's bar, counted work, or just the stage's name."""
+        if not self.enabled:
+            yield Stages(None)
+            return
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), _StageAmount(),
+                      console=self.console, transient=True) as progress:
+            yield Stages(progress)
 
-def _load_model(args: argparse.Namespace, reporter: Reporter) -> Any:
+
+class Stages:
+    """What :meth:`Reporter.stages` yields: ``stage(name)`` starts a stage, ``bytes(done, total)`` and ``count(done,
+    total)`` report its progress (a download's bytes, with rate and time left; or tensors loaded)."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self._progress = progress
+        self._task: TaskID | None = None
+
+    def stage(self, name: str, unit: str = "") -> None:
+        if self._progress is None:
+            return
+        if self._task is None:
+            self._task = self._progress.add_task(name, total=None, unit=unit)
+        else:
+            self._progress.reset(self._task, description=name, total=None, unit=unit)
+
+    def bytes(self, done: int, total: int) -> None:
+        self._update("bytes", done, total)
+
+    def count(self, done: int, total: int) -> None:
+        self._update("tensors", done, total)
+
+    def _update(self, unit: str, done: int, total: int) -> None:
+        if self._progress is None:
+            return
+        if self._task is None or self._progress.tasks[self._task].fields.get("unit") != unit:
+            self.stage("downloading" if unit == "bytes" else "loading", unit)
+        self._progress.update(self._task, completed=done, total=total)
+
+
+class _StageAmount(ProgressColumn):
+    """Bytes, rate and time left for a download; "done/total unit" for counted work; nothing for a bare stage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._download = (DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+
+    def render(self, task: Task) -> Text:
+        unit = task.fields.get("unit", "")
+        if unit == "bytes":
+            return Text(" ").join(column.render(task) for column in self._download)
+        if unit and task.total is not None:
+            return Text(f"{task.completed:.0f}/{task.total:.0f} {unit}")
+        return Text("")
+
+
+def _load_model(args: argparse.Namespace, reporter: Reporter, *, warm_up: bool = False) -> Any:
+    """The model of ``--model``/``--gguf``, downloaded first when it is a Hub repo not in the cache; ``warm_up``:
+    also capture the CUDA graphs transcription uses, so that every stage to the first text shows on the terminal."""
     from .api import load
 
     model = getattr(args, "gguf", None) or args.model
-    with reporter.bar("loading model", total=1, unit=" tensors") as update:
-        return load(model, device=args.device, dtype=args.dtype, progress=update,
-                    tokenizer=getattr(args, "tokenizer", None))
+    with reporter.stages() as stages:
+        loaded = load(model, device=args.device, dtype=args.dtype, revision=getattr(args, "revision", None),
+                      progress=stages.count, download_progress=stages.bytes, status=stages.stage,
+                      tokenizer=getattr(args, "tokenizer", None))
+        if warm_up and loaded.device.type == "cuda":
+            stages.stage("capturing CUDA graphs")
+            loaded.warm_up()
+    return loaded
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
@@ -276,7 +351,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         return 1
     if args.output_dir:
         args.output_dir.mkdir(parents=True, exist_ok=True)
-    model = _load_model(args, reporter)
+    model = _load_model(args, reporter, warm_up=True)
     stems = [f.stem for f in readable]
     realtime = getattr(args, "realtime", False)
     json_records = []
@@ -353,7 +428,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
         raise VoxtralError(f"no audio input device{f' {device!r}' if device is not None else ''} "
                            f"({first_line(exc)}); plug in a microphone or pick one with --input-device") from None
     rate = int(info["default_samplerate"])
-    model = _load_model(args, reporter)
+    model = _load_model(args, reporter, warm_up=True)
     session = model.stream(delay_ms=args.delay_ms, continue_after_eos=True)
     resampler = StreamResampler(rate)
     chunks: queue.Queue = queue.Queue()
@@ -466,7 +541,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_download(args: argparse.Namespace) -> int:
     from .loading import download
 
-    print(download(args.repo, cache_dir=args.cache_dir))
+    with Reporter(enabled=not args.no_progress).stages() as stages:
+        folder = download(args.repo, revision=args.revision, cache_dir=args.cache_dir, progress=stages.bytes,
+                          verify=True)
+    print(folder)
     return 0
 
 
