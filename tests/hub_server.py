@@ -59,7 +59,7 @@ class Repo:
     refusal: str | None = None  # "private", "bad-token" or "gated"
 
 
-class TestHub:
+class LocalHub:
     """The Hub's state and its HTTP server; use as a context manager, or :meth:`start` / :meth:`stop`."""
 
     def __init__(self) -> None:
@@ -118,7 +118,7 @@ class TestHub:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def start(self) -> TestHub:
+    def start(self) -> LocalHub:
         hub = self
 
         class Handler(_Handler):
@@ -136,7 +136,7 @@ class TestHub:
             self._server.server_close()
             self._server = None
 
-    def __enter__(self) -> TestHub:
+    def __enter__(self) -> LocalHub:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -156,7 +156,7 @@ class _Refusal(Exception):
 
 
 class _Handler(BaseHTTPRequestHandler):
-    state: TestHub
+    state: LocalHub
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name

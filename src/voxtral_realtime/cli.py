@@ -543,7 +543,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
     with Reporter(enabled=not args.no_progress).stages() as stages:
         folder = download(args.repo, revision=args.revision, cache_dir=args.cache_dir, progress=stages.bytes,
-                          verify=True)
+                          verify=True, status=stages.stage)
     print(folder)
     return 0
 

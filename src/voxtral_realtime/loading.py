@@ -60,7 +60,8 @@ def resolve_model_dir(model: str | os.PathLike[str], *, cache_dir: str | None = 
 
 
 def download(repo_id: str = DEFAULT_MODEL, *, revision: str | None = None, cache_dir: str | None = None,
-             progress: ProgressCallback | None = None, verify: bool = False) -> Path:
+             progress: ProgressCallback | None = None, verify: bool = False,
+             status: Callable[[str], None] | None = None) -> Path:
     """Fetch a checkpoint from the Hub into the Hugging Face cache; returns its snapshot folder.
 
     Only the files we load are fetched: the Mistral-format ones when the repo has them (its transformers copy of
@@ -68,7 +69,8 @@ def download(repo_id: str = DEFAULT_MODEL, *, revision: str | None = None, cache
     commit (default: the main branch).  ``progress(bytes_done, bytes_total)`` follows the large (LFS) files,
     which are fetched with HTTP range requests into ``<sha256>.incomplete`` files that a killed download resumes
     from.  Every cached file's size is checked against the Hub's listing (``verify``: its sha256 or git hash too)
-    and a damaged one is fetched again.  Without a network (or with ``HF_HUB_OFFLINE=1``) the cache alone is used.
+    and a damaged one is fetched again (``status`` is told while that takes time).  Without a network (or with
+    ``HF_HUB_OFFLINE=1``) the cache alone is used.
     """
     from huggingface_hub import HfApi
     from huggingface_hub import errors as hub_errors
@@ -78,7 +80,7 @@ def download(repo_id: str = DEFAULT_MODEL, *, revision: str | None = None, cache
             info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
         except (hub_errors.OfflineModeIsEnabled, *_connection_errors()):
             return _cached_snapshot(repo_id, revision, cache_dir)
-        return _download_snapshot(repo_id, revision, info, cache_dir, progress, verify)
+        return _download_snapshot(repo_id, revision, info, cache_dir, progress, verify, status)
     except hub_errors.HfHubHTTPError as exc:  # an OSError too: before the disk errors
         raise _hub_error(repo_id, revision, exc) from None
     except _connection_errors() as exc:
@@ -103,7 +105,8 @@ class _HubFile:
 
 
 def _download_snapshot(repo_id: str, revision: str | None, info: Any, cache_dir: str | None,
-                       progress: ProgressCallback | None, verify: bool) -> Path:
+                       progress: ProgressCallback | None, verify: bool,
+                       status: Callable[[str], None] | None) -> Path:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.file_download import repo_folder_name
     from huggingface_hub.utils import filter_repo_objects
@@ -117,6 +120,8 @@ def _download_snapshot(repo_id: str, revision: str | None, info: Any, cache_dir:
     storage = Path(cache_dir or constants.HF_HUB_CACHE).expanduser() / repo_folder_name(repo_id=repo_id,
                                                                                          repo_type="model")
     snapshot = storage / "snapshots" / info.sha
+    if verify and status and snapshot.is_dir():
+        status("checking the cached files")
     missing = [f for f in files if not _cached_file_ok(snapshot / f.name, f, verify)]
     if missing:
         _fetch_large_files(repo_id, info.sha, storage / "blobs", [f for f in missing if f.sha256], progress)
