@@ -149,7 +149,7 @@ _TREE = re.compile(rf"^/api/models/{_REPO}/tree/(?P<rev>[^/]+)(?P<sub>/.*)?$")
 _RESOLVE = re.compile(rf"^/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
 
 
-class _Refusal(Exception):
+class _RefusalError(Exception):
     def __init__(self, status: int, code: str | None, message: str, commit: str | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.commit = status, code, message, commit
@@ -184,8 +184,8 @@ class _Handler(BaseHTTPRequestHandler):
             elif match := _RESOLVE.match(path):
                 self._file(match["repo"], match["rev"], match["file"], body)
             else:
-                raise _Refusal(404, None, "Not Found")
-        except _Refusal as refusal:
+                raise _RefusalError(404, None, "Not Found")
+        except _RefusalError as refusal:
             headers = {"X-Error-Message": refusal.message, **({"X-Error-Code": refusal.code} if refusal.code else {})}
             if refusal.commit:
                 headers["X-Repo-Commit"] = refusal.commit
@@ -198,13 +198,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _repo(self, repo_id: str, api: bool) -> Repo:
         repo = self.state.repos.get(repo_id)
         if repo is None:
-            raise _Refusal(404, "RepoNotFound", "Repository not found")
+            raise _RefusalError(404, "RepoNotFound", "Repository not found")
         if repo.refusal == "private":
-            raise _Refusal(401, "RepoNotFound", "Invalid username or password.")
+            raise _RefusalError(401, "RepoNotFound", "Invalid username or password.")
         if repo.refusal == "bad-token":
-            raise _Refusal(401, None, "Invalid credentials in Authorization header")
+            raise _RefusalError(401, None, "Invalid credentials in Authorization header")
         if repo.refusal == "gated" and not api:  # a gated repo's page and listing are public, its files not
-            raise _Refusal(403, "GatedRepo", f"Access to model {repo_id} is restricted and you are not in the "
+            raise _RefusalError(403, "GatedRepo", f"Access to model {repo_id} is restricted and you are not in the "
                                              "authorized list. Visit its page to ask for access.")
         return repo
 
@@ -212,7 +212,7 @@ class _Handler(BaseHTTPRequestHandler):
         repo = self._repo(repo_id, api)
         commit = rev if rev in repo.commits else repo.refs.get(rev or "main")
         if commit is None:
-            raise _Refusal(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+            raise _RefusalError(404, "RevisionNotFound", f"Invalid rev id: {rev}")
         return repo, commit
 
     def _info(self, repo_id: str, rev: str | None) -> dict[str, object]:
@@ -228,7 +228,7 @@ class _Handler(BaseHTTPRequestHandler):
         repo, commit = self._commit(repo_id, rev, api=False)
         hub_file = repo.commits[commit].get(name)
         if hub_file is None:
-            raise _Refusal(404, "EntryNotFound", f"{name} does not exist on {rev}", commit)
+            raise _RefusalError(404, "EntryNotFound", f"{name} does not exist on {rev}", commit)
         data = hub_file.data
         if name in self.state.corrupt:
             data = data[:-1] + bytes([data[-1] ^ 0xFF])
@@ -239,7 +239,7 @@ class _Handler(BaseHTTPRequestHandler):
         if (ranged := re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))) is not None:
             start, end = int(ranged[1]), int(ranged[2] or len(data) - 1)
             if start >= len(data):
-                raise _Refusal(416, None, "Range Not Satisfiable")
+                raise _RefusalError(416, None, "Range Not Satisfiable")
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
             data, status = data[start:end + 1], 206
         self._send(status, data, headers, body, name=name)

@@ -15,11 +15,13 @@ import hashlib
 import os
 import re
 import resource
-import signal
+import shutil
 import subprocess
 import sys
 import time
 import wave
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -132,26 +134,49 @@ def one_error_line(run: subprocess.CompletedProcess[str]) -> str:
 # Downloading: the files we load, nothing else, quietly in a pipe
 
 
-def test_download_fetches_only_the_mistral_files(hub: LocalHub, home: Path, hub_checkpoint) -> None:
-    run = voxtral(hub, home, "download")
-    commit = commit_of(hub)
-    snapshot = repo_cache(home) / "snapshots" / commit
+@dataclass
+class Downloaded:
+    home: Path
+    run: subprocess.CompletedProcess[str]
+    served: Counter[str]
+    requests: list[tuple[str, str, str | None]]
+
+
+@pytest.fixture(scope="module")
+def downloaded(hub_server: LocalHub, tmp_path_factory: pytest.TempPathFactory) -> Downloaded:
+    """One ``voxtral download`` into an empty cache: what it printed and what the Hub served; tests that need a
+    full cache copy its home."""
+    hub_server.reset()
+    home = tmp_path_factory.mktemp("downloaded") / "hf-home"
+    run = voxtral(hub_server, home, "download")
+    return Downloaded(home, run, Counter(hub_server.served), list(hub_server.requests))
+
+
+def copy_of(downloaded: Downloaded, home: Path) -> Path:
+    shutil.copytree(downloaded.home, home, symlinks=True)
+    return home
+
+
+def test_download_fetches_only_the_mistral_files(hub: LocalHub, downloaded: Downloaded, hub_checkpoint,
+                                                 home: Path) -> None:
+    run, commit, cache = downloaded.run, commit_of(hub), repo_cache(downloaded.home)
+    snapshot = cache / "snapshots" / commit
     assert run.returncode == 0, run.stderr
     assert run.stdout == f"{snapshot}\n"
     assert run.stderr == ""  # in a pipe: no progress bar, no warnings
     assert {p.name for p in snapshot.iterdir()} == MISTRAL_FILES
     for name in MISTRAL_FILES:
         assert (snapshot / name).read_bytes() == (hub_checkpoint["mistral"] / name).read_bytes(), name
-    assert (repo_cache(home) / "refs" / "main").read_text() == commit
+    assert (cache / "refs" / "main").read_text() == commit
     # the transformers copy of the weights was neither served nor stored
-    assert set(hub.served) == MISTRAL_FILES
-    assert not any("/resolve/" in path and "model" in path.rsplit("/", 1)[1] for _, path, _ in hub.requests)
-    blob_sizes = sorted(p.stat().st_size for p in (repo_cache(home) / "blobs").iterdir())
+    assert set(downloaded.served) == MISTRAL_FILES
+    assert not any("/resolve/" in path and "model" in path.rsplit("/", 1)[1] for _, path, _ in downloaded.requests)
+    blob_sizes = sorted(p.stat().st_size for p in (cache / "blobs").iterdir())
     assert blob_sizes == sorted((hub_checkpoint["mistral"] / name).stat().st_size for name in MISTRAL_FILES)
 
-    hub.reset()  # again: everything is in the cache and checked, nothing is fetched
-    again = voxtral(hub, home, "download")
-    assert (again.returncode, again.stdout, again.stderr) == (0, run.stdout, "")
+    # again: everything is in the cache and checked, nothing is fetched
+    again = voxtral(hub, copy_of(downloaded, home), "download")
+    assert (again.returncode, again.stdout, again.stderr) == (0, f"{repo_cache(home) / 'snapshots' / commit}\n", "")
     assert not hub.served
 
 
@@ -234,14 +259,14 @@ def _flip_a_byte(path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", [_truncate, _flip_a_byte], ids=["truncated", "same size, one byte changed"])
-def test_damaged_cached_weights_are_fetched_again(damage, hub: LocalHub, home: Path, hub_checkpoint) -> None:
-    first = voxtral(hub, home, "download")
-    assert first.returncode == 0, first.stderr
-    weights = Path(first.stdout.strip()) / WEIGHTS
+def test_damaged_cached_weights_are_fetched_again(damage, hub: LocalHub, downloaded: Downloaded, home: Path,
+                                                  hub_checkpoint) -> None:
+    home = copy_of(downloaded, home)
+    snapshot = repo_cache(home) / "snapshots" / commit_of(hub)
+    weights = snapshot / WEIGHTS
     damage(weights.resolve())
-    hub.reset()
     run = voxtral(hub, home, "download")
-    assert (run.returncode, run.stdout, run.stderr) == (0, first.stdout, "")
+    assert (run.returncode, run.stdout, run.stderr) == (0, f"{snapshot}\n", "")
     assert sha256(weights) == sha256(hub_checkpoint["mistral"] / WEIGHTS)
     assert set(hub.served) == {WEIGHTS} and hub.served[WEIGHTS] == weights.stat().st_size
 
@@ -311,8 +336,8 @@ def test_full_disk_is_one_line_and_keeps_what_was_downloaded(hub: LocalHub, home
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     message = one_error_line(voxtral(hub, home, "download", preexec_fn=limit_file_size))
-    assert re.fullmatch(rf"{re.escape(REPO)}: the disk is full \(File too large\) writing {re.escape(str(home))}\S*; what was "
-                        r"downloaded is kept: free some space or choose another cache folder \(--cache-dir, or the "
+    assert re.fullmatch(rf"{re.escape(REPO)}: the disk is full \(File too large\) writing "
+                        rf"{re.escape(str(home))}\S*; what was downloaded is kept: free some space or choose another cache folder \(--cache-dir, or the "
                         r"HF_HOME environment variable\), then run the same command again", message), message
     [partial] = (repo_cache(home) / "blobs").glob("*.incomplete")
     kept = partial.stat().st_size
@@ -420,3 +445,12 @@ def test_terminal_shows_one_download_bar_with_bytes_rate_and_time_left(hub: Loca
     assert any(re.search(r"\d+(\.\d+)?/\d+(\.\d+)? MB .*\d+(\.\d+)? MB/s .*\d:\d\d:\d\d", f) for f in frames), frames
     assert not re.search(r"Fetching|Downloading|Reconstructing|it/s|\|#", text), text  # no huggingface_hub bars
     assert text.strip().endswith(str(repo_cache(home) / "snapshots" / commit_of(hub))), text
+
+
+def test_revision_of_a_local_folder_is_one_line(checkpoints, audio_file: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    folder = checkpoints["short"].mistral_dir
+    assert main(["transcribe", str(audio_file), "--model", str(folder), "--revision", "v0.1", "--device", "cpu"]) == 1
+    out, err = capsys.readouterr()
+    assert (out, err) == ("", f"error: {folder}: a local folder has no revisions; a revision is for Hub repo ids "
+                              "only\n")

@@ -11,6 +11,7 @@ gate/up are concatenated into the fused matrices.  Every problem is reported as 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -117,8 +118,8 @@ def _download_snapshot(repo_id: str, revision: str | None, info: Any, cache_dir:
     if marker not in listed:
         raise DownloadError(f"{repo_id}: the repo has neither params.json nor config.json; not a Voxtral checkpoint")
     files = [listed[name] for name in sorted(filter_repo_objects(listed, allow_patterns=list(patterns)))]
-    storage = Path(cache_dir or constants.HF_HUB_CACHE).expanduser() / repo_folder_name(repo_id=repo_id,
-                                                                                         repo_type="model")
+    storage = Path(cache_dir or constants.HF_HUB_CACHE).expanduser().resolve() / repo_folder_name(
+        repo_id=repo_id, repo_type="model")
     snapshot = storage / "snapshots" / info.sha
     if verify and status and snapshot.is_dir():
         status("checking the cached files")
@@ -131,10 +132,12 @@ def _download_snapshot(repo_id: str, revision: str | None, info: Any, cache_dir:
         for f in files:
             if not _cached_file_ok(snapshot / f.name, f, verify=False):
                 raise DownloadError(f"{repo_id}: {f.name} arrived with the wrong size; run the same command again")
-    ref = revision or constants.DEFAULT_REVISION
-    if ref != info.sha:  # what a later offline run looks the revision up in
-        (storage / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
-        (storage / "refs" / ref).write_text(info.sha)
+    ref = storage / "refs" / (revision or constants.DEFAULT_REVISION)
+    # what a later offline run looks the revision up in; a complete read-only cache still serves without it
+    if revision != info.sha and not (ref.is_file() and ref.read_text() == info.sha):
+        with contextlib.suppress(OSError):
+            ref.parent.mkdir(parents=True, exist_ok=True)
+            ref.write_text(info.sha)
     return snapshot
 
 
@@ -184,13 +187,14 @@ def _fetch_large_files(repo_id: str, commit: str, blobs: Path, files: list[_HubF
                             f"{_gb(needed)} more, {_gb(free)} is free; free some space or choose another cache "
                             "folder (--cache-dir, or the HF_HOME environment variable)")
     done = total - needed
-    for f in files:
-        def advance(n: int) -> None:
-            nonlocal done
-            done += n
-            if progress:
-                progress(done, total)
 
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+
+    for f in files:
         with open(partial[f.name], "ab") as out:
             http_get(hf_hub_url(repo_id, f.name, revision=commit), out, resume_size=have[f.name],
                      headers=build_hf_headers(), expected_size=f.size, tqdm_class=_quiet_tqdm(advance))
