@@ -337,8 +337,9 @@ def test_full_disk_is_one_line_and_keeps_what_was_downloaded(hub: LocalHub, home
 
     message = one_error_line(voxtral(hub, home, "download", preexec_fn=limit_file_size))
     assert re.fullmatch(rf"{re.escape(REPO)}: the disk is full \(File too large\) writing "
-                        rf"{re.escape(str(home))}\S*; what was downloaded is kept: free some space or choose another cache folder \(--cache-dir, or the "
-                        r"HF_HOME environment variable\), then run the same command again", message), message
+                        rf"{re.escape(str(home))}\S*; what was downloaded is kept: free some space or choose another "
+                        r"cache folder \(--cache-dir, or the HF_HOME environment variable\), then run the same command "
+                        r"again", message), message
     [partial] = (repo_cache(home) / "blobs").glob("*.incomplete")
     kept = partial.stat().st_size
     assert CHUNK <= kept <= limit
