@@ -270,8 +270,8 @@ class Reporter:
 
 
 class Stages:
-    """What :meth:`Reporter.stages` yields: ``stage(name)`` starts a stage, ``bytes(done, total)`` and ``count(done,
-    total)`` report its progress (a download's bytes, with rate and time left; or tensors loaded)."""
+    """What :meth:`Reporter.stages` yields: ``stage(name)`` starts a stage, ``transfer(done, total)`` and
+    ``tensors(done, total)`` report its progress (a download's bytes, with rate and time left; or tensors loaded)."""
 
     def __init__(self, progress: Progress | None) -> None:
         self._progress = progress
@@ -285,10 +285,10 @@ class Stages:
         else:
             self._progress.reset(self._task, description=name, total=None, unit=unit)
 
-    def bytes(self, done: int, total: int) -> None:
+    def transfer(self, done: int, total: int) -> None:
         self._update("bytes", done, total)
 
-    def count(self, done: int, total: int) -> None:
+    def tensors(self, done: int, total: int) -> None:
         self._update("tensors", done, total)
 
     def _update(self, unit: str, done: int, total: int) -> None:
@@ -323,7 +323,7 @@ def _load_model(args: argparse.Namespace, reporter: Reporter, *, warm_up: bool =
     model = getattr(args, "gguf", None) or args.model
     with reporter.stages() as stages:
         loaded = load(model, device=args.device, dtype=args.dtype, revision=getattr(args, "revision", None),
-                      progress=stages.count, download_progress=stages.bytes, status=stages.stage,
+                      progress=stages.tensors, download_progress=stages.transfer, status=stages.stage,
                       tokenizer=getattr(args, "tokenizer", None))
         if warm_up and loaded.device.type == "cuda":
             stages.stage("capturing CUDA graphs")
@@ -542,7 +542,7 @@ def cmd_download(args: argparse.Namespace) -> int:
     from .loading import download
 
     with Reporter(enabled=not args.no_progress).stages() as stages:
-        folder = download(args.repo, revision=args.revision, cache_dir=args.cache_dir, progress=stages.bytes,
+        folder = download(args.repo, revision=args.revision, cache_dir=args.cache_dir, progress=stages.transfer,
                           verify=True, status=stages.stage)
     print(folder)
     return 0
