@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from . import cpu_kernels, kernels
+from .cpu_kernels import OnnxQuantizedLinear
 
 
 @dataclass(frozen=True)
@@ -557,7 +558,7 @@ def _pack_for_cpu(qweight: torch.Tensor) -> torch.Tensor:
         qweight.shape[0], -1)
 
 
-QuantizedWeightModule = QuantizedLinear | Q8Linear | CpuInt4Linear
+QuantizedWeightModule = QuantizedLinear | Q8Linear | CpuInt4Linear | OnnxQuantizedLinear
 
 
 class QuantizedEmbedding(nn.Module):
@@ -578,7 +579,7 @@ class QuantizedEmbedding(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         flat = tokens.reshape(-1)
         table = self.table
-        if isinstance(table, CpuInt4Linear):
+        if isinstance(table, (CpuInt4Linear, OnnxQuantizedLinear)):
             rows = table.rows(flat)
         elif isinstance(table, Q8Linear):
             q = table.qweight[flat].float().reshape(flat.shape[0], -1, GROUP)
@@ -643,23 +644,35 @@ def quantize_network(network: nn.Module, qtype: str, *, embeddings: str | None =
 
 
 def use_cpu_int4_kernels(network: nn.Module) -> nn.Module:
-    """Swap every CPU :class:`QuantizedLinear` (a 4-bit token table's too) for a :class:`CpuInt4Linear`, freeing
-    the original, and give the network bf16 KV rings (:func:`use_bf16_caches_with_int4`)."""
+    """Swap every CPU quantized layer (the token table's too) for its CPU kernel (:func:`cpu_layer`), freeing the
+    original, and give the network bf16 KV rings (:func:`use_bf16_caches_with_int4`)."""
+    table = getattr(network.decoder.tok_embeddings, "table", None)  # type: ignore[union-attr]
     for module in list(network.modules()):
         for child_name, child in list(module.named_children()):
-            if isinstance(child, QuantizedLinear) and child.qweight.device.type == "cpu" and \
-                    CpuInt4Linear.supports(child):
-                setattr(module, child_name, CpuInt4Linear.from_quantized(child))
+            if isinstance(child, (QuantizedLinear, Q8Linear)) and child.qweight.device.type == "cpu":
+                setattr(module, child_name, cpu_layer(child, token_table=child is table))
     use_bf16_caches_with_int4(network)
     network.layers_version += 1
     return network
+
+
+def cpu_layer(module: QuantizedLinear | Q8Linear, *, token_table: bool = False) -> nn.Module:
+    """The fastest CPU form of a quantized layer: an :class:`~voxtral_realtime.cpu_kernels.OnnxQuantizedLinear`
+    (Q4_0, Q4_K, Q8_0 with int8 activations) when onnxruntime is installed, else a :class:`CpuInt4Linear` for
+    the 4-bit formats, else the layer itself.  ``token_table``: keep what row lookups read."""
+    if cpu_kernels.available():
+        return OnnxQuantizedLinear.from_quantized(module, keep_rows=token_table)
+    if isinstance(module, QuantizedLinear) and CpuInt4Linear.supports(module):
+        return CpuInt4Linear.from_quantized(module)
+    return module
 
 
 def use_bf16_caches_with_int4(network: nn.Module) -> None:
     """A network on the CPU int4 kernel keeps its KV rings (and computes attention) in bfloat16, as that kernel
     takes its inputs: half the memory of the rings, which are most of what a long transcription adds (30 s on the
     full-size model: encoder 0.40 -> 0.20 GiB)."""
-    if any(isinstance(m, CpuInt4Linear) for m in network.modules()):
+    if any(isinstance(m, CpuInt4Linear) or (isinstance(m, OnnxQuantizedLinear) and m.bits == 4)
+           for m in network.modules()):
         network.cache_dtype = torch.bfloat16
 
 
@@ -668,7 +681,7 @@ def quantized_bytes(network: nn.Module) -> dict[str, int]:
     quantized = other = 0
     seen: set[int] = set()
     for module in network.modules():
-        is_quantized = isinstance(module, (QuantizedLinear, Q8Linear, CpuInt4Linear))
+        is_quantized = isinstance(module, (QuantizedLinear, Q8Linear, CpuInt4Linear, OnnxQuantizedLinear))
         for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
             if tensor is None or id(tensor) in seen:
                 continue
@@ -679,4 +692,6 @@ def quantized_bytes(network: nn.Module) -> dict[str, int]:
                 quantized += size
             else:
                 other += size
+        if isinstance(module, OnnxQuantizedLinear):
+            quantized += module.weight_bytes  # held inside onnxruntime
     return {"quantized": quantized, "other": other}
