@@ -22,7 +22,8 @@ from unittest import mock
 import torch
 from tune_step import full_size_model
 
-from voxtral_realtime import benchmark, decoder, kernels, layers
+from voxtral_realtime import decoder, kernels, layers
+from voxtral_realtime.benchmarking import benchmark
 
 #: name -> what it leaves out
 KINDS = {
@@ -39,7 +40,7 @@ SETS = ["", "rounding", "attention", "head", "rounding attention", "rounding att
 def _buffer(*key) -> torch.Tensor | kernels.QuantizedRow:
     kind, shape, dtype = key[0], key[1], key[2]
     if kind == "row":
-        return kernels._empty_row(shape, dtype, torch.device("cuda"), squares=key[3])
+        return kernels.rounding.empty_row(shape, dtype, torch.device("cuda"), squares=key[3])
     return torch.zeros(shape, dtype=dtype, device="cuda")
 
 

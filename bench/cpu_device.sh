@@ -1,18 +1,63 @@
 #!/bin/bash
-# CPU measurements on the lent machine's host CPU (scratch driver; results land in $OUT).
+# CPU measurements on the lent GPU machine's host CPU, ours and CrispASR's (ggml) in one run.
+#   bash bench/cpu_device.sh setup bandwidth ours crisp      (carry .peer: wheels, crispasr.tar.xz, peer scripts)
+# .peer/ holds what the machine lacks: wheels (installed only where an import fails), CrispASR's wheel unpacked
+# (duplicate .so copies as links, .tar.xz), its converter (CrispStrobe/CrispASR models/convert-voxtral4b-to-gguf.py
+# at 72d3c389) and the peer harness (make_random_hf.py, quantize_gguf.py, crisp_bench.py).  Results go to $OUT.
 set -u
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-lscpu | grep -E "Model name|Thread|Core|Socket|L3|NUMA"
-grep -o -E 'amx_[a-z0-9]+|avx512_vnni|avx512_bf16' /proc/cpuinfo | sort -u | tr '\n' ' '; echo
-python3 -c "import mistral_common, av, gguf, onnxruntime; print('deps ok', onnxruntime.__version__)" 2>&1 | tail -1
-part_explore() { (cd bench && timeout "${1:-240}" python3 cpu_explore.py 16 8); }
-part_full() {
-    t=$(date +%s); timeout 300 python3 bench/cpu_quantized.py write --full --type "$1" --out /tmp/m-$1.gguf | tee "$OUT/write_$1.json"
-    echo "write $1: $(( $(date +%s) - t )) s"
-    for k in onnx torch; do
-        VOXTRAL_CPU_KERNEL=$k timeout 200 python3 bench/cpu_quantized.py run /tmp/m-$1.gguf --seconds 10 --threads 16 \
-            | tee "$OUT/run_$1_$k.json"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:/tmp/site
+T=${THREADS:-16}
+log() { echo "[$(date +%T)] $*"; }
+part_setup() {
+    lscpu | grep -E "Model name|Thread|Core|Socket|L3|NUMA" | tee "$OUT/cpu.txt"
+    grep -o -E 'amx_[a-z0-9]+|avx512_vnni|avx512_bf16|avx2' /proc/cpuinfo | sort -u | tr '\n' ' ' | tee -a "$OUT/cpu.txt"; echo
+    mkdir -p /tmp/site
+    for pair in av:av gguf:gguf mistral_common:mistral_common pydantic:pydantic pydantic_core:pydantic_core \
+                jsonschema:jsonschema jsonschema_specifications:jsonschema_specifications referencing:referencing \
+                rpds:rpds_py attrs:attrs annotated_types:annotated_types typing_inspection:typing_inspection; do
+        python3 -c "import ${pair%%:*}" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile \
+            --target /tmp/site .peer/whl/${pair##*:}-*.whl
     done
+    tar xJf .peer/crispasr.tar.xz -C /tmp/site
+    python3 -c "import voxtral_realtime, onnxruntime, crispasr; print('imports ok, onnxruntime', onnxruntime.__version__)"
 }
-for p in "$@"; do eval "part_$p"; done
+part_bandwidth() {
+    python3 - <<'PY' | tee "$OUT/bandwidth.json"
+import json, os, time, torch
+out = {}
+x = torch.ones(2**30)  # 4 GiB of float32, read by a sum
+for t in (16, 8):
+    torch.set_num_threads(t); x.sum()
+    best = min((lambda a: (x.sum(), time.perf_counter() - a)[1])(time.perf_counter()) for _ in range(5))
+    out[f"read_gb_per_s_{t}_threads"] = x.numel() * 4 / best / 1e9
+print(json.dumps(out))
+PY
+}
+part_ours() {
+    log "write q4_0"; timeout 240 python3 bench/cpu_quantized.py write --full --type q4_0 --out /tmp/m-q4_0.gguf \
+        | tee "$OUT/write_q4_0.json"
+    log "run onnx $T"; VOXTRAL_CPU_KERNEL=onnx timeout 150 python3 bench/cpu_quantized.py run /tmp/m-q4_0.gguf \
+        --seconds 10 --threads $T | tee "$OUT/run_q4_0_onnx_$T.json"
+    log "run torch $T"; VOXTRAL_CPU_KERNEL=torch timeout 100 python3 bench/cpu_quantized.py run /tmp/m-q4_0.gguf \
+        --seconds 10 --threads $T | tee "$OUT/run_q4_0_torch_$T.json"
+    log done
+}
+part_crisp() {
+    python3 -c "
+import wave, numpy as np
+from voxtral_realtime.benchmarking.signals import speechlike
+a = (np.clip(speechlike(10.0, seed=1), -1, 1) * 32767).astype('<i2')
+w = wave.open('/tmp/a10.wav', 'wb'); w.setnchannels(1); w.setsampwidth(2); w.setframerate(16000); w.writeframes(a.tobytes())"
+    log "hf"; timeout 120 python3 .peer/make_random_hf.py /tmp/hf --size full --dtype f16 | tail -2
+    log "convert"; timeout 90 python3 .peer/convert-voxtral4b-to-gguf.py --input /tmp/hf --output /tmp/f16.gguf | tail -2
+    rm -rf /tmp/hf
+    log "quantize"; timeout 150 python3 .peer/quantize_gguf.py /tmp/f16.gguf /tmp/q4k.gguf q4_k --threads 16 | tail -2
+    rm -f /tmp/f16.gguf
+    log "bench"; timeout 90 python3 .peer/crisp_bench.py /tmp/q4k.gguf /tmp/a10.wav $T \
+        --env CRISPASR_VOXTRAL4B_STREAM_BATCH_ENCODER=1 | tee "$OUT/crisp_q4k_offline_$T.json"
+    timeout 60 python3 .peer/crisp_bench.py /tmp/q4k.gguf /tmp/a10.wav $T --mode stream --live \
+        | tee "$OUT/crisp_q4k_live_$T.json"
+    log done
+}
+for p in "$@"; do log "part $p"; "part_$p"; done

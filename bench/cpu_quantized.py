@@ -31,9 +31,9 @@ def _memory() -> dict[str, float]:
 
 
 def cmd_write(args: argparse.Namespace) -> None:
-    from voxtral_realtime.config import ModelConfig
-    from voxtral_realtime.gguf_file import write_gguf, write_random_gguf
-    from voxtral_realtime.random_weights import AUDIO_BLOCK, FULL_SIZE_PARAMS, write_tekken_json
+    from voxtral_realtime.benchmarking.random_weights import AUDIO_BLOCK, write_random_gguf, write_tekken_json
+    from voxtral_realtime.config import FULL_SIZE_PARAMS, ModelConfig
+    from voxtral_realtime.gguf_file import write_gguf
 
     started = time.perf_counter()
     if args.full:
@@ -51,9 +51,10 @@ def cmd_run(args: argparse.Namespace) -> None:
     import torch
 
     import voxtral_realtime
-    from voxtral_realtime import benchmark
+    from voxtral_realtime.benchmarking import benchmark
+    from voxtral_realtime.benchmarking.signals import speechlike
+    from voxtral_realtime.protocol import prompt_ids
     from voxtral_realtime.quantization import quantized_bytes
-    from voxtral_realtime.signals import speechlike
 
     torch.set_num_threads(args.threads)
     before = _memory()
@@ -66,7 +67,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     result = model.transcribe(audio)
     seconds, cpu_s = time.perf_counter() - started, time.process_time() - cpu
     after_transcribe = _memory()
-    steps = len(result.tokens) + model.config.audio.n_left_pad_tokens + model.config.audio.delay_tokens(None)
+    audio_cfg = model.config.audio
+    steps = len(result.tokens) + len(prompt_ids(model.tokenizer, audio_cfg, audio_cfg.delay_tokens())) - 1
     step = benchmark.bench_step(model, 1, 400, steps=10)  # the decoder alone, one stream 400 tokens in
     print(json.dumps({"model": str(args.model), "threads": args.threads, "weights_gib":
                       {k: v / 2**30 for k, v in quantized_bytes(model.network).items()},

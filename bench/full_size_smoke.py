@@ -18,10 +18,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
 import voxtral_realtime
-from voxtral_realtime.random_weights import write_random_checkpoint
+from voxtral_realtime.benchmarking.random_weights import write_random_checkpoint
 
 
 def main() -> None:
@@ -31,8 +29,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "voxtral-full")
     args = parser.parse_args()
 
-    from signals import speechlike
-    from tiny_checkpoint import write_tekken_json
+    from voxtral_realtime.benchmarking.random_weights import write_tekken_json
+    from voxtral_realtime.benchmarking.signals import speechlike
 
     gib = 1024 ** 3
     result: dict = {"command": " ".join([Path(sys.executable).name, *sys.argv]),

@@ -27,8 +27,8 @@ bench() { timeout "$1" python3 -m voxtral_realtime.cli bench --random-weights --
               --json "$OUT/$2.json" 2>&1 | grep -v Warn | tee "$OUT/$2.txt"; }
 
 part_tests() {
-    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_matmul_kernels.py \
-        tests/test_gpu.py tests/test_fused_step.py 2>&1 | tail -15 | tee "$OUT/test_gpu_$TAG.txt"
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_q4.py \
+        tests/test_devices.py tests/test_decoder_step.py 2>&1 | tail -15 | tee "$OUT/test_gpu_$TAG.txt"
 }
 part_tune() {
     timeout 330 python3 bench/tune_gemv.py --seconds-per-case "${TUNE_SECONDS:-12}" --json "$OUT/tune_gemv_$TAG.json" \
@@ -48,7 +48,7 @@ part_bench() {
         --quant "${QUANT:-q4_0,q4_k}"
 }
 part_q4() {
-    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_matmul_kernels.py 2>&1 | tail -2
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_q4.py 2>&1 | tail -2
     timeout 150 python3 bench/tune_gemv.py --fused-rows "" --q4-rows 1 --seconds-per-case "${TUNE_SECONDS:-12}" \
         --json "$OUT/tune_q4_$TAG.json" 2>&1 | grep -v Warn > "$OUT/tune_q4_$TAG.txt"
     grep -A8 "best per case" "$OUT/tune_q4_$TAG.txt"
@@ -58,7 +58,7 @@ part_batch() {
     python3 - <<'PY'
 import pathlib, wave
 import numpy as np
-from voxtral_realtime.signals import speechlike
+from voxtral_realtime.benchmarking.signals import speechlike
 folder = pathlib.Path("/tmp/batch_audio")
 folder.mkdir(exist_ok=True)
 for i in range(256):

@@ -11,8 +11,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from voxtral_realtime import benchmark
-from voxtral_realtime.random_weights import random_model
+from voxtral_realtime.benchmarking import benchmark
+from voxtral_realtime.benchmarking.random_weights import random_model
 
 
 def top_kernels(fn, rows: int = 14) -> str:

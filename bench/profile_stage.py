@@ -18,7 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from tune_step import full_size_model
 
-from voxtral_realtime.signals import speechlike
+from voxtral_realtime.benchmarking.signals import speechlike
 
 
 def main() -> None:

@@ -83,7 +83,7 @@ def count(form: str, four_bit: bool, arch: int, tiling: kernels.MatmulConfig | N
     if four_bit:
         config = kernels.q4_config(n, k, gated=gated)
         config = tiling or config
-        fn, types = kernels._fused_q4_gemv_kernel, {
+        fn, types = kernels.q4._fused_q4_gemv_kernel, {
             "xq_ptr": "*i32", "xstep_ptr": "*fp32", "xsum_ptr": "*fp32", "xresidual_ptr": "*fp32", "squares_ptr": "*fp32", "qw_ptr": "*i32",
             "qscale_ptr": "*fp16", "qoffset_ptr": "*fp16", "out_ptr": "*bf16", "res_ptr": "*bf16",
             "stride_qn": "i32", "stride_sn": "i32", "gate_rows": "i32", "eps": "fp32"}
@@ -92,7 +92,7 @@ def count(form: str, four_bit: bool, arch: int, tiling: kernels.MatmulConfig | N
                      "RESIDUAL": flags["RESIDUAL"], "SYMMETRIC": True}
     else:
         config = tiling or kernels.gemv_config(n, k, gated=gated)
-        fn, types = kernels._fused_gemv_kernel, {
+        fn, types = kernels.gemv._fused_gemv_kernel, {
             "x_ptr": "*i32", "w_ptr": "*i32", "out_ptr": "*bf16", "gain_ptr": "*i32", "scale_ptr": "*i32",
             "res_ptr": "*bf16", "stride_wn": "i32", "gate_rows": "i32", "eps": "fp32"}
         constants = dict(K=k, BLOCK_N=config.block_n, BLOCK_K=config.block_k, PAIRS=True, PDL=False, **flags)
@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("--tiling", help="BLOCK_N,BLOCK_K,WARPS instead of the kernels' own (4-bit unless --bf16)")
     parser.add_argument("--bf16", action="store_true", help="--tiling is for the bf16 kernel")
     args = parser.parse_args()
-    if kernels.triton is None:
+    if kernels.common.triton is None:
         sys.exit("needs Triton")
     tiling = kernels.MatmulConfig(*map(int, args.tiling.split(",")[:2]), num_warps=int(args.tiling.split(",")[2])) \
         if args.tiling else None

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from voxtral_realtime.signals import speechlike
+from voxtral_realtime.benchmarking.signals import speechlike
 
 STEP = 1280  # samples per 80 ms
 
@@ -95,7 +95,7 @@ def main() -> None:
 
     if args.random_weights:
         from voxtral_realtime.api import default_device, resolve_dtype
-        from voxtral_realtime.random_weights import random_model
+        from voxtral_realtime.benchmarking.random_weights import random_model
 
         device = torch.device(args.device) if args.device else default_device()
         model = random_model(device=device, dtype=resolve_dtype(args.dtype, device))

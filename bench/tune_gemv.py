@@ -180,7 +180,7 @@ def main() -> None:
         qbytes = n * k // 2 + 4 * n * k // 32
         copies = max(2, math.ceil(400e6 / qbytes))
         packed = random_q4(n, k, copies)
-        w0 = kernels.q4_dequantize(*packed[0], torch.float32)  # exact (tests/test_matmul_kernels.py)
+        w0 = kernels.q4_dequantize(*packed[0], torch.float32)  # exact (tests/test_kernels_q4.py)
         for m in rows_of(args.q4_rows):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = x.float() @ w0.T

@@ -8,8 +8,9 @@ row only).
     python bench/tune_step.py --quant q4_0 --tilings "wqkv=4,4096,1 w13=2,4096,1;wqkv=8,1024,1" --variants ""
 
 ``--tilings`` (also ``--q4-tilings``): one-row tilings of the fused GEMVs (``name=BLOCK_N,BLOCK_K,WARPS`` for wqkv,
-wo, w13, w2, head; sets separated by ``;``), bf16's (kernels.GEMV_ONE_ROW_TILINGS) or with ``--quant`` the 4-bit
-kernel's (kernels.Q4_ONE_ROW_TILINGS); each set is timed in the fused step with PDL (uncompiled glue, so that no
+wo, w13, w2, head; sets separated by ``;``), bf16's (kernels.gemv) or with ``--quant`` the 4-bit kernel's
+(kernels.q4), which this script puts ahead of the kernel module's tiling rule (the package itself has no table);
+each set is timed in the fused step with PDL (uncompiled glue, so that no
 compiled graph keeps an old tiling), the default tilings first.  A name not in a set keeps its default.
 """
 
@@ -23,10 +24,11 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from voxtral_realtime import benchmark, kernels
+from voxtral_realtime import kernels
+from voxtral_realtime.benchmarking import benchmark
+from voxtral_realtime.benchmarking.random_weights import random_model
 from voxtral_realtime.engine import Engine
 from voxtral_realtime.quantization import quantize_network
-from voxtral_realtime.random_weights import random_model
 
 #: the decoder step's products: name -> (N, K, gated), the keys of the one-row tiling tables
 PRODUCTS = {"wqkv": (6144, 3072, False), "wo": (3072, 4096, False), "w13": (9216, 3072, True),
@@ -96,6 +98,19 @@ def _profile(model, context: int) -> str:
         sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
 
 
+def _override_tilings(module, rule_name: str) -> dict:
+    """An empty table of one-row tilings, (N, K, gated) -> MatmulConfig, that ``module``'s launchers now consult
+    before their rule ``rule_name``: the package's launchers take a tiling as an argument or follow the rule."""
+    table: dict = {}
+    rule = getattr(module, rule_name)
+
+    def with_table(n: int, k: int, *, gated: bool = False):
+        return table.get((n, k, gated)) or rule(n, k, gated=gated)
+
+    setattr(module, rule_name, with_table)
+    return table
+
+
 def _set_tilings(table: dict, defaults: dict, spec: str) -> None:
     table.clear()
     table.update(defaults)
@@ -129,14 +144,14 @@ def _sweep_attention_programs(model, values: str, context: int, steps: int, floo
     """Times the fused step for each split target of the decode-attention kernel; leaves the fastest in place."""
     rows = []
     for programs in (int(v) for v in values.split(",")):
-        kernels.SPLIT_TARGET_PROGRAMS = programs
+        kernels.attention.SPLIT_TARGET_PROGRAMS = programs
         _configure(model, "fused+PDL")
         result = benchmark.bench_step(model, 1, context, steps=steps)
         rows.append({"split_target_programs": programs, **result})
         print(f"attention split target {programs}: {result['gpu_ms_per_step']:.3f} ms GPU "
               f"= {result['gpu_ms_per_step'] / floor_ms:.2f}x floor", flush=True)
-    kernels.SPLIT_TARGET_PROGRAMS = min(rows, key=lambda row: row["gpu_ms_per_step"])["split_target_programs"]
-    print(f"profiled below: split target {kernels.SPLIT_TARGET_PROGRAMS}", flush=True)
+    kernels.attention.SPLIT_TARGET_PROGRAMS = min(rows, key=lambda row: row["gpu_ms_per_step"])["split_target_programs"]
+    print(f"profiled below: split target {kernels.attention.SPLIT_TARGET_PROGRAMS}", flush=True)
     return rows
 
 
@@ -148,7 +163,7 @@ def main() -> None:
     parser.add_argument("--quant", help="quantize the model first (q4_0, q4_k): the 4-bit step, plain vs fused")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="which of: " + ", ".join(VARIANTS))
     parser.add_argument("--tilings", "--q4-tilings", help="sets of one-row tilings to time in the step (see above)")
-    parser.add_argument("--attention-programs", help="values of kernels.SPLIT_TARGET_PROGRAMS to time the fused "
+    parser.add_argument("--attention-programs", help="values of kernels.attention.SPLIT_TARGET_PROGRAMS to time the fused "
                         "step with (after the tilings, the fastest set in place); the fastest is profiled")
     parser.add_argument("--no-check", action="store_true",
                         help="skip comparing the fused step's logits with the plain layers' (a compile of ~1 min)")
@@ -188,7 +203,8 @@ def main() -> None:
             with open(args.json, "w") as f:
                 json.dump(report, f, indent=1)
     if args.tilings:
-        table = kernels.Q4_ONE_ROW_TILINGS if args.quant else kernels.GEMV_ONE_ROW_TILINGS
+        table = _override_tilings(kernels.q4, "q4_config") if args.quant else \
+            _override_tilings(kernels.gemv, "gemv_config")
         report["tilings"] = _sweep_tilings(model, table, args.tilings, args.context, args.steps, floor_ms)
         if args.json:
             with open(args.json, "w") as f:

@@ -38,11 +38,12 @@ import numpy as np
 import torch
 
 from voxtral_realtime.api import Model
-from voxtral_realtime.config import ModelConfig
+from voxtral_realtime.benchmarking.random_weights import AUDIO_BLOCK, random_network, write_tekken_json
+from voxtral_realtime.browser import estimate_export_bytes, export_web
+from voxtral_realtime.browser.runner import GraphState
+from voxtral_realtime.config import ModelConfig, full_size_config
 from voxtral_realtime.errors import first_line
-from voxtral_realtime.random_weights import AUDIO_BLOCK, full_size_config, random_network, write_tekken_json
 from voxtral_realtime.tokenizer import Tokenizer
-from voxtral_realtime.web_export import GraphState, estimate_export_bytes, export_web
 
 #: the first calls of each graph, not counted (allocations, kernel choices); every step feeds 80 ms of noise to the
 #: audio graph, then its embedding with token 32 to the decoder graph
@@ -130,7 +131,7 @@ def _summary(audio_times: list[float], decoder_times: list[float], tokens: list[
 
 def time_numpy(sessions: dict[str, Any], manifest: dict, steps: int, deadline: float) -> dict[str, Any]:
     """``steps`` (+ warm-up) audio and decoder steps through ``session.run`` with numpy feeds and results, the
-    state carried in numpy arrays (as :class:`.web_export.OnnxEngine` does); fewer steps past ``deadline``
+    state carried in numpy arrays (as :class:`voxtral_realtime.browser.OnnxEngine` does); fewer steps past ``deadline``
     (a ``time.perf_counter`` value)."""
     audio, decoder = sessions["audio"], sessions["decoder"]
     graphs = manifest["graphs"]
@@ -282,7 +283,7 @@ def main() -> None:
 
     report: dict[str, Any] = {
         "command": " ".join(sys.argv), "quant": args.quant, "decoder_context": args.decoder_context,
-        "params": str(args.params) if args.params else "full size (random_weights.FULL_SIZE_PARAMS)",
+        "params": str(args.params) if args.params else "full size (config.FULL_SIZE_PARAMS)",
         "cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)), "machine": platform.node(),
         "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "onnxruntime": ort.__version__, "onnxruntime_providers": ort.get_available_providers(),

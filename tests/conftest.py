@@ -8,19 +8,16 @@ far past both windows).
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
-# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors (tests/test_matmul_kernels.py); it
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors (tests/test_kernels_q4.py); it
 # must be chosen before the kernels are defined, i.e. before voxtral_realtime is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 WINDOWS = {"long": (750, 8192), "short": (12, 10)}
 #: Test models keep 1000 special ids and 3096 text ids: every id decodes, and the LM head stays small.
@@ -40,13 +37,13 @@ class TinyCheckpoint:
 
 @pytest.fixture(scope="session")
 def tekken_path() -> Path:
-    from tiny_checkpoint import cached_tekken_json
+    from .tiny_checkpoint import cached_tekken_json
 
     return cached_tekken_json()
 
 
 def _build(name: str, root: Path, tekken: Path) -> TinyCheckpoint:
-    from tiny_checkpoint import make_hf_model, write_hf_folder, write_mistral_folder
+    from .tiny_checkpoint import make_hf_model, write_hf_folder, write_mistral_folder
 
     encoder_window, decoder_window = WINDOWS[name]
     model = make_hf_model(encoder_window=encoder_window, decoder_window=decoder_window, seed=1234,

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from signals import speechlike
-from test_audio import encode_with_pyav
 
 from voxtral_realtime import load_audio
+from voxtral_realtime.benchmarking.signals import speechlike
 from voxtral_realtime.cli import main
+
+from .test_audio import encode_with_pyav
 
 
 def _stereo_at(rate: int, seconds: float, seed: int) -> np.ndarray:
@@ -127,3 +128,37 @@ def test_console_scripts_and_rust_compatible_alias(tiny_short, checkpoints, audi
     help_run = subprocess.run([str(bindir / "voxtral"), "transcribe", "--help"], capture_output=True, text=True,
                               timeout=120, check=False)
     assert help_run.returncode == 0 and "--delay-ms" in help_run.stdout and "examples:" in help_run.stdout
+
+
+def test_a_bug_keeps_its_traceback_and_says_it_is_a_bug(monkeypatch, capsys):
+    """Only a VoxtralError is a user's mistake: anything else propagates (traceback) after a line naming it a bug."""
+    from voxtral_realtime.cli import download
+
+    def broken(args):
+        raise ValueError("an internal inconsistency")
+
+    monkeypatch.setattr(download, "run", broken)
+    with pytest.raises(ValueError, match="internal inconsistency"):
+        main(["download", "some/repo"])
+    assert "this is a bug" in capsys.readouterr().err
+
+
+def test_a_usage_error_from_the_api_is_one_line_and_exit_code_2(monkeypatch, capsys):
+    from voxtral_realtime.cli import download
+    from voxtral_realtime.errors import UsageError
+
+    def refuse(args):
+        raise UsageError("delay 100 ms is not one the model was trained for")
+
+    monkeypatch.setattr(download, "run", refuse)
+    assert main(["download", "some/repo"]) == 2
+    err = capsys.readouterr().err
+    assert "error: delay 100 ms" in err and "Traceback" not in err and "bug" not in err
+
+
+def test_quantize_takes_quant_and_the_old_type_spelling():
+    from voxtral_realtime.cli import build_parser
+
+    for flag in ("--quant", "--type"):
+        args = build_parser().parse_args(["quantize", "src", "--out", "x.gguf", flag, "q4_k"])
+        assert args.quant == "q4_k"

@@ -6,9 +6,8 @@ import copy
 
 import pytest
 
-from voxtral_realtime.config import ModelConfig
-from voxtral_realtime.errors import CheckpointError
-from voxtral_realtime.random_weights import FULL_SIZE_PARAMS
+from voxtral_realtime.config import FULL_SIZE_PARAMS, ModelConfig
+from voxtral_realtime.errors import CheckpointError, UsageError
 
 TEKKEN_AUDIO = {"sampling_rate": 16000, "frame_rate": 12.5, "transcription_delay_ms": 480,
                 "streaming_n_left_pad_tokens": 32,
@@ -24,8 +23,8 @@ def test_real_params_give_the_real_shapes():
 
 
 @pytest.mark.parametrize("delay", [0, -80, 100, 1280, 1.5, "480"])
-def test_unsupported_delays_are_value_errors(delay):
-    with pytest.raises(ValueError):
+def test_unsupported_delays_are_usage_errors(delay):
+    with pytest.raises(UsageError):
         ModelConfig.from_params_json(FULL_SIZE_PARAMS, TEKKEN_AUDIO).audio.delay_tokens(delay)
 
 

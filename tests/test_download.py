@@ -26,12 +26,13 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import constants as hub_constants
-from hub_server import LocalHub
-from signals import speechlike
-from tiny_checkpoint import make_hf_model, write_hf_folder, write_mistral_folder
 
+from voxtral_realtime.benchmarking.signals import speechlike
 from voxtral_realtime.cli import main
 from voxtral_realtime.loading import DEFAULT_MODEL
+
+from .hub_server import LocalHub
+from .tiny_checkpoint import make_hf_model, write_hf_folder, write_mistral_folder
 
 REPO = DEFAULT_MODEL
 WEIGHTS = "consolidated.safetensors"

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from signals import speechlike
+
+from voxtral_realtime.benchmarking.signals import speechlike
 
 
 def _round_robin(model, engine, plan, piece: int):

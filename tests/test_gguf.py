@@ -15,16 +15,17 @@ import pytest
 import soundfile
 import torch
 from safetensors.torch import load_file
-from signals import speechlike
 
 import voxtral_realtime
 from voxtral_realtime import cpu_kernels
 from voxtral_realtime.api import Model
-from voxtral_realtime.benchmark import teacher_forced_logits
+from voxtral_realtime.benchmarking.benchmark import teacher_forced_logits
+from voxtral_realtime.benchmarking.signals import speechlike
 from voxtral_realtime.cli import main, rust_compat_main
-from voxtral_realtime.errors import CheckpointError
+from voxtral_realtime.errors import CheckpointError, UsageError
 from voxtral_realtime.gguf_file import KEY_PARAMS, KEY_TOKENIZER, gguf_files, parse_size, write_gguf
 from voxtral_realtime.cpu_kernels import OnnxQuantizedLinear
+from voxtral_realtime.protocol import padded_audio, prompt_ids
 from voxtral_realtime.quantization import QuantizedEmbedding, quantize_network
 
 LINEAR_SUFFIXES = ("wq.weight", "wk.weight", "wv.weight", "wo.weight", "w1.weight", "w2.weight", "w3.weight",
@@ -120,12 +121,17 @@ def test_gguf_model_is_the_in_memory_quantized_model(source, written, audio, qty
 def test_quantizing_a_model_that_has_run_compiled_uses_the_new_weights(source, audio):
     """A model keeps its one-stream engine (compiled code, CUDA graphs) across sessions; quantizing its network
     afterwards must not leave that engine computing with the old weights (it did: found on the GPU)."""
-    expected = quantized_in_memory(source, "q4_0").transcribe(audio).tokens
+    fresh = quantized_in_memory(source, "q4_0")
+    expected = fresh.transcribe(audio).tokens
+    # compiled float32 code rounds differently from eager, and int8 activations turn that into other tokens on
+    # this random model: compare compiled with compiled
+    fresh.compile = True
+    expected_compiled = fresh.transcribe(audio).tokens
     model = voxtral_realtime.load(source, device="cpu", dtype="f32")
     model.compile = True
     unquantized = model.transcribe(audio).tokens
     quantize_network(model.network, "q4_0")
-    assert model.transcribe(audio).tokens == expected != unquantized
+    assert model.transcribe(audio).tokens == expected_compiled != unquantized
     model.compile = False
     assert model.transcribe(audio).tokens == expected
 
@@ -142,14 +148,11 @@ def _agreement_rows(base: Model, clips: list[np.ndarray], rows: list[tuple[str, 
     dequantized in float32)."""
     cfg = base.config.audio
     delay = cfg.delay_tokens(None)
-    step = cfg.samples_per_token
-    prompt = [base.tokenizer.bos_id] + [base.tokenizer.streaming_pad_id] * (cfg.n_left_pad_tokens + delay)
+    prompt = prompt_ids(base.tokenizer, cfg, delay)
     cases = []
     for audio in clips:
         reference = base.transcribe(audio).tokens
-        padded = np.concatenate([np.zeros(cfg.n_left_pad_tokens * step, np.float32), audio,
-                                 np.zeros((-len(audio)) % step + cfg.n_right_pad_tokens(delay) * step, np.float32)])
-        mel = base.network.mel(torch.from_numpy(padded))
+        mel = base.network.mel(torch.from_numpy(padded_audio(cfg, audio, delay)))
         cases.append((audio, reference, mel, teacher_forced_logits(base.network, mel, prompt, reference, delay)))
     results: dict[str, dict[str, float | str]] = {}
     for label, qtype, embeddings, kernel in rows:
@@ -276,7 +279,7 @@ def test_parse_size():
     assert parse_size("512M") == 512 * 2**20 and parse_size("2G") == 2 * 2**30 and parse_size("1000") == 1000
     assert parse_size("1.5KiB") == 1536 and parse_size("64kb") == 65536
     for bad in ("", "12Q", "-5M", "M", "0"):
-        with pytest.raises(ValueError):
+        with pytest.raises(UsageError):
             parse_size(bad)
 
 
@@ -301,7 +304,7 @@ def test_cli_quantize_then_transcribe(source, tmp_path, wav, capsys, tekken_path
                      "--no-progress"]) == 0
         assert json.loads(capsys.readouterr().out)["tokens"] == expected
     bare = tmp_path / "bare" / "tiny.gguf"
-    assert main(["quantize", str(source), "--out", str(bare), "--type", "q4_k", "--no-tokenizer",
+    assert main(["quantize", str(source), "--out", str(bare), "--quant", "q4_k", "--no-tokenizer",
                  "--no-progress"]) == 0
     capsys.readouterr()
     assert rust_compat_main(["--audio", str(wav), "--gguf", str(bare), "--tokenizer", str(tekken_path),
@@ -357,11 +360,8 @@ def _trained_to_be_confident(base: Model, audio: np.ndarray, targets_from: list[
     network = copy.deepcopy(base.network)
     decoder, cfg, tokenizer = network.decoder, base.config.audio, base.tokenizer
     delay = cfg.delay_tokens(None)
-    step = cfg.samples_per_token
-    padded = np.concatenate([np.zeros(cfg.n_left_pad_tokens * step, np.float32), audio,
-                             np.zeros((-len(audio)) % step + cfg.n_right_pad_tokens(delay) * step, np.float32)])
-    mel = network.mel(torch.from_numpy(padded))
-    prompt = [tokenizer.bos_id] + [tokenizer.streaming_pad_id] * (cfg.n_left_pad_tokens + delay)
+    mel = network.mel(torch.from_numpy(padded_audio(cfg, audio, delay)))
+    prompt = prompt_ids(tokenizer, cfg, delay)
     targets = [1000 + (37 * i) % 3000 if i % 3 == 2 else tokenizer.streaming_pad_id
                for i in range(len(targets_from))]
     inputs = prompt + targets[:-1]

@@ -31,13 +31,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from signals import speechlike
-from tiny_checkpoint import AUDIO_BLOCK, write_mistral_folder
 
 import voxtral_realtime
 import voxtral_realtime.api
 from voxtral_realtime import CheckpointError, DownloadError
+from voxtral_realtime.benchmarking.signals import speechlike
 from voxtral_realtime.cli import main
+
+from .tiny_checkpoint import AUDIO_BLOCK, write_mistral_folder
 
 # ---------------------------------------------------------------------------------------------------------------
 # Helpers

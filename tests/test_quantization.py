@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from voxtral_realtime import quantization as Q
+from voxtral_realtime.errors import UsageError
 
 TYPES = {"q4_0": gguf.GGMLQuantizationType.Q4_0, "q8_0": gguf.GGMLQuantizationType.Q8_0,
          "q4_k": gguf.GGMLQuantizationType.Q4_K}
@@ -252,8 +253,8 @@ def test_cpu_token_table_is_held_once_and_its_rows_read_from_the_packed_layout(m
                                rtol=8e-3, atol=1e-3)
 
 
-def test_bad_type_and_bad_row_length_are_value_errors():
-    with pytest.raises(ValueError, match="unknown quantization type"):
+def test_bad_type_is_a_usage_error_and_a_bad_row_length_a_value_error():
+    with pytest.raises(UsageError, match="unknown quantization type"):
         Q.quantize_blocks(torch.zeros(2, 32), "q5_0")
     with pytest.raises(ValueError, match="not a whole number"):
         Q.quantize_blocks(torch.zeros(2, 48), "q4_0")

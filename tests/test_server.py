@@ -18,21 +18,15 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from live_server import (
-    connect,
-    pcm16_base64,
-    receive_event,
-    serve_in_thread,
-    transcribe_over_websocket,
-    wav_bytes,
-)
-from signals import speechlike
-from test_eos import AUDIO as EOS_AUDIO
-from test_eos import eos_prone_model  # noqa: F401 - a fixture
 
+from voxtral_realtime.benchmarking.signals import speechlike
 from voxtral_realtime.server import create_app
 from voxtral_realtime.server.state import ServerLimits
 from voxtral_realtime.writers import to_srt, to_txt, to_vtt
+
+from .live_server import connect, pcm16_base64, receive_event, serve_in_thread, transcribe_over_websocket, wav_bytes
+from .test_streaming_eos import AUDIO as EOS_AUDIO
+from .test_streaming_eos import eos_prone_model  # noqa: F401 - a fixture
 
 LOAD_LIVE_CLIENTS = 50
 LOAD_UPLOADS = 20

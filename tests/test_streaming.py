@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from signals import speechlike
+
+from voxtral_realtime.benchmarking.signals import speechlike
 
 
 def _feed(model, audio: np.ndarray, sizes, delay_ms=None):

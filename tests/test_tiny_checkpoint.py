@@ -21,26 +21,22 @@ import torch
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tiny_checkpoint import (
+from transformers import VoxtralRealtimeConfig, VoxtralRealtimeForConditionalGeneration
+
+from .tiny_checkpoint import (
     MISTRAL_PREFIX,
-    cached_tekken_json,
     make_hf_model,
     params_json_text,
     write_hf_folder,
     write_mistral_folder,
     write_tekken_json,
 )
-from transformers import VoxtralRealtimeConfig, VoxtralRealtimeForConditionalGeneration
 
 # Non-default windows, so that a window not plumbed through to a file shows up.
 ENCODER_WINDOW, DECODER_WINDOW = 12, 10
 AUDIO_LAYERS, TEXT_LAYERS = 2, 2
-REAL_PARAMS_SHA256 = "2ace010ebf7f0b62c60747d91c6d140e3c7238632d3e9c63d60a2bd2065ea301"  # REFERENCE §1.1
-
-
-@pytest.fixture(scope="session")
-def tekken_path() -> Path:
-    return cached_tekken_json()
+#: docs/model.md, "Hyperparameters"
+REAL_PARAMS_SHA256 = "2ace010ebf7f0b62c60747d91c6d140e3c7238632d3e9c63d60a2bd2065ea301"
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +239,7 @@ def test_mistral_params(mistral_dir: Path) -> None:
 
 
 def test_params_json_of_full_size_config_is_the_real_file() -> None:
-    # Same field order and formatting as Mistral's file: its sha256 is known (REFERENCE §1.1).
+    # Same field order and formatting as Mistral's file: its sha256 is known (docs/model.md).
     real = VoxtralRealtimeConfig(audio_config={"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}})
     text = params_json_text(real)
     assert len(text.encode()) == 1343
@@ -319,7 +315,7 @@ def test_hf_folder_reloads(model: VoxtralRealtimeForConditionalGeneration, tekke
     assert {"config.json", "model.safetensors", "tekken.json", "preprocessor_config.json"} <= names
     with safe_open(folder / "model.safetensors", "pt") as f:
         on_disk = set(f.keys())
-    # transformers 5.23's on-disk names (REFERENCE §7.1), tied lm_head not saved.
+    # transformers 5.23's on-disk names (docs/model.md, "Checkpoint layout"), tied lm_head not saved.
     assert all(k.startswith(("audio_tower.", "multi_modal_projector.", "language_model.model.")) for k in on_disk)
 
     reloaded = VoxtralRealtimeForConditionalGeneration.from_pretrained(folder)

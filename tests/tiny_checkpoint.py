@@ -5,8 +5,8 @@ Plain functions, no pytest fixtures, so tests, benchmarks and scripts can all us
 * :func:`write_tekken_json` writes a synthetic ``tekken.json`` that mistral-common loads as the real streaming
   tokenizer (same ids for every special token that matters, same audio block).  Building it takes seconds:
   callers should reuse one file, e.g. through :func:`cached_tekken_json`.
-* :func:`make_hf_model` builds the tiny ``VoxtralRealtimeForConditionalGeneration`` of REFERENCE.md §9.2 with
-  every parameter re-randomised (so that biases, norm gains and the q/k permutation all matter).
+* :func:`make_hf_model` builds the tiny ``VoxtralRealtimeForConditionalGeneration`` (docs/model.md, "Test
+  checkpoints") with every parameter re-randomised (so that biases, norm gains and the q/k permutation all matter).
 * :func:`write_mistral_folder` writes what Mistral publishes: ``consolidated.safetensors`` (Mistral key names,
   interleaved-RoPE q/k rows), ``params.json`` and ``tekken.json``.
 * :func:`write_hf_folder` writes the transformers layout: ``config.json``, ``model.safetensors``,
@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Final
 import torch
 from torch import nn
 
-from voxtral_realtime.random_weights import AUDIO_BLOCK, SPECIAL_TOKENS, write_tekken_json
+from voxtral_realtime.benchmarking.random_weights import AUDIO_BLOCK, SPECIAL_TOKENS, write_tekken_json
 
 if TYPE_CHECKING:
     from transformers import VoxtralRealtimeConfig, VoxtralRealtimeForConditionalGeneration
@@ -91,7 +91,7 @@ def make_hf_config(
     *, encoder_window: int = 750, decoder_window: int = 8192, audio_layers: int = 2, text_layers: int = 2,
     vocab_size: int = 131072,
 ) -> VoxtralRealtimeConfig:
-    """The tiny ``VoxtralRealtimeConfig`` of REFERENCE.md §9.2 (real windows by default).
+    """The tiny ``VoxtralRealtimeConfig`` of docs/model.md ("Test checkpoints") (real windows by default).
 
     Every size is set explicitly: sub-config dicts are merged over the full-size defaults, so an omitted
     head_dim would silently stay 64/128, and the encoder's RoPE theta would default to 10000 instead of 1e6.
@@ -147,7 +147,8 @@ def make_hf_model(
     vocab_size: int = 131072,
     dtype: torch.dtype = torch.float32,
 ) -> VoxtralRealtimeForConditionalGeneration:
-    """The tiny random model of REFERENCE.md §9.2, in eval mode, every parameter re-randomised from ``seed``.
+    """The tiny random model (docs/model.md, "Test checkpoints"), in eval mode, every parameter re-randomised from
+    ``seed``.
 
     HF's default init leaves biases at 0 and norm gains at 1, which would hide missing-bias and q/k-permutation
     bugs.  Instead (drawn in float32 from one seeded generator, in module order, then cast to ``dtype``):
@@ -333,7 +334,8 @@ def _key_map(config: VoxtralRealtimeConfig) -> Iterator[tuple[str, str, int | No
 def mistral_state_dict(
     model: VoxtralRealtimeForConditionalGeneration, *, dtype: torch.dtype = torch.float32
 ) -> dict[str, torch.Tensor]:
-    """The model's weights under Mistral key names (REFERENCE.md §7.1), q/k rows in interleaved-RoPE order.
+    """The model's weights under Mistral key names (docs/model.md, "Checkpoint layout"), q/k rows in interleaved-RoPE
+    order.
 
     The token embedding is stored once, under the ``mm_streams_embeddings`` prefix; there is no
     ``output.weight``.  Raises if any HF tensor would be left out, so a transformers layout change cannot
@@ -360,7 +362,7 @@ def mistral_state_dict(
 
 
 def mistral_params(config: VoxtralRealtimeConfig) -> dict[str, Any]:
-    """``params.json`` for ``config``: the real file's structure, field names and field order (REFERENCE §1.1).
+    """``params.json`` for ``config``: the real file's structure, field names and field order (docs/model.md).
 
     For the full-size config, ``params_json_text`` of this reproduces the real file byte for byte.
     """

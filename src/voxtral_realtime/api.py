@@ -20,7 +20,7 @@ import torch
 from .audio import load_audio
 from .config import ModelConfig
 from .engine import Engine
-from .errors import CheckpointError
+from .errors import CheckpointError, UsageError
 from .loading import DEFAULT_MODEL, inspect_checkpoint, load_weights, resolve_model_dir
 from .model import VoxtralRealtime
 from .streaming import StreamingSession
@@ -61,7 +61,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     try:
         return DTYPES[dtype.lower()]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use bf16, f16 or f32") from None
+        raise UsageError(f"unknown dtype {dtype!r}; use bf16, f16 or f32") from None
 
 
 class Model:
@@ -86,10 +86,6 @@ class Model:
     @property
     def dtype(self) -> torch.dtype:
         return self.network.dtype
-
-    @property
-    def default_delay_ms(self) -> int:
-        return self.config.audio.transcription_delay_ms
 
     def engine(self, max_streams: int, *, decoder_context: int | None = None) -> Engine:
         """A batched engine for up to ``max_streams`` concurrent sessions (pass it to :meth:`stream`).
@@ -177,7 +173,8 @@ def load(model: str | os.PathLike[str] = DEFAULT_MODEL, *, device: str | torch.d
     if files is not None:
         if revision is not None:
             raise CheckpointError(f"{model}: a GGUF file has no revisions; a revision is for Hub repo ids only")
-        return load_gguf(files, tokenizer=tokenizer, device=device, dtype=dtype, progress=progress)
+        network, gguf_tokenizer = load_gguf(files, tokenizer=tokenizer, device=device, dtype=dtype, progress=progress)
+        return Model(network, gguf_tokenizer, source=str(files[0]))
     if tokenizer is not None:
         raise CheckpointError(f"{model}: a tokenizer can only be given with a GGUF file; a checkpoint folder uses "
                               "its own tekken.json")

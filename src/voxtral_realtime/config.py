@@ -11,10 +11,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import CheckpointError
+from .errors import CheckpointError, UsageError
 
 SAMPLE_RATE = 16_000
-#: Delays the model was trained for (REFERENCE 6.2): every 80 ms step from 80 to 1200 ms, and 2400 ms.
+#: Delays the model was trained for (docs/model.md, "Delays"): every 80 ms step from 80 to 1200 ms, and 2400 ms.
 SUPPORTED_DELAYS_MS = tuple(range(80, 1201, 80)) + (2400,)
 
 
@@ -82,17 +82,17 @@ class AudioConfig:
         delay_ms = self.transcription_delay_ms if delay_ms is None else delay_ms
         step = self.token_ms
         if isinstance(delay_ms, bool) or not isinstance(delay_ms, (int, float)) or delay_ms <= 0:
-            raise ValueError(f"delay must be a positive number of milliseconds, got {delay_ms!r}")
+            raise UsageError(f"delay must be a positive number of milliseconds, got {delay_ms!r}")
         n = delay_ms / step
         if abs(n - round(n)) > 1e-9:
-            raise ValueError(f"delay {delay_ms} ms is not a multiple of the model's {step:g} ms step")
+            raise UsageError(f"delay {delay_ms} ms is not a multiple of the model's {step:g} ms step")
         if step == 80 and delay_ms not in SUPPORTED_DELAYS_MS:
-            raise ValueError(f"delay {delay_ms} ms is not one the model was trained for (80..1200 in steps of 80, "
+            raise UsageError(f"delay {delay_ms} ms is not one the model was trained for (80..1200 in steps of 80, "
                              "or 2400)")
         return round(n)
 
     def n_right_pad_tokens(self, delay_tokens: int) -> int:
-        """Silence appended after the audio: the delay, the BOS slot and 10 steps for the last word (REFERENCE 6.3)."""
+        """Silence appended after the audio: the delay, the BOS slot and 10 steps for the last word (docs/model.md)."""
         return delay_tokens + 1 + 10
 
 
@@ -101,11 +101,6 @@ class ModelConfig:
     encoder: EncoderConfig
     decoder: DecoderConfig
     audio: AudioConfig
-
-    @property
-    def audio_embedding_dim(self) -> int:
-        """Width of one adapter input row: ``downsample_factor`` encoder frames side by side."""
-        return self.encoder.dim * self.audio.downsample_factor
 
     @classmethod
     def from_params_json(cls, params: dict[str, Any], tekken_audio: dict[str, Any] | None) -> ModelConfig:
@@ -212,7 +207,7 @@ def _hf_rope_theta(section: dict[str, Any]) -> float:
     rope = section.get("rope_parameters") or {}
     theta = rope.get("rope_theta", section.get("rope_theta"))
     if theta is None:
-        # transformers would silently fall back to 10000 here, which is wrong for this model (REFERENCE 1.2).
+        # transformers would silently fall back to 10000 here, wrong for this model (docs/model.md, "Hyperparameters")
         raise KeyError("rope_parameters.rope_theta")
     return float(theta)
 
@@ -236,3 +231,28 @@ def _audio_config(tekken_audio: dict[str, Any] | None, **fixed: Any) -> AudioCon
     if not math.isclose(audio.samples_per_token % audio.hop_length, 0):
         raise CheckpointError("tekken.json: frame_rate and hop_length do not give whole mel frames per token")
     return audio
+
+
+#: params.json of mistralai/Voxtral-Mini-4B-Realtime-2602 (docs/model.md).
+FULL_SIZE_PARAMS: dict[str, Any] = {
+    "dim": 3072, "n_layers": 26, "head_dim": 128, "hidden_dim": 9216, "n_heads": 32, "n_kv_heads": 8,
+    "use_biases": False, "causal": True, "rope_theta": 1e6, "norm_eps": 1e-5, "vocab_size": 131072,
+    "model_parallel": 1, "tied_embeddings": True, "sliding_window": 8192, "model_max_length": 131072,
+    "ada_rms_norm_t_cond": True, "ada_rms_norm_t_cond_dim": 32,
+    "multimodal": {"whisper_model_args": {
+        "encoder_args": {
+            "dim": 1280, "n_layers": 32, "head_dim": 64, "hidden_dim": 5120, "n_heads": 32, "n_kv_heads": 32,
+            "vocab_size": 131072, "use_biases": True, "use_cache": False, "rope_theta": 1e6, "causal": True,
+            "norm_eps": 1e-5, "pos_embed": "rope", "max_source_positions": None, "ffn_type": "swiglu",
+            "norm_type": "rms_norm", "sliding_window": 750,
+            "audio_encoding_args": {"sampling_rate": 16000, "frame_rate": 12.5, "num_mel_bins": 128,
+                                    "hop_length": 160, "window_size": 400, "chunk_length_s": None,
+                                    "global_log_mel_max": 1.5, "transcription_format": "streaming"},
+        },
+        "downsample_args": {"downsample_factor": 4},
+    }},
+}
+
+
+def full_size_config() -> ModelConfig:
+    return ModelConfig.from_params_json(FULL_SIZE_PARAMS, None)

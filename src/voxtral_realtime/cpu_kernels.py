@@ -50,9 +50,10 @@ def available() -> bool:
 _pool_threads: int | None = None
 
 
-def _session_options(threads: int):  # type: ignore[no-untyped-def]
-    """Options that put every session on one process-wide pool of ``threads`` threads (per-session pools
-    would start a pool per layer: hundreds of threads)."""
+def session_options(threads: int):  # type: ignore[no-untyped-def]
+    """Options that put a session on the process-wide onnxruntime thread pool, which the first caller sizes to
+    ``threads``.  Every session of the package uses them: per-session pools would start a pool per layer
+    (hundreds of threads), and once a global pool exists onnxruntime refuses sessions with pools of their own."""
     import onnxruntime as ort
 
     global _pool_threads
@@ -80,7 +81,7 @@ def _session(blob: np.ndarray, scales: np.ndarray, bits: int, out_features: int,
     model.ir_version = min(model.ir_version, 10)
     data = model.SerializeToString()
     del model, graph, weights  # onnxruntime keeps its own (packed) copy of the weight
-    return ort.InferenceSession(data, _session_options(torch.get_num_threads()), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(data, session_options(torch.get_num_threads()), providers=["CPUExecutionProvider"])
 
 
 def numpy_helper_tensor(name: str, array: np.ndarray):  # type: ignore[no-untyped-def]
@@ -139,6 +140,7 @@ class OnnxQuantizedLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype}, "
                 f"bias={self.bias is not None}")
 
+    @torch.compiler.disable  # an opaque call on raw pointers: nothing for inductor to fuse or trace
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         rows = flat.shape[0]

@@ -1,6 +1,6 @@
 """Stage 5: audio embeddings + previous tokens -> next-token logits.
 
-A Mistral-style pre-norm GQA decoder.  Two things are particular to Voxtral Realtime (REFERENCE 5):
+A Mistral-style pre-norm GQA decoder.  Two things are particular to Voxtral Realtime (docs/model.md, "Decoder"):
 
 * the input at every position is ``embedding(token) + audio_embedding`` (a sum, from BOS on);
 * the FFN input of every layer is scaled by ``1 + ada(t_cond)``, where ``t_cond`` is a sinusoidal embedding of

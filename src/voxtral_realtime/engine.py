@@ -1,33 +1,10 @@
 """The compute engine: runs the network for any number of concurrent streams, one slot per stream.
 
 Streams join (:meth:`Engine.attach`) and leave (:meth:`Engine.release`) at any time; a stream only pushes audio
-and receives tokens.  Each :meth:`Engine.run` does all the work the pushed audio allows, for every stream:
-
-* audio -> log-mel -> encoder -> adapter, always in whole 80 ms steps.  In an engine for one stream, a stream
-  with many steps waiting (a file, the silence that opens every stream) is encoded by itself in large chunks,
-  which is compute-bound and fast; with CUDA graphs in calls of 2^k steps (largest first), one graph per size,
-  since launching a chunk's hundreds of kernels one by one took longer than running them.  In an engine for
-  many streams (whose encoder rings only hold a few steps beyond the window) the streams with audio waiting are
-  encoded together, one batched call of 1, 2 or 4 steps per stream at a time (live audio: one step; a stream
-  catching up or closing: several).
-* decoder: a stream with a run of prompt tokens ready prefills them in one call; every other stream with an
-  audio embedding waiting takes part in one batched step, one token each, at its own position.  With CUDA graphs
-  a short run of prompt tokens (the few left after the shared opening below) goes through those steps too: a
-  graph replay per token beat an eager prefill's hundreds of kernel launches.
-
-Every stream opens with the protocol's left padding, 32 steps of silence: the first 31 of them (those whose mel
-windows do not reach the audio) give every stream the same encoder state and, per delay, the same decoder state.
-They are computed once and copied into each new stream's rows, so joining costs a copy, not 31 steps.
-
-All per-stream memory (conv context, encoder and decoder KV caches, delay conditioning) lives in rows of
-preallocated tensors, so a batched call is a fixed-shape computation over rows ``[0, B)``: rows without work
-this time are disabled and write only to scratch (see :class:`.layers.KVCache`).  On CUDA the two batched calls
-are captured as CUDA graphs, one per batch-size bucket, and replayed.
-
-Decoder steps are pipelined: each step takes its input token from the device (the token the previous step chose
-for that row, kept in a device buffer), so step k+1 is queued before step k's tokens are read back; the host
-delivers step k's tokens while the GPU computes step k+1 and never waits with the GPU idle.  A stream that stops
-at step k (EOS) has had step k+1 computed for nothing; that result is dropped.
+and receives tokens, and each :meth:`Engine.run` does all the work the pushed audio allows, for every stream.
+docs/architecture.md ("The engine") describes the slots, the shared opening, the batched calls and their CUDA
+graphs, and the pipelined decoder steps; docs/performance.md says why each is there.  A stream that stops at
+step k (EOS) has had step k+1 computed for nothing (the pipelining); that result is dropped.
 """
 
 from __future__ import annotations
@@ -41,7 +18,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from .config import AudioConfig
 from .model import VoxtralRealtime
+from .protocol import left_padding
 
 #: Encoder frames per call when one stream has many steps waiting (a file fed at once), once it is past the
 #: window: the ring holds window + chunk - 1 frames per stream, so engines for many streams use a small chunk,
@@ -77,6 +56,26 @@ class Slot:
     position: int = 0  # decoder positions done = embeddings consumed
     embedding_limit: int | None = None  # how many embeddings may be consumed in all, once the audio has ended
     stopped: bool = False
+
+    def restart(self, prompt: list[int], audio: AudioConfig) -> None:
+        """Empty the slot for a new segment opening with ``prompt``, the protocol's left padding queued."""
+        self.prompt = list(prompt)
+        # the first mel frame is centred on sample 0, so its window starts half a window before the signal
+        self.samples = np.zeros(audio.window_size // 2, np.float32)
+        self.samples_pushed = self.encoder_position = self.position = 0
+        self.embeddings.clear()
+        self.embedding_limit, self.stopped = None, False
+        self.add_samples(left_padding(audio))
+
+    def add_samples(self, samples: np.ndarray) -> None:
+        self.samples = np.concatenate([self.samples, samples.astype(np.float32, copy=False)])
+        self.samples_pushed += len(samples)
+
+    def end_samples(self, audio: AudioConfig) -> None:
+        """No more audio (the pushes end on a step boundary): complete the last mel frames; like the reference,
+        the final audio embedding is not consumed."""
+        self.embedding_limit = self.samples_pushed // audio.samples_per_token - 1
+        self.samples = np.concatenate([self.samples, np.zeros(audio.window_size // 2, np.float32)])
 
     def decodable(self) -> int:
         if self.stopped:
@@ -167,7 +166,7 @@ class Engine:
         self._ffn_cache: dict[int, torch.Tensor] = {}
         # the shared opening (see the module docstring): encoder rows + its embeddings, decoder rows per prompt/delay
         hop, half = self.audio.hop_length, self.audio.window_size // 2
-        last_silent_frame = (self.audio.n_left_pad_tokens * self._step_samples - half) // hop
+        last_silent_frame = (len(left_padding(self.audio)) - half) // hop
         self._silent_steps = max(0, (last_silent_frame + 1) // self._frames_per_step)
         self._encoder_opening: tuple[tuple, torch.Tensor] | None = None
         self._decoder_openings: dict[tuple[tuple[int, ...], int], object] = {}
@@ -183,7 +182,8 @@ class Engine:
     def state_bytes(self) -> int:
         """Device memory held for the streams' state (KV caches, conv context, delay conditioning)."""
         caches = (self.encoder_state.cache, self.decoder_cache)
-        return sum(c.bytes_per_row() * c.rows for c in caches) + self.ffn_scales.numel() * self.ffn_scales.element_size()
+        scales = self.ffn_scales.numel() * self.ffn_scales.element_size()
+        return sum(c.bytes_per_row() * c.rows for c in caches) + scales
 
     @property
     def free_slots(self) -> int:
@@ -208,13 +208,7 @@ class Engine:
         """Start ``slot`` over with a new prompt: the protocol's left padding is already in, no audio yet."""
         row = slot.index
         self.ffn_scales[row] = self._ffn_rows(delay_tokens)
-        slot.prompt = list(prompt)
-        # the first mel frame is centred on sample 0, so its window starts half a window before the signal
-        slot.samples = np.zeros(self.audio.window_size // 2, np.float32)
-        slot.samples_pushed = slot.encoder_position = slot.position = 0
-        slot.embeddings.clear()
-        slot.embedding_limit, slot.stopped = None, False
-        self.push(slot, np.zeros(self.audio.n_left_pad_tokens * self._step_samples, np.float32))
+        slot.restart(prompt, self.audio)
         self._open(slot, delay_tokens)
 
     def _open(self, slot: Slot, delay_tokens: int) -> None:
@@ -247,8 +241,7 @@ class Engine:
 
     def push(self, slot: Slot, samples: np.ndarray) -> None:
         """Queue float32 16 kHz samples for ``slot`` (computed at the next :meth:`run`)."""
-        slot.samples = np.concatenate([slot.samples, samples.astype(np.float32, copy=False)])
-        slot.samples_pushed += len(samples)
+        slot.add_samples(samples)
 
     def has_work(self, slot: Slot | None = None) -> bool:
         """Whether :meth:`run` would still compute something for ``slot`` (default: for any stream)."""
@@ -266,10 +259,8 @@ class Engine:
         return 0
 
     def end(self, slot: Slot) -> None:
-        """No more audio for ``slot`` (its pushes end on a step boundary): complete the last mel frames; like the
-        reference, the final audio embedding is not consumed."""
-        slot.embedding_limit = slot.samples_pushed // self._step_samples - 1
-        slot.samples = np.concatenate([slot.samples, np.zeros(self.audio.window_size // 2, np.float32)])
+        """No more audio for ``slot``: see :meth:`Slot.end_samples`."""
+        slot.end_samples(self.audio)
 
     def capture_graphs(self) -> None:
         """Capture every bucket's graphs now (with every row disabled: nothing changes), so that no stream pays for

@@ -1,13 +1,19 @@
 """User-facing errors.
 
-Every problem a user can cause (a bad path, an unreadable file, a checkpoint that does not match its
-params.json, no network) is raised as a :class:`VoxtralError` subclass with a one-line message.  The CLI
-prints that line and exits non-zero; anything else is a bug and keeps its traceback.
+Every problem a user can cause (a bad option, a bad path, an unreadable file, a checkpoint that does not match
+its params.json, no network) is raised as a :class:`VoxtralError` subclass with a one-line message.  The CLI
+prints that line and exits non-zero; anything else is a bug: it keeps its traceback and says so.
 """
 
 
 class VoxtralError(Exception):
     """Base class of the errors a user can fix; ``str(err)`` is a complete one-line explanation."""
+
+
+class UsageError(VoxtralError, ValueError):
+    """An option or argument the model or command does not accept (a delay, dtype, quantization type, size).
+
+    Also a ValueError, which these mistakes raised before they had a class of their own."""
 
 
 class AudioError(VoxtralError):

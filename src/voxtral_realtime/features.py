@@ -1,6 +1,6 @@
 """Stage 2: 16 kHz samples -> log-mel features (128 bins, one frame per 10 ms), incrementally.
 
-The model's mel is Whisper-like with two differences (REFERENCE 2.2): the last STFT frame is dropped and the
+The model's mel is Whisper-like with two differences (docs/model.md): the last STFT frame is dropped and the
 log is floored at a *fixed* ``global_log_mel_max - 8`` rather than the utterance maximum.  Because of the fixed
 floor every frame depends only on its own 400-sample window, so a stream can be featurized piece by piece with
 exactly the offline result: :class:`MelState` keeps the samples that the next frame still needs.

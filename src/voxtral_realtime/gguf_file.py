@@ -1,6 +1,6 @@
 """GGUF files: writing a quantized model (``voxtral quantize``) and loading one, ours or the Rust project's.
 
-**Tensors** keep the Mistral checkpoint's names and row order (REFERENCE 7.1; q/k rows in interleaved-RoPE order),
+**Tensors** keep the Mistral checkpoint's names and row order (docs/model.md; q/k rows in interleaved-RoPE order),
 as the Rust project's ``voxtral-q4.gguf`` does, so one name table (:func:`loading.mistral_layout`) reads both and
 the loader applies the same q/k row permutation as for ``consolidated.safetensors``.  Dims are stored in ggml's
 reversed order by the ``gguf`` library.  Types we write:
@@ -42,8 +42,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import ModelConfig
-from .errors import CheckpointError, first_line
+from .config import FULL_SIZE_PARAMS, ModelConfig
+from .errors import CheckpointError, UsageError, first_line
 from .loading import (
     Part,
     TensorFiles,
@@ -71,11 +71,10 @@ from .quantization import (
     quantize_blocks,
     use_bf16_caches_with_int4,
 )
+from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from gguf import GGUFReader
-
-    from .api import Model
 
 ARCHITECTURE: Final = "voxtral"
 KEY_PARAMS: Final = "voxtral.params_json"
@@ -96,10 +95,10 @@ def parse_size(text: str) -> int:
     """"512M" -> 536870912: a byte count with an optional K/M/G/T suffix (powers of 1024, as ``split -b``)."""
     match = _SIZE.match(text)
     if not match:
-        raise ValueError(f"{text!r} is not a size; write e.g. 512M, 2G or 1000000")
+        raise UsageError(f"{text!r} is not a size; write e.g. 512M, 2G or 1000000")
     value = float(match["number"]) * 1024 ** " kmgt".index(match["unit"].lower() or " ")
     if value < 1:
-        raise ValueError(f"{text!r}: the size must be at least one byte")
+        raise UsageError(f"{text!r}: the size must be at least one byte")
     return int(value)
 
 
@@ -153,7 +152,7 @@ def params_from_config(config: ModelConfig) -> dict[str, Any]:
     }
 
 
-def _plan(config: ModelConfig, source_layout: dict[str, list[Part]], files: Any, qtype: str,
+def plan_tensors(config: ModelConfig, source_layout: dict[str, list[Part]], files: Any, qtype: str,
           embeddings: str, source_is_mistral: bool) -> list[_PlannedTensor]:
     target = mistral_layout(config, set())
     linear_weights = _linear_weight_names(config)
@@ -207,16 +206,16 @@ def _metadata_bytes(metadata: dict[str, str]) -> int:
     return sum(8 + len(k.encode()) + 4 + 8 + len(v.encode()) for k, v in metadata.items()) + 64  # + architecture
 
 
-def _checked_options(qtype: str, embeddings: str, out: str | os.PathLike[str]) -> tuple[str, Path]:
+def checked_options(qtype: str, embeddings: str, out: str | os.PathLike[str]) -> tuple[str, Path]:
     if qtype not in FORMATS:
-        raise ValueError(f"unknown quantization type {qtype!r}; use one of {', '.join(FORMATS)}")
+        raise UsageError(f"unknown quantization type {qtype!r}; use one of {', '.join(FORMATS)}")
     if embeddings not in EMBEDDING_TYPES:
-        raise ValueError(f"unknown embeddings type {embeddings!r}; use one of {', '.join(EMBEDDING_TYPES)}")
+        raise UsageError(f"unknown embeddings type {embeddings!r}; use one of {', '.join(EMBEDDING_TYPES)}")
     out = Path(out)
     if out.suffix != ".gguf":
-        raise ValueError(f"{out}: the output file name must end in .gguf")
+        raise UsageError(f"{out}: the output file name must end in .gguf")
     if out.is_dir():
-        raise ValueError(f"{out}: is a folder; give the file to write")
+        raise UsageError(f"{out}: is a folder; give the file to write")
     return (qtype if embeddings == "same" else embeddings), out
 
 
@@ -226,7 +225,7 @@ def write_gguf(source: str | os.PathLike[str], out: str | os.PathLike[str], *, q
     """Quantize a checkpoint (Mistral or transformers folder, or Hub id) into GGUF at ``out``; returns the files
     written (one, or the shards ``OUT-0000i-of-0000N.gguf`` when the data exceeds ``split_size`` bytes).
     ``progress(done, total)`` counts tensors."""
-    embeddings, out = _checked_options(qtype, embeddings, out)
+    embeddings, out = checked_options(qtype, embeddings, out)
     folder = resolve_model_dir(source, cache_dir=cache_dir)
     checkpoint = inspect_checkpoint(folder)
     config = checkpoint.config
@@ -238,65 +237,14 @@ def write_gguf(source: str | os.PathLike[str], out: str | os.PathLike[str], *, q
             {KEY_TOKENIZER_FILE: "tekken.json"}
         metadata = {KEY_PARAMS: json.dumps(params), **tokenizer, KEY_QUANTIZATION: qtype,
                     KEY_EMBEDDINGS: embeddings, "general.name": folder.name}
-        planned = _plan(config, checkpoint.layout(config, files.keys()), files, qtype, embeddings,
+        planned = plan_tensors(config, checkpoint.layout(config, files.keys()), files, qtype, embeddings,
                         checkpoint.format == "mistral")
-        return _write(files, planned, metadata, out, split_size, progress)
+        return write_tensors(files, planned, metadata, out, split_size, progress)
     finally:
         files.close()
 
 
-def write_random_gguf(config: ModelConfig, params: dict[str, Any], tekken_path: Path, out: str | os.PathLike[str],
-                      *, qtype: str = "q4_0", embeddings: str = "same", seed: int = 0,
-                      progress: Progress | None = None) -> list[Path]:
-    """A GGUF of ``config``'s shapes with random weights (as :func:`random_weights.random_network` draws them),
-    made one tensor at a time: a full-size quantized file for memory and speed measurements without the real
-    checkpoint and without ever holding the float model."""
-    embeddings, out = _checked_options(qtype, embeddings, out)
-    tensors = _RandomTensors(config, seed)
-    metadata = {KEY_PARAMS: json.dumps(params), KEY_TOKENIZER: tekken_path.read_text("utf-8"),
-                KEY_QUANTIZATION: qtype, KEY_EMBEDDINGS: embeddings, "general.name": "random weights"}
-    planned = _plan(config, mistral_layout(config, set()), tensors, qtype, embeddings, True)
-    return _write(tensors, planned, metadata, out, None, progress)
-
-
-class _RandomTensors:
-    """Random stand-ins for a Mistral checkpoint's tensors, by name (norm gains ~1, biases small, embeddings
-    N(0, 1), other weights N(0, 1/fan_in)); each tensor is drawn when asked for, from a seed of its own."""
-
-    def __init__(self, config: ModelConfig, seed: int) -> None:
-        with torch.device("meta"):
-            network = VoxtralRealtime(config)
-        self._shapes: dict[str, tuple[int, ...]] = {}
-        params = {name: tuple(p.shape) for name, p in network.named_parameters()}
-        for name, parts in mistral_layout(config, set()).items():
-            for part in parts:
-                if part.key is not None:
-                    self._shapes[part.key] = (part.rows or params[name][0], *params[name][1:])
-        self._seed = seed
-
-    def keys(self) -> set[str]:
-        return set(self._shapes)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._shapes[key]
-
-    def get(self, key: str) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self._seed * 1_000_003 + sum(map(ord, key)) * 7919 + len(key))
-        shape = self._shapes[key]
-        if key.endswith("norm.weight"):
-            return torch.randn(shape, generator=generator).mul_(0.1).add_(1.0)
-        if key.endswith("bias"):
-            return torch.randn(shape, generator=generator).mul_(0.1)
-        if key.endswith("tok_embeddings.weight"):
-            return torch.randn(shape, generator=generator)
-        fan_in = int(np.prod(shape[1:]))
-        return torch.randn(shape, generator=generator).mul_(fan_in ** -0.5)
-
-    def close(self) -> None:
-        pass
-
-
-def _write(tensors: Any, planned: list[_PlannedTensor], metadata: dict[str, str], out: Path,
+def write_tensors(tensors: Any, planned: list[_PlannedTensor], metadata: dict[str, str], out: Path,
            split_size: int | None, progress: Progress | None) -> list[Path]:
     import gguf
 
@@ -508,8 +456,6 @@ def _replace_module(network: nn.Module, path: str, module: nn.Module) -> None:
 
 def _config_and_tokenizer_path(tensors: GGUFTensors, tokenizer: str | os.PathLike[str] | None,
                                scratch: Path) -> tuple[ModelConfig, Path, str]:
-    from .random_weights import FULL_SIZE_PARAMS
-
     source = tensors.files[0]
     if tokenizer is not None:
         tekken_path = Path(tokenizer).expanduser()
@@ -559,15 +505,12 @@ def _check_tensors(tensors: GGUFTensors, layout: dict[str, list[Part]], expected
 
 @torch.no_grad()
 def load_gguf(files: list[Path], *, tokenizer: str | os.PathLike[str] | None = None, device: torch.device,
-              dtype: torch.dtype, progress: Progress | None = None) -> Model:
-    """A :class:`~voxtral_realtime.api.Model` from a GGUF file or shard set (see :func:`gguf_files`).
+              dtype: torch.dtype, progress: Progress | None = None) -> tuple[VoxtralRealtime, Tokenizer]:
+    """The network and tokenizer of a GGUF file or shard set (see :func:`gguf_files`).
 
     Quantized linear weights stay quantized in memory (on the CPU in torch's packed int4 layout); everything else
     is read in ``dtype``.  No full-precision copy of a quantized weight is ever made.
     """
-    from .api import Model
-    from .tokenizer import Tokenizer
-
     tensors = GGUFTensors(files)
     with tempfile.TemporaryDirectory(prefix="voxtral-gguf-") as scratch:
         config, tekken_path, assumed = _config_and_tokenizer_path(tensors, tokenizer, Path(scratch))
@@ -621,7 +564,7 @@ def load_gguf(files: list[Path], *, tokenizer: str | os.PathLike[str] | None = N
     if left or unexpected:  # a gap in the tables above, not a user error
         raise AssertionError(f"GGUF load left tensors unset: {left[:5]}, unused: {unexpected[:5]}")
     network.eval()
-    return Model(network, tok, source=str(files[0]))
+    return network, tok
 
 
 def _return_freed_memory() -> None:

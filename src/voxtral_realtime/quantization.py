@@ -46,6 +46,7 @@ from torch import nn
 
 from . import cpu_kernels, kernels
 from .cpu_kernels import OnnxQuantizedLinear
+from .errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def block_format(qtype: str) -> BlockFormat:
     try:
         return FORMATS[qtype]
     except KeyError:
-        raise ValueError(f"unknown quantization type {qtype!r}; use one of {', '.join(FORMATS)}") from None
+        raise UsageError(f"unknown quantization type {qtype!r}; use one of {', '.join(FORMATS)}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -636,7 +637,7 @@ def quantize_network(network: nn.Module, qtype: str, *, embeddings: str | None =
                                                                                      decoder.tok_embeddings.embedding_dim))
         decoder.tok_embeddings = QuantizedEmbedding(table, compute_dtype)
     elif embeddings not in ("keep", "f32", "f16", "bf16"):
-        raise ValueError(f"unknown embeddings type {embeddings!r}")
+        raise UsageError(f"unknown embeddings type {embeddings!r}")
     if decoder.norm.weight.device.type == "cpu":
         use_cpu_int4_kernels(network)
     network.layers_version += 1  # engines made before hold code and graphs of the old layers

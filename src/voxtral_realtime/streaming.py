@@ -1,19 +1,10 @@
-"""The streaming protocol (REFERENCE 6): audio in piece by piece, one token out per 80 ms step.
+"""A streaming session: audio in piece by piece, one token out per 80 ms step (docs/architecture.md, "The streaming
+protocol").  Offline transcription is this same session fed the whole file, so the two agree by construction.
 
-Offline transcription is this same session fed the whole file, so the two agree by construction:
-
-* the decoder sees ``[BOS] + [STREAMING_PAD] * (left_pad + delay)`` while the audio starts with ``left_pad``
-  steps of silence; at every position the input is ``embedding(token) + audio_embedding``;
-* after the prompt each new 80 ms of audio allows one greedy step whose output token is fed back, whatever it is;
-* :meth:`StreamingSession.finish` appends silence (alignment to a whole step, then delay + 11 steps) so the last
-  words come out; like the reference, the final audio embedding is not consumed;
-* EOS ends the transcription, as in the reference.  A live, always-on stream can instead go on after EOS
-  (``continue_after_eos``): the model may say EOS in a long silence, and the words after it must not be lost.
-  The session then starts a fresh segment (new prompt, empty caches) at the step after the EOS, replaying the
-  audio it already holds from there.
-
-The session holds the protocol's bookkeeping; the computation runs in an :class:`.engine.Engine` slot, either a
-private one or one shared with other sessions (batched with them: :meth:`Model.engine`).
+The session holds the protocol's bookkeeping (prompt and padding from :mod:`.protocol`); the computation runs in
+a slot of an engine (:class:`SessionEngine`), private or shared with other sessions (:meth:`Model.engine`).  An
+always-on stream (``continue_after_eos``) goes on after an EOS with a fresh segment, replaying the audio it holds
+from the step after it: the model may say EOS in a long silence, and what is said after must not be lost.
 
 Each generated token belongs to the 80 ms of input audio starting at ``step * 80 ms`` (steps count from the
 start of the input, across segments); the session groups tokens into timed words and, for live use, records how
@@ -26,16 +17,54 @@ import contextlib
 import time
 from bisect import bisect_left
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from .engine import Engine, Slot
+from .config import ModelConfig
+from .engine import Slot, SlotClient
+from .protocol import closing_silence, prompt_ids
+from .tokenizer import Tokenizer
 from .transcription import Transcription, WordBuilder
 
-if TYPE_CHECKING:
-    from .api import Model
+
+class SessionEngine(Protocol):
+    """What a session needs of an engine: :class:`.engine.Engine` (batched, torch) and the browser export's
+    :class:`.browser.runner.OnnxEngine` (one stream, onnxruntime) both provide it."""
+
+    def attach(self, client: SlotClient) -> Slot:
+        """A slot for a new stream; :meth:`reset` it before use."""
+
+    def release(self, slot: Slot) -> None:
+        """Give the slot back."""
+
+    def reset(self, slot: Slot, prompt: list[int], delay_tokens: int) -> None:
+        """Start the slot over with ``prompt``; the protocol's left padding is pushed already."""
+
+    def push(self, slot: Slot, samples: np.ndarray) -> None:
+        """Queue float32 samples for the slot, without computing anything."""
+
+    def end(self, slot: Slot) -> None:
+        """No more audio for the slot (its closing silence is pushed): decode what the audio allows."""
+
+    def has_work(self, slot: Slot) -> bool:
+        """Whether :meth:`run` would still compute something for the slot."""
+
+    def run(self) -> None:
+        """Do all the work the pushed audio allows; tokens go to the slots' clients."""
+
+
+class SessionModel(Protocol):
+    """What a session needs of a model: :class:`.api.Model` and the browser export's runner provide it."""
+
+    @property
+    def config(self) -> ModelConfig: ...
+
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+
+    def engine_for_session(self) -> SessionEngine: ...
 
 
 class StreamingSession:
@@ -46,13 +75,13 @@ class StreamingSession:
     collect their new text with :meth:`take_text`.
     """
 
-    def __init__(self, model: Model, *, delay_ms: int | None = None, track_latency: bool = True,
-                 continue_after_eos: bool = False, engine: Engine | None = None) -> None:
+    def __init__(self, model: SessionModel, *, delay_ms: int | None = None, track_latency: bool = True,
+                 continue_after_eos: bool = False, engine: SessionEngine | None = None) -> None:
         self.model = model
         audio, tok = model.config.audio, model.tokenizer
         self.delay_tokens = audio.delay_tokens(delay_ms)
         self.delay_ms = round(self.delay_tokens * audio.token_ms)
-        self.prompt = [tok.bos_id] + [tok.streaming_pad_id] * (audio.n_left_pad_tokens + self.delay_tokens)
+        self.prompt = prompt_ids(tok, audio, self.delay_tokens)
         self.continue_after_eos = continue_after_eos
         self.tokens: list[int] = []
         self.samples_fed = 0
@@ -130,10 +159,9 @@ class StreamingSession:
 
     def feed_all(self, pcm: np.ndarray, *, piece: int, progress: Callable[[float], None] | None = None) -> str:
         """A whole recording, then :meth:`finish`: pushed ``piece`` samples at a time, each piece run before the
-        next, the last one together with the closing padding.  The encoder so takes the audio in the fewest and
-        largest calls (a 30 s file in 3 instead of 9 fed at once, 20 in 10 s feeds: a call of one 80 ms step
-        costs a third of one of 256, bench/results/profile_encode*_calls_h100.txt).  ``progress(seconds)`` is
-        told the audio decided so far, about once per second of it.  Returns the text."""
+        next, the last one together with the closing padding, so that the encoder takes the audio in the fewest
+        and largest calls (on CUDA a call costs about the same whatever its size: docs/performance.md).
+        ``progress(seconds)`` is told the audio decided so far, about once per second of it.  Returns the text."""
         self._progress = progress
         texts = []
         try:
@@ -244,10 +272,8 @@ class StreamingSession:
         if self._ended_by_eos:
             return
         self._restart_if_needed()
-        audio = self.model.config.audio
-        segment_samples = self.samples_fed - self._segment_start
-        right = (-segment_samples) % self._step + audio.n_right_pad_tokens(self.delay_tokens) * self._step
-        self.engine.push(self._live_slot, np.zeros(right, np.float32))
+        closing = closing_silence(self.model.config.audio, self.delay_tokens, self.samples_fed - self._segment_start)
+        self.engine.push(self._live_slot, closing)
         self.engine.end(self._live_slot)
 
     def _run(self) -> None:

@@ -1,7 +1,7 @@
 """Results: the transcript, its tokens, and its words with times.
 
 Time comes from the protocol itself: generated token ``k`` is decided at decoder position ``left_pad + delay + k``
-and transcribes the 80 ms of input audio starting at ``k * 80 ms`` (REFERENCE 6.4).  A word's start is the step
+and transcribes the 80 ms of input audio starting at ``k * 80 ms`` (docs/model.md).  A word's start is the step
 of its first token; its end is the step after its last token, or the start of the next word if that comes
 sooner.  All times are clamped to the input audio.
 """

@@ -103,13 +103,11 @@ def word_dict(word: Word) -> dict[str, Any]:
 
 @dataclass
 class WorkerStats:
-    """Running totals for the metrics endpoint (written by the worker thread, read by anyone)."""
+    """Running totals (written by the worker thread, read by anyone: bench/server_load.py)."""
 
-    rounds: int = 0
     engine_seconds: float = 0.0
     audio_seconds: float = 0.0
     decode_steps: int = 0
-    last_step_seconds: float = 0.0
     #: called by the worker after each engine run with (run seconds, decoder steps, seconds of audio pushed)
     on_run: Callable[[float, int, float], None] | None = None
 
@@ -348,12 +346,9 @@ class EngineWorker:
 
     def _account(self, seconds: float, steps: int, audio_seconds: float) -> None:
         stats = self.stats
-        stats.rounds += 1
         stats.engine_seconds += seconds
         stats.audio_seconds += audio_seconds
         stats.decode_steps += steps
-        if steps:
-            stats.last_step_seconds = seconds / steps
         if stats.on_run is not None:
             stats.on_run(seconds, steps, audio_seconds)
 
