@@ -22,7 +22,14 @@ from voxtral_realtime.api import Model
 from voxtral_realtime.benchmark import teacher_forced_logits
 from voxtral_realtime.cli import main, rust_compat_main
 from voxtral_realtime.errors import CheckpointError
-from voxtral_realtime.gguf_file import KEY_PARAMS, KEY_TOKENIZER, gguf_files, parse_size, write_gguf
+from voxtral_realtime.gguf_file import (
+    KEY_PARAMS,
+    KEY_QUANTIZATION,
+    KEY_TOKENIZER,
+    gguf_files,
+    parse_size,
+    write_gguf,
+)
 from voxtral_realtime.quantization import CpuInt4Linear, Q8Linear, QuantizedEmbedding, quantize_network
 
 LINEAR_SUFFIXES = ("wq.weight", "wk.weight", "wv.weight", "wo.weight", "w1.weight", "w2.weight", "w3.weight",
@@ -263,8 +270,9 @@ def wav(tmp_path_factory) -> Path:
 
 def test_cli_quantize_then_transcribe(source, tmp_path, wav, capsys, tekken_path):
     out = tmp_path / "tiny-q4.gguf"
-    assert main(["quantize", str(source), "--out", str(out), "--type", "q4_k", "--no-progress"]) == 0
+    assert main(["quantize", str(source), "--out", str(out), "--no-progress"]) == 0
     assert f"wrote {out}" in capsys.readouterr().err
+    assert gguf.GGUFReader(out).get_field(KEY_QUANTIZATION).contents() == "q4_k"  # the default type
     expected = voxtral_realtime.load(out, device="cpu").transcribe(wav).tokens
     for args in (["--gguf", str(out)], ["--model", str(out)]):
         assert main(["transcribe", str(wav), *args, "--device", "cpu", "--output-format", "json",

@@ -472,8 +472,8 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 EPILOG_QUANTIZE = """\
 examples:
-  voxtral quantize mistralai/Voxtral-Mini-4B-Realtime-2602 --out voxtral-q4.gguf
-  voxtral quantize ./voxtral --out voxtral-q4k.gguf --type q4_k
+  voxtral quantize mistralai/Voxtral-Mini-4B-Realtime-2602 --out voxtral-q4.gguf      # Q4_K
+  voxtral quantize ./voxtral --out voxtral-q4_0.gguf --type q4_0   # the Rust project's types exactly
   voxtral quantize ./voxtral --out web/voxtral.gguf --split-size 512M   # web/voxtral-0000i-of-0000N.gguf
   voxtral transcribe talk.wav --gguf voxtral-q4.gguf
 
@@ -493,8 +493,9 @@ def _add_quantize_parser(sub: Any) -> None:
                         epilog=EPILOG_QUANTIZE, formatter_class=argparse.RawDescriptionHelpFormatter)
     qu.add_argument("source", metavar="SRC", help="Hub repo id or local checkpoint folder")
     qu.add_argument("--out", required=True, type=Path, metavar="FILE.gguf", help="the file to write")
-    qu.add_argument("--type", choices=["q4_0", "q4_k", "q8_0"], default="q4_0",
-                    help="block format of the linear weights (default: %(default)s)")
+    qu.add_argument("--type", choices=["q4_0", "q4_k", "q8_0"], default="q4_k",
+                    help="block format of the linear weights (default: %(default)s; q4_0 is what the Rust project "
+                         "writes, q8_0 is closest to the float model)")
     qu.add_argument("--embeddings", choices=EMBEDDING_TYPES, default="same",
                     help="format of the tied token table / LM head ('same': --type; default: %(default)s)")
     qu.add_argument("--split-size", type=_size, metavar="SIZE",
