@@ -312,7 +312,7 @@ class _RandomTensors:
         pass
 
 
-_RANDOM_BLOCK_VALUES: Final = 1 << 22  # values drawn per seed
+_RANDOM_BLOCK_VALUES: Final = 1 << 20  # values drawn per seed
 
 
 def _write(tensors: Any, planned: list[_PlannedTensor], metadata: dict[str, str], out: Path,
