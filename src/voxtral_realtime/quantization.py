@@ -208,6 +208,8 @@ def _q4_k_sub_block_fit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     swx = weighted_x.sum(-1, keepdim=True)
     swx2 = (weighted_x * x).sum(-1, keepdim=True)
     levels = torch.tensor(_Q4_K_STEP_GRID, device=x.device).reshape(-1, 1, 1)
+    # levels / span as torch computes a Python number over a tensor (reciprocal, then product): the bits of the
+    # one-candidate-at-a-time search this replaced.
     inv_step = torch.where(span > 0, span.reciprocal() * levels, torch.zeros_like(span))  # [candidates, n, 1]
     q = (shifted * inv_step).round_().clamp_(0, 15)  # [candidates, n, 32]
     weighted_q = weight * q
