@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from signals import speechlike
 
 import voxtral_realtime
+from voxtral_realtime import cpu_kernels
 from voxtral_realtime.api import Model
 from voxtral_realtime.benchmark import teacher_forced_logits
 from voxtral_realtime.cli import main, rust_compat_main
@@ -30,7 +31,8 @@ from voxtral_realtime.gguf_file import (
     parse_size,
     write_gguf,
 )
-from voxtral_realtime.quantization import CpuInt4Linear, Q8Linear, QuantizedEmbedding, quantize_network
+from voxtral_realtime.cpu_kernels import OnnxQuantizedLinear
+from voxtral_realtime.quantization import QuantizedEmbedding, quantize_network
 
 LINEAR_SUFFIXES = ("wq.weight", "wk.weight", "wv.weight", "wo.weight", "w1.weight", "w2.weight", "w3.weight",
                    "ada_rms_norm_t_cond.0.weight", "ada_rms_norm_t_cond.2.weight",
@@ -109,8 +111,9 @@ def test_gguf_model_is_the_in_memory_quantized_model(source, written, audio, qty
     expected = quantized_in_memory(source, qtype)
     for path in ("decoder.layers.0.attention.wqkv", "encoder.layers.1.feed_forward.w13", "adapter.w_in"):
         ours, theirs = loaded.network.get_submodule(path), expected.network.get_submodule(path)
-        assert type(ours) is type(theirs) is (Q8Linear if qtype == "q8_0" else CpuInt4Linear)
-        assert torch.equal(ours.dequantize(), theirs.dequantize()), path
+        assert type(ours) is type(theirs) is OnnxQuantizedLinear
+        x = torch.randn(3, ours.in_features)  # the weights live inside onnxruntime: same weights, same products
+        assert torch.equal(ours(x), theirs(x)), path
     assert isinstance(loaded.network.decoder.tok_embeddings, QuantizedEmbedding)
     # the CPU int4 kernel's networks keep bf16 KV rings, loaded or quantized in memory alike
     four_bit = qtype != "q8_0"
@@ -124,62 +127,94 @@ def test_gguf_model_is_the_in_memory_quantized_model(source, written, audio, qty
 def test_quantizing_a_model_that_has_run_compiled_uses_the_new_weights(source, audio):
     """A model keeps its one-stream engine (compiled code, CUDA graphs) across sessions; quantizing its network
     afterwards must not leave that engine computing with the old weights (it did: found on the GPU)."""
-    expected = quantized_in_memory(source, "q4_0").transcribe(audio).tokens
+    fresh = quantized_in_memory(source, "q4_0")
+    expected = fresh.transcribe(audio).tokens
+    # compiled float32 code rounds differently from eager, and int8 activations turn that into other tokens on
+    # this random model: compare compiled with compiled
+    fresh.compile = True
+    expected_compiled = fresh.transcribe(audio).tokens
     model = voxtral_realtime.load(source, device="cpu", dtype="f32")
     model.compile = True
     unquantized = model.transcribe(audio).tokens
     quantize_network(model.network, "q4_0")
-    assert model.transcribe(audio).tokens == expected != unquantized
+    assert model.transcribe(audio).tokens == expected_compiled != unquantized
     model.compile = False
     assert model.transcribe(audio).tokens == expected
 
 
-def test_token_agreement_with_float32(source, audio, record_property):
-    """Q8_0 and Q4 against float32 on the tiny model, with both fed the float32 tokens (teacher-forced top-1 and
-    logits error) and free-running (common prefix of the greedy tokens).
+KERNELS = ("int8 activations", "float activations")
 
-    The tiny model is random and re-randomised so that every term matters: its top-2 logits are often within a
-    few tenths, and even rounding its weights to bf16 (the real checkpoint's precision) changes the greedy
-    tokens after 23 of these 60 steps.  So Q8_0 cannot give *identical* free-running tokens here; what is asserted is
-    that it picks the float32 token at (nearly) every teacher-forced step and that its logits error is small,
-    while the Q4 numbers are measured and reported (README), with only their ordering asserted.  Exact Q8_0
-    tokens are asserted on a confident (briefly trained) version of this model below.
-    """
-    base = voxtral_realtime.load(source, device="cpu", dtype="f32")
-    reference = base.transcribe(audio).tokens
+
+def _agreement_rows(base: Model, clips: list[np.ndarray], rows: list[tuple[str, str | None, str | None, str | None]],
+                    monkeypatch: pytest.MonkeyPatch) -> dict[str, dict[str, float | str]]:
+    """For each (label, qtype, embeddings, kernel): ``base``'s network quantized (qtype None: weights rounded to
+    bf16), fed float32's greedy tokens over every clip (teacher-forced top-1 over all their steps, median logits
+    error) and free-running (common prefixes, summed).  ``kernel``: the CPU kernel that rounds the activations to
+    int8 (onnxruntime's, the default) or the ones that do not (torch's int4 kernel with bf16 activations; Q8_0
+    dequantized in float32)."""
     cfg = base.config.audio
     delay = cfg.delay_tokens(None)
     step = cfg.samples_per_token
-    padded = np.concatenate([np.zeros(cfg.n_left_pad_tokens * step, np.float32), audio,
-                             np.zeros((-len(audio)) % step + cfg.n_right_pad_tokens(delay) * step, np.float32)])
-    mel = base.network.mel(torch.from_numpy(padded))
     prompt = [base.tokenizer.bos_id] + [base.tokenizer.streaming_pad_id] * (cfg.n_left_pad_tokens + delay)
-    exact = teacher_forced_logits(base.network, mel, prompt, reference, delay)
-    results = {}
-    for label, qtype, embeddings in [("bf16-rounded weights", None, None), ("q8_0", "q8_0", None),
-                                     ("q4_0", "q4_0", None), ("q4_k", "q4_k", None),
-                                     ("q4_0+q8_0 table", "q4_0", "q8_0"), ("q4_0+f32 table", "q4_0", "keep")]:
+    cases = []
+    for audio in clips:
+        reference = base.transcribe(audio).tokens
+        padded = np.concatenate([np.zeros(cfg.n_left_pad_tokens * step, np.float32), audio,
+                                 np.zeros((-len(audio)) % step + cfg.n_right_pad_tokens(delay) * step, np.float32)])
+        mel = base.network.mel(torch.from_numpy(padded))
+        cases.append((audio, reference, mel, teacher_forced_logits(base.network, mel, prompt, reference, delay)))
+    results: dict[str, dict[str, float | str]] = {}
+    for label, qtype, embeddings, kernel in rows:
         network = copy.deepcopy(base.network)
         if qtype is None:  # the scale of things: the real checkpoint's own precision, computed in float32
             with torch.no_grad():
                 for p in network.parameters():
                     p.copy_(p.bfloat16().float())
         else:
-            quantize_network(network, qtype, embeddings=embeddings)
-        tokens = Model(network, base.tokenizer, "quantized").transcribe(audio).tokens
-        approx = teacher_forced_logits(network, mel, prompt, reference, delay)
-        prefix = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b),
-                      min(len(tokens), len(reference)))
-        results[label] = {
-            "teacher_forced_top1": (approx.argmax(-1) == exact.argmax(-1)).float().mean().item(),
-            "logits_rel_err_p50": ((approx - exact).norm(dim=-1) / exact.norm(dim=-1)).median().item(),
-            "free_running_prefix": f"{prefix}/{len(reference)}",
-        }
+            with monkeypatch.context() as patch:
+                if kernel == "float activations":
+                    patch.setattr(cpu_kernels, "available", lambda: False)
+                quantize_network(network, qtype, embeddings=embeddings)
+        quantized = Model(network, base.tokenizer, "quantized")
+        agree, errors, prefix, total = [], [], 0, 0
+        for audio, reference, mel, exact in cases:
+            tokens = quantized.transcribe(audio).tokens
+            approx = teacher_forced_logits(network, mel, prompt, reference, delay)
+            agree.append(approx.argmax(-1) == exact.argmax(-1))
+            errors.append((approx - exact).norm(dim=-1) / exact.norm(dim=-1))
+            prefix += next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b),
+                           min(len(tokens), len(reference)))
+            total += len(reference)
+        results[label] = {"teacher_forced_top1": torch.cat(agree).float().mean().item(),
+                          "logits_rel_err_p50": torch.cat(errors).median().item(),
+                          "free_running_prefix": f"{prefix}/{total}"}
     print(json.dumps(results, indent=1))
+    return results
+
+
+def test_token_agreement_with_float32(source, audio, record_property, monkeypatch):
+    """Q8_0 and Q4 against float32 on the random tiny model, through both CPU kernels (_agreement_rows).
+
+    This model is random and re-randomised so that every term matters: its top-2 logits are often within a few
+    tenths, and even rounding its weights to bf16 (the real checkpoint's precision) changes the greedy tokens after
+    23 of these 60 steps.  So no quantization can give *identical* free-running tokens here; what is asserted is
+    that Q8_0 picks the float32 token at nearly every teacher-forced step with a small logits error, and that Q4's
+    logits error is larger; the numbers are reported (README).  The bars on agreement are asserted on a model with
+    a trained model's margins below.
+    """
+    base = voxtral_realtime.load(source, device="cpu", dtype="f32")
+    rows = [("bf16-rounded weights", None, None, None)]
+    for kernel in KERNELS:
+        rows += [(f"{label} ({kernel})", qtype, embeddings, kernel) for label, qtype, embeddings in
+                 [("q8_0", "q8_0", None), ("q4_0", "q4_0", None), ("q4_k", "q4_k", None),
+                  ("q4_0+q8_0 table", "q4_0", "q8_0"), ("q4_0+f32 table", "q4_0", "keep")]]
+    results = _agreement_rows(base, [audio], rows, monkeypatch)
     record_property("token_agreement", json.dumps(results))
-    assert results["q8_0"]["teacher_forced_top1"] >= 0.9
-    assert results["q8_0"]["logits_rel_err_p50"] < 0.1
-    assert all(results[k]["logits_rel_err_p50"] > results["q8_0"]["logits_rel_err_p50"] for k in ("q4_0", "q4_k"))
+    for kernel in KERNELS:
+        assert results[f"q8_0 ({kernel})"]["teacher_forced_top1"] >= 0.9
+        q8_error = results[f"q8_0 ({kernel})"]["logits_rel_err_p50"]
+        assert q8_error < 0.1
+        assert all(results[f"{k} ({kernel})"]["logits_rel_err_p50"] > q8_error for k in ("q4_0", "q4_k"))
 
 
 def _write_rust_style(source: Path, path: Path, *, conv_f16: bool = True) -> None:
@@ -372,23 +407,39 @@ def _trained_to_be_confident(base: Model, audio: np.ndarray, targets_from: list[
     return Model(network, tokenizer, "trained"), targets
 
 
-def test_q8_0_keeps_a_confident_models_greedy_tokens(source, audio, record_property):
-    """Issue 5's bar on a tiny model with a trained model's confidence (see _trained_to_be_confident): Q8_0 gives
-    float32's greedy tokens exactly; Q4 agreement is measured and reported (on the CPU, and on a GPU if there is
-    one, whose 4-bit kernels also round the activations to 8 bits)."""
+def test_q8_0_keeps_a_confident_models_greedy_tokens(source, audio, record_property, monkeypatch):
+    """On a tiny model with a trained model's confidence (see _trained_to_be_confident): Q8_0 gives float32's
+    greedy tokens exactly (on a GPU too, if there is one, whose 4-bit kernels also round the activations to 8
+    bits), and the teacher-forced agreement bars hold for both CPU kernels: Q8_0 >= 0.95, Q4_K >= Q4_0, and
+    rounding the activations to int8 costs at most 0.02 of agreement against the same weights without it."""
     base = voxtral_realtime.load(source, device="cpu", dtype="f32")
     model, targets = _trained_to_be_confident(base, audio, base.transcribe(audio).tokens)
     reference = model.transcribe(audio).tokens
     assert reference == targets  # the training took: float32 decodes what it was taught
-    results = {}
-    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):  # on CUDA: the Triton 4-bit kernels
+    rows = [(f"{qtype} ({kernel})", qtype, None, kernel) for kernel in KERNELS for qtype in ("q8_0", "q4_0", "q4_k")]
+    # six clips, 360 steps: one step is 0.003 of agreement (on one 60-step clip, Q4_0's two kernels differed by
+    # two steps in one direction or the other from clip to clip)
+    clips = [audio] + [speechlike(4.0, seed=seed) for seed in (21, 22, 23, 24, 25)]
+    results = _agreement_rows(model, clips, rows, monkeypatch)
+    record_property("confident_token_agreement", json.dumps(results))
+    top1 = {label: r["teacher_forced_top1"] for label, r in results.items()}
+    assert Model(_quantized_copy(model.network, "q8_0"), model.tokenizer, "q8_0").transcribe(audio).tokens == reference
+    for kernel in KERNELS:
+        assert top1[f"q8_0 ({kernel})"] >= 0.95
+        assert top1[f"q4_k ({kernel})"] >= top1[f"q4_0 ({kernel})"]
+    for qtype in ("q8_0", "q4_0", "q4_k"):
+        assert top1[f"{qtype} (int8 activations)"] >= top1[f"{qtype} (float activations)"] - 0.02
+    if torch.cuda.is_available():  # the Triton 4-bit kernels
         for qtype in ("q8_0", "q4_0", "q4_k"):
-            network = copy.deepcopy(model.network).to(device)
-            quantize_network(network, qtype)
+            network = _quantized_copy(model.network.to("cuda"), qtype)
             tokens = Model(network, model.tokenizer, qtype).transcribe(audio).tokens
-            results[qtype if device == "cpu" else f"{qtype} ({device})"] = \
-                sum(a == b for a, b in zip(tokens, reference)) / len(reference)
+            agreement = sum(a == b for a, b in zip(tokens, reference)) / len(reference)
+            record_property(f"confident_token_agreement_cuda_{qtype}", agreement)
             if qtype == "q8_0":
                 assert tokens == reference
-    print(json.dumps(results))
-    record_property("confident_token_agreement", json.dumps(results))
+
+
+def _quantized_copy(network: torch.nn.Module, qtype: str) -> torch.nn.Module:
+    network = copy.deepcopy(network)
+    quantize_network(network, qtype)
+    return network

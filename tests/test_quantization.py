@@ -281,9 +281,10 @@ def test_quantized_embedding_rows_and_tied_head():
         torch.testing.assert_close(embedding.logits(h), h @ layer.dequantize().t(), rtol=1e-5, atol=1e-5)
 
 
-def test_cpu_token_table_is_held_once_and_its_rows_read_from_the_packed_layout():
-    """On the CPU the 4-bit table is one CpuInt4Linear: the LM head's packed int4 bytes are also where the lookups
-    read their rows (three 64-row groups and a 16-row rest, lookups in each)."""
+def test_cpu_token_table_is_held_once_and_its_rows_read_from_the_packed_layout(monkeypatch):
+    """Without onnxruntime the CPU's 4-bit table is one CpuInt4Linear: the LM head's packed int4 bytes are also
+    where the lookups read their rows (three 64-row groups and a 16-row rest, lookups in each)."""
+    monkeypatch.setattr(Q.cpu_kernels, "available", lambda: False)
     layer = Q.quantize_linear(weights(208, 96, seed=16), "q4_0")
     network = torch.nn.Module()
     network.decoder = torch.nn.Module()

@@ -61,10 +61,10 @@ from .model import VoxtralRealtime
 from .quantization import (
     FORMATS,
     FOUR_BIT,
-    CpuInt4Linear,
     Q8Linear,
     QuantizedEmbedding,
     QuantizedLinear,
+    cpu_layer,
     dequantize_blocks,
     four_bit_layout,
     linear_qtype,
@@ -622,8 +622,8 @@ def load_gguf(files: list[Path], *, tokenizer: str | os.PathLike[str] | None = N
         module_path = name.removesuffix(".weight")
         bias = dense.pop(f"{module_path}.bias", None)
         module = _quantized_module(tensors, parts, kinds, device, bias)
-        if device.type == "cpu" and isinstance(module, QuantizedLinear) and CpuInt4Linear.supports(module):
-            module = CpuInt4Linear.from_quantized(module)  # frees the other layout as it goes
+        if device.type == "cpu":  # frees the other layout as it goes
+            module = cpu_layer(module, token_table=name == EMBEDDING_NETWORK_NAME)
         if name == EMBEDDING_NETWORK_NAME:
             _replace_module(network, "decoder.tok_embeddings", QuantizedEmbedding(module, dtype))
         else:

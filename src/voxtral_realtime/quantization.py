@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from . import cpu_kernels, kernels
+from .cpu_kernels import OnnxQuantizedLinear
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,9 @@ GROUP: Final = 32  # values per scale/offset pair in QuantizedLinear (a Q4_0 blo
 
 # Elements per chunk when a large tensor is (de)quantized: bounds the temporaries without costing speed.
 _CHUNK_VALUES: Final = 1 << 20
-# Q4_K's search holds ~60 float copies of its chunk: on the CPU, 32K values per thread keep them in the caches
-# (2.5x faster than 1M values on one core).
+# Q4_K's search holds ~60 float copies of its chunk: on the CPU, 32K values per thread keep them near the cores
+# (one core: 2.3x faster for the search than chunks of 1M values), and the candidates' per-sub-block arithmetic
+# (tensors of 21 x chunk/32 values) stays large enough to spread over the threads.
 _Q4_K_CPU_CHUNK_VALUES_PER_THREAD: Final = 1 << 15
 
 
@@ -566,7 +568,7 @@ def _pack_for_cpu(qweight: torch.Tensor) -> torch.Tensor:
         qweight.shape[0], -1)
 
 
-QuantizedWeightModule = QuantizedLinear | Q8Linear | CpuInt4Linear
+QuantizedWeightModule = QuantizedLinear | Q8Linear | CpuInt4Linear | OnnxQuantizedLinear
 
 
 class QuantizedEmbedding(nn.Module):
@@ -587,7 +589,7 @@ class QuantizedEmbedding(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         flat = tokens.reshape(-1)
         table = self.table
-        if isinstance(table, CpuInt4Linear):
+        if isinstance(table, (CpuInt4Linear, OnnxQuantizedLinear)):
             rows = table.rows(flat)
         elif isinstance(table, Q8Linear):
             q = table.qweight[flat].float().reshape(flat.shape[0], -1, GROUP)
@@ -652,23 +654,35 @@ def quantize_network(network: nn.Module, qtype: str, *, embeddings: str | None =
 
 
 def use_cpu_int4_kernels(network: nn.Module) -> nn.Module:
-    """Swap every CPU :class:`QuantizedLinear` (a 4-bit token table's too) for a :class:`CpuInt4Linear`, freeing
-    the original, and give the network bf16 KV rings (:func:`use_bf16_caches_with_int4`)."""
+    """Swap every CPU quantized layer (the token table's too) for its CPU kernel (:func:`cpu_layer`), freeing the
+    original, and give the network bf16 KV rings (:func:`use_bf16_caches_with_int4`)."""
+    table = getattr(network.decoder.tok_embeddings, "table", None)  # type: ignore[union-attr]
     for module in list(network.modules()):
         for child_name, child in list(module.named_children()):
-            if isinstance(child, QuantizedLinear) and child.qweight.device.type == "cpu" and \
-                    CpuInt4Linear.supports(child):
-                setattr(module, child_name, CpuInt4Linear.from_quantized(child))
+            if isinstance(child, (QuantizedLinear, Q8Linear)) and child.qweight.device.type == "cpu":
+                setattr(module, child_name, cpu_layer(child, token_table=child is table))
     use_bf16_caches_with_int4(network)
     network.layers_version += 1
     return network
+
+
+def cpu_layer(module: QuantizedLinear | Q8Linear, *, token_table: bool = False) -> nn.Module:
+    """The fastest CPU form of a quantized layer: an :class:`~voxtral_realtime.cpu_kernels.OnnxQuantizedLinear`
+    (Q4_0, Q4_K, Q8_0 with int8 activations) when onnxruntime is installed, else a :class:`CpuInt4Linear` for
+    the 4-bit formats, else the layer itself.  ``token_table``: keep what row lookups read."""
+    if cpu_kernels.available():
+        return OnnxQuantizedLinear.from_quantized(module, keep_rows=token_table)
+    if isinstance(module, QuantizedLinear) and CpuInt4Linear.supports(module):
+        return CpuInt4Linear.from_quantized(module)
+    return module
 
 
 def use_bf16_caches_with_int4(network: nn.Module) -> None:
     """A network on the CPU int4 kernel keeps its KV rings (and computes attention) in bfloat16, as that kernel
     takes its inputs: half the memory of the rings, which are most of what a long transcription adds (30 s on the
     full-size model: encoder 0.40 -> 0.20 GiB)."""
-    if any(isinstance(m, CpuInt4Linear) for m in network.modules()):
+    if any(isinstance(m, CpuInt4Linear) or (isinstance(m, OnnxQuantizedLinear) and m.bits == 4)
+           for m in network.modules()):
         network.cache_dtype = torch.bfloat16
 
 
@@ -677,7 +691,7 @@ def quantized_bytes(network: nn.Module) -> dict[str, int]:
     quantized = other = 0
     seen: set[int] = set()
     for module in network.modules():
-        is_quantized = isinstance(module, (QuantizedLinear, Q8Linear, CpuInt4Linear))
+        is_quantized = isinstance(module, (QuantizedLinear, Q8Linear, CpuInt4Linear, OnnxQuantizedLinear))
         for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
             if tensor is None or id(tensor) in seen:
                 continue
@@ -688,4 +702,6 @@ def quantized_bytes(network: nn.Module) -> dict[str, int]:
                 quantized += size
             else:
                 other += size
+        if isinstance(module, OnnxQuantizedLinear):
+            quantized += module.weight_bytes  # held inside onnxruntime
     return {"quantized": quantized, "other": other}
