@@ -73,10 +73,10 @@ GROUP: Final = 32  # values per scale/offset pair in QuantizedLinear (a Q4_0 blo
 
 # Elements per chunk when a large tensor is (de)quantized: bounds the temporaries without costing speed.
 _CHUNK_VALUES: Final = 1 << 20
-# Q4_K's search holds ~60 float copies of its chunk: on the CPU, 32K values per thread keep them near the cores
-# (one core: 2.3x faster for the search than chunks of 1M values), and the candidates' per-sub-block arithmetic
-# (tensors of 21 x chunk/32 values) stays large enough to spread over the threads.
-_Q4_K_CPU_CHUNK_VALUES_PER_THREAD: Final = 1 << 15
+# Q4_K's search holds ~60 float copies of its chunk: on the CPU, 64K values per thread keep them near the cores
+# while its arithmetic per sub-block (tensors of 21 x chunk/32 values) stays large enough to spread over the
+# threads (measured on 2 cores: 32K is as fast on one thread, slower on two).
+_Q4_K_CPU_CHUNK_VALUES_PER_THREAD: Final = 1 << 16
 
 
 def block_format(qtype: str) -> BlockFormat:
