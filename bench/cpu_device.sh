@@ -35,12 +35,15 @@ print(json.dumps(out))
 PY
 }
 part_ours() {
-    log "write q4_0"; timeout 240 python3 bench/cpu_quantized.py write --full --type q4_0 --out /tmp/m-q4_0.gguf \
-        | tee "$OUT/write_q4_0.json"
-    log "run onnx $T"; VOXTRAL_CPU_KERNEL=onnx timeout 150 python3 bench/cpu_quantized.py run /tmp/m-q4_0.gguf \
-        --seconds 10 --threads $T | tee "$OUT/run_q4_0_onnx_$T.json"
-    log "run torch $T"; VOXTRAL_CPU_KERNEL=torch timeout 100 python3 bench/cpu_quantized.py run /tmp/m-q4_0.gguf \
-        --seconds 10 --threads $T | tee "$OUT/run_q4_0_torch_$T.json"
+    for q in ${QUANTS:-q4_k}; do
+        log "write $q"; t=$(date +%s)
+        timeout 200 python3 bench/cpu_quantized.py write --full --type $q --out /tmp/m-$q.gguf | tee "$OUT/write_$q.json"
+        log "wrote $q in $(( $(date +%s) - t )) s"
+        for k in ${KERNELS:-onnx}; do
+            log "run $q $k $T"; VOXTRAL_CPU_KERNEL=$k timeout 150 python3 bench/cpu_quantized.py run /tmp/m-$q.gguf \
+                --seconds 10 --threads $T | tee "$OUT/run_${q}_${k}_$T.json"
+        done
+    done
     log done
 }
 part_crisp() {
