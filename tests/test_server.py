@@ -22,6 +22,7 @@ import pytest
 from voxtral_realtime.benchmarking.signals import speechlike
 from voxtral_realtime.errors import UsageError
 from voxtral_realtime.server import create_app
+from voxtral_realtime.server.keepalive import ANNOUNCED_SEGMENT_BYTES
 from voxtral_realtime.server.state import ServerLimits
 from voxtral_realtime.writers import to_srt, to_txt, to_vtt
 
@@ -797,6 +798,16 @@ def test_fast_senders_are_slowed_not_dropped_and_the_buffer_cap_holds(tiny_short
     bound = 2 * (16000 * 1.0 + 8000 + 8 * 1280)
     assert 0 < max(undecided) <= bound
     assert max(queued) <= bound and max(queued) > 16000  # the metric saw the backlog
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_MAXSEG"), reason="the platform cannot set a TCP segment size")
+def test_clients_are_offered_ethernet_sized_segments(server):
+    """A client's kernel sizes its send buffer by the connection's TCP segments: on loopback's 64 KiB ones, MBs of
+    its audio waited ahead of its keepalive pings, longer than its ping timeout while the engine lagged."""
+    base, _ = server
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as client:
+        assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG) <= ANNOUNCED_SEGMENT_BYTES
 
 
 def test_schema_behind_the_key_limits_in_bytes_a_body_cut_short_and_huge_headers(strict_server):

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..server import create_app
-    from ..server.keepalive import uvicorn_settings
+    from ..server.keepalive import Server, uvicorn_settings
     from ..server.state import ServerLimits
 
     reporter = Reporter(enabled=not args.no_progress)
@@ -72,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
                      limits=limits)
     if args.web_export is not None:
         mount_local(app, args.web_export)
-    uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=5,
-                **uvicorn_settings(limits.max_message_bytes))
+    Server(uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=5,
+                          **uvicorn_settings(limits.max_message_bytes))).run()
     return 0
 
 

@@ -15,20 +15,30 @@ and those only the server's reading can answer: everything the client sent befor
 client's timeout, at the pace the engine computes.  The kernel's buffers for the connection (several MB on Linux,
 minutes of audio) would make that wait long, so a WebSocket connection's receive buffer is set to
 :data:`RECEIVE_BUFFER_BYTES`; the back-pressure then holds a client's audio in the server's own bounded buffer and
-in the client, whose pings go out behind at most a few seconds of it.
+in the client's send buffer.  The client's kernel sizes that one in TCP segments (a multiple of ten at least, then
+of those in flight), so on loopback, whose segments are 64 KiB, it starts at 2.6 MB and reaches Linux's 4 MB cap:
+a ping waited behind 3.9 MB, 20 s at 200 kB/s.  The server therefore announces Ethernet-sized segments
+(:data:`ANNOUNCED_SEGMENT_BYTES`, what most networks give anyway), and the client's send buffer follows what the
+small receive window lets through (on loopback, two clients sending 15 minutes of audio as fast as they could:
+1.4 MB in a client's send queue instead of 3.3 MB, medians).  A ping still waits for that much of the client's
+audio to be computed.
 
-:func:`uvicorn_settings` gives the WebSocket settings ``voxtral serve`` runs uvicorn with.
+:func:`uvicorn_settings` and :class:`Server` are what ``voxtral serve`` runs uvicorn with.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from typing import Any
 
+import uvicorn
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 #: a WebSocket connection's kernel receive buffer: about 1.5 s of audio as base64 PCM16 in JSON
 RECEIVE_BUFFER_BYTES = 64 * 1024
+#: the TCP segment size (MSS) the listening sockets announce to clients: Ethernet's, below any path's MTU
+ANNOUNCED_SEGMENT_BYTES = 1400
 
 
 class PatientKeepalive(WebSocketsSansIOProtocol):
@@ -59,3 +69,16 @@ def uvicorn_settings(max_message_bytes: int) -> dict[str, Any]:
     """uvicorn.Config's WebSocket settings for the app: the protocol above, and a frame limit above the app's
     message limit, so an oversized message gets the app's clear error event instead of a closed socket."""
     return {"ws": PatientKeepalive, "ws_max_size": 2 * max_message_bytes}
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, whose listening sockets announce :data:`ANNOUNCED_SEGMENT_BYTES` (a connection's segment
+    size is agreed in its handshake, so only the listening socket can set it)."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        for server in getattr(self, "servers", []):
+            for sock in server.sockets:
+                if sock.family in (socket.AF_INET, socket.AF_INET6) and hasattr(socket, "TCP_MAXSEG"):
+                    with contextlib.suppress(OSError):  # a platform that refuses it keeps its own segments
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, ANNOUNCED_SEGMENT_BYTES)
