@@ -6,8 +6,8 @@ one small onnxruntime session holding that layer's weight; torch calls it with t
 place (no copies in or out), and every session shares one process-wide thread pool sized like torch's.
 
 ``accuracy_level=4`` makes the operator round each row of activations to int8 per block of 32 values (its
-"CompInt8" path), which is what makes it fast; tests/test_cpu_kernels.py measures what that rounding costs in
-agreement with float32 tokens.
+"CompInt8" path), which is what makes it fast; tests/test_gguf.py measures what that rounding costs in agreement
+with float32's tokens (README, "Quantized models").
 
 Formats.  ``MatMulNBits`` computes ``y = x W^T`` with ``W[n, 32g + j] = scale[n, g] * (q - zero)`` and, without
 zero points, ``zero = 2^(bits-1)``:
@@ -15,8 +15,8 @@ zero points, ``zero = 2^(bits-1)``:
 * Q4_0 (``scale * (q - 8)``) and Q8_0 (``scale * q`` with q int8 = uint8 q + 128 minus 128) map onto it exactly.
 * Q4_K's value is ``scale * q + offset`` with an offset of its own per group.  Its float zero points are legal
   but run a slow exact path (180x slower, measured), so the layer runs as Q4_0 (``scale * (q - 8)``) plus the
-  rest, ``(offset + 8 scale) * sum(x over the group)``: a [rows, K/32] x [K/32, N] product in float32 of the
-  activations' group sums (1/16 of the nibbles' bytes in bf16).
+  rest, ``(offset + 8 scale) * sum(x over the group)``: a [rows, K/32] x [K/32, N] product of the activations'
+  group sums with the rests held in bf16 (1/8 of the nibbles' bytes).
 """
 
 from __future__ import annotations
