@@ -1,6 +1,8 @@
 #!/bin/bash
 # CPU measurements on the lent GPU machine's host CPU, ours and CrispASR's (ggml) in one run.
-#   bash bench/cpu_device.sh setup bandwidth ours crisp      (carry .peer: wheels, crispasr.tar.xz, peer scripts)
+#   bash bench/cpu_device.sh setup write crispbuild bench    (carry .peer: wheels, crispasr.tar.xz, peer scripts)
+# write / crispbuild fill the caches (~/.cache/voxtral-realtime) that `voxtral bench --device cpu --random-weights
+# --compare crispasr` would otherwise build inside its first run (each command has 10 minutes there).
 # .peer/ holds what the machine lacks: wheels (installed only where an import fails), CrispASR's wheel unpacked
 # (duplicate .so copies as links, .tar.xz), its converter (CrispStrobe/CrispASR models/convert-voxtral4b-to-gguf.py
 # at 72d3c389) and the peer harness (make_random_hf.py, quantize_gguf.py, crisp_bench.py).  Results go to $OUT.
@@ -34,14 +36,23 @@ for t in (16, 8):
 print(json.dumps(out))
 PY
 }
-part_ours() {
-    log "write q4_0"; timeout 240 python3 bench/cpu_quantized.py write --full --type q4_0 --out /tmp/m-q4_0.gguf \
-        | tee "$OUT/write_q4_0.json"
-    log "run onnx $T"; VOXTRAL_CPU_KERNEL=onnx timeout 150 python3 bench/cpu_quantized.py run /tmp/m-q4_0.gguf \
-        --seconds 10 --threads $T | tee "$OUT/run_q4_0_onnx_$T.json"
-    log "run torch $T"; VOXTRAL_CPU_KERNEL=torch timeout 100 python3 bench/cpu_quantized.py run /tmp/m-q4_0.gguf \
-        --seconds 10 --threads $T | tee "$OUT/run_q4_0_torch_$T.json"
-    log done
+part_write() {
+    log "write"; timeout 500 python3 -c "from voxtral_realtime.benchmarking import cpu
+for q in ('q4_0', 'q4_k'): print(cpu.random_gguf(q))"
+}
+part_crispbuild() {
+    log "crisp build"; timeout 500 python3 -c "from pathlib import Path; from voxtral_realtime.benchmarking import crispasr
+print(crispasr.crispasr_gguf(Path('.peer/convert-voxtral4b-to-gguf.py'), threads=$T))"
+}
+part_bench() {  # every number of issue 24 at $T threads, CrispASR beside ours
+    log "bench $T"; timeout 580 python3 -m voxtral_realtime.cli bench --device cpu --random-weights --threads $T \
+        --quant q4_0,q4_k --compare crispasr --crispasr-converter .peer/convert-voxtral4b-to-gguf.py --no-progress \
+        --json "$OUT/cpu_bench_$T.json" | tee "$OUT/cpu_bench_$T.txt"
+}
+part_torchkernel() {  # torch's own int4 kernel instead of onnxruntime's, for comparison
+    log "bench torch kernel $T"; VOXTRAL_CPU_KERNEL=torch timeout 580 python3 -m voxtral_realtime.cli bench \
+        --device cpu --random-weights --threads $T --quant q4_0 --no-progress --json "$OUT/cpu_bench_torch_$T.json" \
+        | tee "$OUT/cpu_bench_torch_$T.txt"
 }
 part_crisp() {
     python3 -c "
