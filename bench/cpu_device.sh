@@ -36,23 +36,26 @@ for t in (16, 8):
 print(json.dumps(out))
 PY
 }
-part_write() {
-    log "write"; timeout 500 python3 -c "from voxtral_realtime.benchmarking import cpu
-for q in ('q4_0', 'q4_k'): print(cpu.random_gguf(q))"
+part_write() {  # the GGUF writer timed afresh; the files stay in the bench's cache
+    for q in ${QUANTS:-q4_k}; do
+        rm -f ~/.cache/voxtral-realtime/random-full-$q.gguf
+        log "write $q"; t=$(date +%s)
+        timeout 500 python3 -c "from voxtral_realtime.benchmarking import cpu; print(cpu.random_gguf('$q'))"
+        log "wrote $q in $(( $(date +%s) - t )) s"
+    done
 }
 part_crispbuild() {
     log "crisp build"; timeout 500 python3 -c "from pathlib import Path; from voxtral_realtime.benchmarking import crispasr
 print(crispasr.crispasr_gguf(Path('.peer/convert-voxtral4b-to-gguf.py'), threads=$T))"
 }
-part_bench() {  # every number of issue 24 at $T threads, CrispASR beside ours
-    log "bench $T"; timeout 580 python3 -m voxtral_realtime.cli bench --device cpu --random-weights --threads $T \
-        --quant q4_0,q4_k --compare crispasr --crispasr-converter .peer/convert-voxtral4b-to-gguf.py --no-progress \
-        --json "$OUT/cpu_bench_$T.json" | tee "$OUT/cpu_bench_$T.txt"
-}
-part_torchkernel() {  # torch's own int4 kernel instead of onnxruntime's, for comparison
-    log "bench torch kernel $T"; VOXTRAL_CPU_KERNEL=torch timeout 580 python3 -m voxtral_realtime.cli bench \
-        --device cpu --random-weights --threads $T --quant q4_0 --no-progress --json "$OUT/cpu_bench_torch_$T.json" \
-        | tee "$OUT/cpu_bench_torch_$T.txt"
+part_bench() {  # every number of issue 24 at $T threads for each kernel; CrispASR beside the onnx run
+    for k in ${KERNELS:-onnx}; do
+        compare=(); [ "$k" = onnx ] && compare=(--compare crispasr --crispasr-converter .peer/convert-voxtral4b-to-gguf.py)
+        log "bench $k $T"; VOXTRAL_CPU_KERNEL=$k timeout 580 python3 -m voxtral_realtime.cli bench --device cpu \
+            --random-weights --threads $T --quant "$(echo ${QUANTS:-q4_k} | tr ' ' ,)" "${compare[@]}" --no-progress \
+            --json "$OUT/cpu_bench_${k}_$T.json" | tee "$OUT/cpu_bench_${k}_$T.txt"
+    done
+    log done
 }
 part_crisp() {
     python3 -c "

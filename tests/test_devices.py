@@ -77,3 +77,18 @@ def test_compiled_engine_and_compiled_q4_engine(checkpoints, tiny_short):
     eager = gpu.transcribe(audio).tokens
     gpu.compile = True
     assert gpu.transcribe(audio).tokens == eager
+
+
+def test_warm_up_captures_every_graph_transcription_uses(checkpoints, tiny_short):
+    """After ``warm_up`` (what ``voxtral transcribe`` shows as "capturing CUDA graphs") a transcription captures
+    no graph of its own, and gives the CPU tokens."""
+    import voxtral_realtime
+
+    gpu = voxtral_realtime.load(checkpoints["short"].mistral_dir, device="cuda", dtype="f32")
+    gpu.warm_up()
+    engine = gpu.engine_for_session()
+    captured = dict(engine._graphs._graphs)
+    assert captured
+    audio = speechlike(6.0, seed=8)
+    assert gpu.transcribe(audio).tokens == tiny_short.transcribe(audio).tokens
+    assert gpu.engine_for_session() is engine and engine._graphs._graphs == captured

@@ -122,6 +122,58 @@ def test_q4_k_error_bound_and_better_than_q4_0():
     assert rms_k < 0.9 * rms_0
 
 
+def _reference_q4_k_sub_block_fit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Q4_K search as first written: one candidate step at a time, keeping the best so far (the library
+    computes all candidates at once, on cache-sized chunks, and must give the same bits)."""
+    lo = x.amin(dim=-1, keepdim=True).clamp(max=0)
+    hi = x.amax(dim=-1, keepdim=True)
+    span = hi - lo
+    shifted = x - lo
+    weight = x.abs() + x.pow(2).mean(dim=-1, keepdim=True).sqrt()
+    weighted_x = weight * x
+    sw = weight.sum(-1, keepdim=True)
+    swx = weighted_x.sum(-1, keepdim=True)
+    swx2 = (weighted_x * x).sum(-1, keepdim=True)
+    best_err = torch.full_like(lo, float("inf"))
+    best_scale, best_min = span / 15, -lo
+    for levels in Q._Q4_K_STEP_GRID:
+        inv_step = torch.where(span > 0, levels / span, torch.zeros_like(span))
+        q = (shifted * inv_step).round_().clamp_(0, 15)
+        weighted_q = weight * q
+        swq = weighted_q.sum(-1, keepdim=True)
+        swq2 = (weighted_q * q).sum(-1, keepdim=True)
+        swqx = (q * weighted_x).sum(-1, keepdim=True)
+        det = sw * swq2 - swq * swq
+        safe_det = torch.where(det > 0, det, torch.ones_like(det))
+        scale_alone = torch.where(swq2 > 0, swqx / swq2.clamp(min=1e-30), torch.zeros_like(swq2))
+        scale = torch.where(det > 0, (sw * swqx - swq * swx) / safe_det, scale_alone)
+        offset = torch.where(det > 0, (swq2 * swx - swq * swqx) / safe_det,
+                             torch.where(swq2 > 0, torch.zeros_like(sw), swx / sw.clamp(min=1e-30)))
+        positive = offset > 0
+        scale = torch.where(positive, scale_alone, scale).clamp(min=0)
+        offset = torch.where(positive, torch.zeros_like(offset), offset)
+        err = (scale * scale * swq2 + 2 * scale * offset * swq + offset * offset * sw
+               - 2 * scale * swqx - 2 * offset * swx + swx2)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_min = torch.where(better, -offset, best_min)
+    return best_scale.squeeze(-1), best_min.squeeze(-1)
+
+
+@pytest.mark.parametrize("seed", [7, 8])
+def test_q4_k_bytes_equal_the_one_candidate_at_a_time_search(monkeypatch, seed):
+    """Same bytes as the reference search, whatever the chunking; non-finite values included."""
+    w = weights(96, 768, seed=seed)
+    w[6, 3], w[7, 300], w[8, 500] = float("inf"), float("nan"), -float("inf")
+    w[9] = w[9].round()  # many equal levels: ties between candidates
+    monkeypatch.setattr(Q, "_Q4_K_CPU_CHUNK_VALUES_PER_THREAD", 3 * 768)  # many chunks, a short last one
+    fast = Q.quantize_blocks(w, "q4_k")
+    monkeypatch.setattr(Q, "_q4_k_sub_block_fit", _reference_q4_k_sub_block_fit)
+    monkeypatch.setattr(Q, "_Q4_K_CPU_CHUNK_VALUES_PER_THREAD", 1 << 20)
+    assert torch.equal(fast, Q.quantize_blocks(w, "q4_k"))
+
+
 def test_quantized_linear_layout_is_the_kernel_contract():
     """qweight byte b of group g holds value 32g + b (low nibble) and 32g + 16 + b (high); value = scales*q +
     offsets: built from known levels and checked nibble by nibble."""

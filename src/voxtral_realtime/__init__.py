@@ -17,6 +17,7 @@ Data flows one way (docs/architecture.md); every module in a line:
 * ``writers``: transcripts as txt, json, srt and vtt.
 * ``loading``: finding, checking and reading checkpoints (folders, the Hub).
 * ``quantization``: the GGUF block formats and the quantized layers.
+* ``cpu_kernels``: the quantized layers' products on the CPU, through onnxruntime (int8 activations).
 * ``gguf_file``: reading and writing GGUF files.
 * ``protocol``: the streaming protocol's prompt, left padding and closing silence.
 * ``engine``: the batched computation of many streams, one slot each.

@@ -108,6 +108,11 @@ class Model:
         self._private_engines.append(engine)
         return engine
 
+    def warm_up(self) -> None:
+        """Make the engine :meth:`transcribe` and :meth:`stream` use and capture its CUDA graphs (after compiling,
+        with ``compile``) now, so that the first audio does not wait for them."""
+        self.engine_for_session().capture_graphs()
+
     def _engine_key(self) -> tuple[int, bool]:
         return self.network.layers_version, self.compile
 
@@ -146,16 +151,19 @@ class Model:
 
 
 def load(model: str | os.PathLike[str] = DEFAULT_MODEL, *, device: str | torch.device | None = None,
-         dtype: str | torch.dtype | None = None, cache_dir: str | None = None,
+         dtype: str | torch.dtype | None = None, revision: str | None = None, cache_dir: str | None = None,
          progress: Callable[[int, int], None] | None = None,
+         download_progress: Callable[[int, int], None] | None = None, status: Callable[[str], None] | None = None,
          tokenizer: str | os.PathLike[str] | None = None) -> Model:
     """Load a checkpoint from a folder (Mistral or transformers layout), a Hugging Face Hub repo id, or a GGUF
     file (``voxtral quantize``'s or the Rust project's; a shard set by any shard or its folder).
 
     ``device``: "cuda", "cpu", "mps"... (default: the best available); ``dtype``: bf16, f16, f32 or a torch
-    dtype (default: bf16 on CUDA, f16 on MPS, f32 on CPU); quantized GGUF weights stay quantized.
-    ``progress(done, total)`` counts loaded tensors.  ``tokenizer``: a tekken.json for a GGUF file that has none
-    (or to use instead of its own).
+    dtype (default: bf16 on CUDA, f16 on MPS, f32 on CPU); quantized GGUF weights stay quantized.  ``revision``:
+    the branch, tag or commit of a Hub repo (default: its main branch).  ``progress(done, total)`` counts loaded
+    tensors, ``download_progress(done, total)`` downloaded bytes (when the repo is not in the cache yet), and
+    ``status(stage)`` names each later stage as it starts ("reading the tokenizer", "loading weights").
+    ``tokenizer``: a tekken.json for a GGUF file that has none (or to use instead of its own).
     """
     from .gguf_file import gguf_files, load_gguf
 
@@ -163,14 +171,19 @@ def load(model: str | os.PathLike[str] = DEFAULT_MODEL, *, device: str | torch.d
     dtype = resolve_dtype(dtype, device)
     files = gguf_files(model)
     if files is not None:
+        if revision is not None:
+            raise CheckpointError(f"{model}: a GGUF file has no revisions; a revision is for Hub repo ids only")
         network, gguf_tokenizer = load_gguf(files, tokenizer=tokenizer, device=device, dtype=dtype, progress=progress)
         return Model(network, gguf_tokenizer, source=str(files[0]))
     if tokenizer is not None:
         raise CheckpointError(f"{model}: a tokenizer can only be given with a GGUF file; a checkpoint folder uses "
                               "its own tekken.json")
-    folder = resolve_model_dir(model, cache_dir=cache_dir)
+    report = status or (lambda stage: None)
+    folder = resolve_model_dir(model, cache_dir=cache_dir, revision=revision, progress=download_progress)
     checkpoint = inspect_checkpoint(folder)
+    report("reading the tokenizer")
     tokenizer = Tokenizer(checkpoint.tokenizer_path)
+    report("loading weights")
     with torch.device("meta"):
         network = VoxtralRealtime(checkpoint.config)
     load_weights(network, checkpoint, device=device, dtype=dtype, progress=progress)

@@ -11,9 +11,13 @@ gate/up are concatenated into the fused matrices.  Every problem is reported as 
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -40,55 +44,255 @@ ProgressCallback = Callable[[int, int], None]
 # Where the files are
 
 
-def resolve_model_dir(model: str | os.PathLike[str], *, cache_dir: str | None = None) -> Path:
-    """A local checkpoint folder, or the local snapshot of a Hub repo id (downloaded if needed)."""
+def resolve_model_dir(model: str | os.PathLike[str], *, cache_dir: str | None = None, revision: str | None = None,
+                      progress: ProgressCallback | None = None) -> Path:
+    """A local checkpoint folder, or the local snapshot of a Hub repo id (downloaded if needed, at ``revision``)."""
     path = Path(model).expanduser()
     if path.is_dir():
+        if revision is not None:
+            raise CheckpointError(f"{path}: a local folder has no revisions; a revision is for Hub repo ids only")
         return path
     if path.exists():
         raise CheckpointError(f"{path}: is a file; pass the folder holding params.json or config.json")
     text = str(model)
     if not _REPO_ID.match(text) or text.startswith((".", "/", "~")):
         raise CheckpointError(f"{text}: no such folder, and not a Hugging Face repo id (owner/name)")
-    return download(text, cache_dir=cache_dir)
+    return download(text, revision=revision, cache_dir=cache_dir, progress=progress)
 
 
-def download(repo_id: str = DEFAULT_MODEL, *, cache_dir: str | None = None) -> Path:
-    """Fetch a checkpoint from the Hub into the local cache (resumable, progress bars on stderr).
+def download(repo_id: str = DEFAULT_MODEL, *, revision: str | None = None, cache_dir: str | None = None,
+             progress: ProgressCallback | None = None, verify: bool = False,
+             status: Callable[[str], None] | None = None) -> Path:
+    """Fetch a checkpoint from the Hub into the Hugging Face cache; returns its snapshot folder.
 
-    Only the Mistral-format files are fetched when the repo has them (the transformers copy of the same weights
-    would double the download); otherwise the transformers files.  ``HF_HUB_OFFLINE=1`` uses the cache only.
+    Only the files we load are fetched: the Mistral-format ones when the repo has them (its transformers copy of
+    the same weights would double the download), else the transformers ones.  ``revision``: a branch, tag or
+    commit (default: the main branch).  ``progress(bytes_done, bytes_total)`` follows the large (LFS) files,
+    which are fetched with HTTP range requests into ``<sha256>.incomplete`` files that a killed download resumes
+    from.  Every cached file's size is checked against the Hub's listing (``verify``: its sha256 or git hash too)
+    and a damaged one is fetched again (``status`` is told while that takes time).  Without a network (or with
+    ``HF_HUB_OFFLINE=1``) the cache alone is used.
     """
+    from huggingface_hub import HfApi
     from huggingface_hub import errors as hub_errors
-    from huggingface_hub import snapshot_download
+
+    try:
+        try:
+            info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+        except (hub_errors.OfflineModeIsEnabled, *_connection_errors()):
+            return _cached_snapshot(repo_id, revision, cache_dir)
+        return _download_snapshot(repo_id, revision, info, cache_dir, progress, verify, status)
+    except hub_errors.HfHubHTTPError as exc:  # an OSError too: before the disk errors
+        raise _hub_error(repo_id, revision, exc) from None
+    except _connection_errors() as exc:
+        raise DownloadError(f"{repo_id}: the download was interrupted ({first_line(exc)}); run the same command "
+                            "again to resume it") from None
+    except OSError as exc:
+        raise _disk_error(repo_id, exc, cache_dir) from None
+
+
+@dataclass(frozen=True)
+class _HubFile:
+    """One file of a Hub snapshot, as the Hub lists it."""
+
+    name: str
+    size: int
+    sha256: str | None  # LFS files: their content hash (and their blob's name in the cache)
+    git_hash: str | None  # the other files: their git blob id
+
+    @property
+    def blob_name(self) -> str | None:
+        return self.sha256 or self.git_hash
+
+
+def _download_snapshot(repo_id: str, revision: str | None, info: Any, cache_dir: str | None,
+                       progress: ProgressCallback | None, verify: bool,
+                       status: Callable[[str], None] | None) -> Path:
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.file_download import repo_folder_name
+    from huggingface_hub.utils import filter_repo_objects
+
+    listed = {s.rfilename: _HubFile(s.rfilename, s.lfs.size if s.lfs else s.size, s.lfs.sha256 if s.lfs else None,
+                                    s.blob_id) for s in info.siblings or []}
+    patterns, marker = (MISTRAL_FILES, "params.json") if "params.json" in listed else (HF_FILES, "config.json")
+    if marker not in listed:
+        raise DownloadError(f"{repo_id}: the repo has neither params.json nor config.json; not a Voxtral checkpoint")
+    files = [listed[name] for name in sorted(filter_repo_objects(listed, allow_patterns=list(patterns)))]
+    storage = Path(cache_dir or constants.HF_HUB_CACHE).expanduser().resolve() / repo_folder_name(
+        repo_id=repo_id, repo_type="model")
+    snapshot = storage / "snapshots" / info.sha
+    if verify and status and snapshot.is_dir():
+        status("checking the cached files")
+    missing = [f for f in files if not _cached_file_ok(snapshot / f.name, f, verify)]
+    if missing:
+        _fetch_large_files(repo_id, info.sha, storage / "blobs", [f for f in missing if f.sha256], progress)
+        # the small files, and the snapshot's links to every blob, the way huggingface_hub lays out its cache
+        snapshot = Path(snapshot_download(repo_id, revision=info.sha, allow_patterns=[f.name for f in files],
+                                          cache_dir=cache_dir, tqdm_class=_quiet_tqdm()))
+        for f in files:
+            if not _cached_file_ok(snapshot / f.name, f, verify=False):
+                raise DownloadError(f"{repo_id}: {f.name} arrived with the wrong size; run the same command again")
+    ref = storage / "refs" / (revision or constants.DEFAULT_REVISION)
+    # what a later offline run looks the revision up in; a complete read-only cache still serves without it
+    if revision != info.sha and not (ref.is_file() and ref.read_text() == info.sha):
+        with contextlib.suppress(OSError):
+            ref.parent.mkdir(parents=True, exist_ok=True)
+            ref.write_text(info.sha)
+    return snapshot
+
+
+def _cached_file_ok(path: Path, file: _HubFile, verify: bool) -> bool:
+    """Whether the snapshot holds ``file`` whole (and, with ``verify``, with the Hub's hash); a damaged copy is
+    removed, with its blob, so that it is fetched again."""
+    if not path.is_file():
+        path.unlink(missing_ok=True)  # a link to a blob that is gone
+        return False
+    if path.stat().st_size == file.size and (not verify or _content_hash(path, git=file.sha256 is None) ==
+                                             file.blob_name):
+        return True
+    path.resolve().unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
+    return False
+
+
+def _content_hash(path: Path, *, git: bool) -> str:
+    """sha256 of the content (LFS files), or the git blob id (sha1 of a "blob <size>" header and the content)."""
+    digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode()) if git else hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fetch_large_files(repo_id: str, commit: str, blobs: Path, files: list[_HubFile],
+                       progress: ProgressCallback | None) -> None:
+    """Fetch LFS files into their content-named blobs, resuming the ``.incomplete`` copies a killed run left."""
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import build_hf_headers
+
+    if not files:
+        return
+    blobs.mkdir(parents=True, exist_ok=True)
+    partial = {f.name: blobs / f"{f.sha256}.incomplete" for f in files}
+    for f in files:  # longer than the file: not a prefix of it
+        if partial[f.name].is_file() and partial[f.name].stat().st_size > f.size:
+            partial[f.name].unlink()
+    have = {f.name: partial[f.name].stat().st_size if partial[f.name].is_file() else 0 for f in files}
+    total = sum(f.size for f in files)
+    needed = total - sum(have.values())
+    free = shutil.disk_usage(blobs).free
+    if free < needed:
+        raise DownloadError(f"{repo_id}: not enough disk space in {blobs.parent.parent}: the download needs "
+                            f"{_gb(needed)} more, {_gb(free)} is free; free some space or choose another cache "
+                            "folder (--cache-dir, or the HF_HOME environment variable)")
+    done = total - needed
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+
+    for f in files:
+        with open(partial[f.name], "ab") as out:
+            http_get(hf_hub_url(repo_id, f.name, revision=commit), out, resume_size=have[f.name],
+                     headers=build_hf_headers(), expected_size=f.size, tqdm_class=_quiet_tqdm(advance))
+        if _content_hash(partial[f.name], git=False) != f.sha256:
+            partial[f.name].unlink()
+            raise DownloadError(f"{repo_id}: {f.name} does not match the Hub's sha256 after downloading (a "
+                                "corrupted transfer); run the same command again")
+        partial[f.name].replace(blobs / f.sha256)
+
+
+def _quiet_tqdm(on_bytes: Callable[[int], None] | None = None) -> type:
+    """A tqdm class that draws nothing (huggingface_hub reports its transfers through one) and passes the byte
+    counts on: the command line draws a single bar of its own."""
+    from tqdm.auto import tqdm
+
+    class Quiet(tqdm):  # type: ignore[misc, type-arg]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **{**kwargs, "disable": True})
+
+        def update(self, n: float | None = 1) -> bool | None:
+            if on_bytes and n:
+                on_bytes(int(n))
+            return None
+
+    return Quiet
+
+
+def _gb(size: int) -> str:
+    return f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+
+
+def _connection_errors() -> tuple[type[Exception], ...]:
+    import httpx2
+
+    return httpx2.ConnectError, httpx2.TimeoutException, httpx2.RemoteProtocolError
+
+
+def _hub_error(repo_id: str, revision: str | None, exc: Exception) -> DownloadError:
+    """One line for each way the Hub says no: what went wrong for this repo and what to do."""
+    from huggingface_hub import errors as hub_errors
+
+    status = exc.response.status_code if getattr(exc, "response", None) is not None else None
+    if isinstance(exc, hub_errors.GatedRepoError):  # a subclass of RepositoryNotFoundError: first
+        return DownloadError(f"{repo_id}: the model is gated; accept its terms on its Hugging Face page and log in "
+                             "with `hf auth login`")
+    if isinstance(exc, hub_errors.RevisionNotFoundError):
+        return DownloadError(f"{repo_id}: no revision {revision!r} (a branch, tag or commit) on the Hub; check "
+                             "the name, or leave it out for the main branch")
+    if isinstance(exc, hub_errors.RepositoryNotFoundError):
+        return DownloadError(f"{repo_id}: no such model on the Hugging Face Hub (or it is private: log in with "
+                             "`hf auth login`)")
+    if status == 401:
+        return DownloadError(f"{repo_id}: the Hub did not accept your token (401 Unauthorized); log in again with "
+                             "`hf auth login`, or unset HF_TOKEN")
+    if status == 403:
+        return DownloadError(f"{repo_id}: the Hub refused access (403 Forbidden); check that your token may read "
+                             "this repo (`hf auth login` with a token that can)")
+    return DownloadError(f"{repo_id}: download failed: {first_line(exc)}")
+
+
+def _disk_error(repo_id: str, exc: OSError, cache_dir: str | None) -> DownloadError:
+    from huggingface_hub import constants
+
+    where = exc.filename or cache_dir or constants.HF_HUB_CACHE
+    if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return DownloadError(f"{repo_id}: the disk is full ({exc.strerror}) writing {where}; what was downloaded "
+                             "is kept: free some space or choose another cache folder (--cache-dir, or the HF_HOME "
+                             "environment variable), then run the same command again")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return DownloadError(f"{repo_id}: cannot write to the cache folder ({exc.strerror}: {where}); choose a "
+                             "writable one (--cache-dir, or the HF_HOME environment variable)")
+    return DownloadError(f"{repo_id}: download failed: {first_line(exc)}")
+
+
+def _cached_snapshot(repo_id: str, revision: str | None, cache_dir: str | None) -> Path:
+    """The cached snapshot of ``repo_id`` when the Hub cannot be asked (offline mode, no network)."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import errors as hub_errors
 
     last: Path | None = None
     for patterns, marker in ((list(MISTRAL_FILES), "params.json"), (list(HF_FILES), "config.json")):
         try:
-            last = Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir))
-        except hub_errors.GatedRepoError:  # a subclass of RepositoryNotFoundError: catch it first
-            raise DownloadError(f"{repo_id}: the model is gated; accept its terms on huggingface.co and log in "
-                                "with `hf auth login`") from None
-        except hub_errors.RepositoryNotFoundError:
-            raise DownloadError(f"{repo_id}: no such model on the Hugging Face Hub (or it is private: "
-                                "log in with `hf auth login`)") from None
+            last = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, cache_dir=cache_dir,
+                                          local_files_only=True))
         except hub_errors.IncompleteSnapshotError:
             raise DownloadError(f"{repo_id}: the local copy is incomplete and the Hub cannot be reached; connect "
                                 "to the network to finish the download") from None
         except hub_errors.LocalEntryNotFoundError:
-            from huggingface_hub import constants
-
             # constants.HF_HUB_OFFLINE also honours TRANSFORMERS_OFFLINE
             offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true")
             why = "offline mode (HF_HUB_OFFLINE) is on and it is not in the local cache" if offline else \
                 "the Hugging Face Hub cannot be reached and it is not in the local cache"
             raise DownloadError(f"{repo_id}: cannot download the model: {why}; "
                                 "connect to the network or use a local checkpoint folder") from None
-        except (hub_errors.HfHubHTTPError, OSError) as exc:
-            raise DownloadError(f"{repo_id}: download failed: {first_line(exc)}") from None
         if (last / marker).is_file():
             return last
-    raise DownloadError(f"{repo_id}: the repo has neither params.json nor config.json; not a Voxtral checkpoint")
+    raise DownloadError(f"{repo_id}: the cached copy has neither params.json nor config.json; not a Voxtral "
+                        "checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, DownloadColumn, Progress, ProgressColumn, SpinnerColumn, Task, TaskID, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
+from rich.text import Text
 
 from ..api import default_device, load, resolve_dtype
 from ..benchmarking.random_weights import random_model
@@ -80,6 +82,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="weight precision (default: bf16 on CUDA, f16 on mps, f32 on cpu)")
 
 
+def add_revision_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--revision", help="branch, tag or commit of a Hub model (default: its main branch)")
+
+
 def add_gguf_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gguf", metavar="FILE",
                         help="a GGUF model (voxtral quantize's or the Rust project's; a shard set by any shard or "
@@ -122,12 +128,75 @@ class Reporter:
             task = progress.add_task(description, total=total)
             yield lambda done, total: progress.update(task, completed=done, total=total)
 
+    @contextmanager
+    def stages(self) -> Iterator[Stages]:
+        """One transient line for a sequence of stages: a download's bar, counted work, or just the stage's name."""
+        if not self.enabled:
+            yield Stages(None)
+            return
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), _StageAmount(),
+                      console=self.console, transient=True) as progress:
+            yield Stages(progress)
 
-def load_model(args: argparse.Namespace, reporter: Reporter) -> Any:
+
+class Stages:
+    """What :meth:`Reporter.stages` yields: ``stage(name)`` starts a stage, ``transfer(done, total)`` and
+    ``tensors(done, total)`` report its progress (a download's bytes, with rate and time left; or tensors loaded)."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self._progress = progress
+        self._task: TaskID | None = None
+
+    def stage(self, name: str, unit: str = "") -> None:
+        if self._progress is None:
+            return
+        if self._task is None:
+            self._task = self._progress.add_task(name, total=None, unit=unit)
+        else:
+            self._progress.reset(self._task, description=name, total=None, unit=unit)
+
+    def transfer(self, done: int, total: int) -> None:
+        self._update("bytes", done, total)
+
+    def tensors(self, done: int, total: int) -> None:
+        self._update("tensors", done, total)
+
+    def _update(self, unit: str, done: int, total: int) -> None:
+        if self._progress is None:
+            return
+        if self._task is None or self._progress.tasks[self._task].fields.get("unit") != unit:
+            self.stage("downloading" if unit == "bytes" else "loading", unit)
+        self._progress.update(self._task, completed=done, total=total)
+
+
+class _StageAmount(ProgressColumn):
+    """Bytes, rate and time left for a download; "done/total unit" for counted work; nothing for a bare stage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._download = (DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+
+    def render(self, task: Task) -> Text:
+        unit = task.fields.get("unit", "")
+        if unit == "bytes":
+            return Text(" ").join(column.render(task) for column in self._download)
+        if unit and task.total is not None:
+            return Text(f"{task.completed:.0f}/{task.total:.0f} {unit}")
+        return Text("")
+
+
+def load_model(args: argparse.Namespace, reporter: Reporter, *, warm_up: bool = False) -> Any:
+    """The model of ``--model``/``--gguf``, downloaded first when it is a Hub repo not in the cache; ``warm_up``:
+    also capture the CUDA graphs transcription uses, so that every stage to the first text shows on the terminal."""
     model = getattr(args, "gguf", None) or args.model
-    with reporter.bar("loading model", total=1, unit=" tensors") as update:
-        return load(model, device=args.device, dtype=args.dtype, progress=update,
-                    tokenizer=getattr(args, "tokenizer", None))
+    with reporter.stages() as stages:
+        loaded = load(model, device=args.device, dtype=args.dtype, revision=getattr(args, "revision", None),
+                      progress=stages.tensors, download_progress=stages.transfer, status=stages.stage,
+                      tokenizer=getattr(args, "tokenizer", None))
+        if warm_up and loaded.device.type == "cuda":
+            stages.stage("capturing CUDA graphs")
+            loaded.warm_up()
+    return loaded
 
 
 def random_model_loader(args: argparse.Namespace, reporter: Reporter) -> Callable[[], Any]:

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..audio import StreamResampler
 from ..errors import VoxtralError, first_line
-from .common import DELAY_HELP, Reporter, add_model_options, delay_ms, load_model
+from .common import DELAY_HELP, Reporter, add_model_options, add_revision_option, delay_ms, load_model
 
 
 def add_parser(sub: Any) -> None:
@@ -20,6 +20,7 @@ def add_parser(sub: Any) -> None:
                         epilog="example:\n  voxtral listen --delay-ms 240        # faster captions, a little "
                                "less accurate", formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_options(li)
+    add_revision_option(li)
     li.add_argument("--delay-ms", type=delay_ms, help=DELAY_HELP)
     li.add_argument("--input-device", help="input device name or index (default: the system default; "
                                            "`python -m sounddevice` lists them)")
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         raise VoxtralError(f"no audio input device{f' {device!r}' if device is not None else ''} "
                            f"({first_line(exc)}); plug in a microphone or pick one with --input-device") from None
     rate = int(info["default_samplerate"])
-    model = load_model(args, reporter)
+    model = load_model(args, reporter, warm_up=True)
     session = model.stream(delay_ms=args.delay_ms, continue_after_eos=True)
     resampler = StreamResampler(rate)
     chunks: queue.Queue = queue.Queue()

@@ -11,8 +11,8 @@ from .common import Reporter, size
 
 EPILOG_QUANTIZE = """\
 examples:
-  voxtral quantize mistralai/Voxtral-Mini-4B-Realtime-2602 --out voxtral-q4.gguf
-  voxtral quantize ./voxtral --out voxtral-q4k.gguf --quant q4_k
+  voxtral quantize mistralai/Voxtral-Mini-4B-Realtime-2602 --out voxtral-q4.gguf      # Q4_K
+  voxtral quantize ./voxtral --out voxtral-q4_0.gguf --quant q4_0   # the Rust project's types exactly
   voxtral quantize ./voxtral --out web/voxtral.gguf --split-size 512M   # web/voxtral-0000i-of-0000N.gguf
   voxtral transcribe talk.wav --gguf voxtral-q4.gguf
 
@@ -29,8 +29,9 @@ def add_parser(sub: Any) -> None:
                         epilog=EPILOG_QUANTIZE, formatter_class=argparse.RawDescriptionHelpFormatter)
     qu.add_argument("source", metavar="SRC", help="Hub repo id or local checkpoint folder")
     qu.add_argument("--out", required=True, type=Path, metavar="FILE.gguf", help="the file to write")
-    qu.add_argument("--quant", "--type", dest="quant", choices=["q4_0", "q4_k", "q8_0"], default="q4_0",
-                    help="block format of the linear weights (default: %(default)s; --type is the old name)")
+    qu.add_argument("--quant", "--type", dest="quant", choices=["q4_0", "q4_k", "q8_0"], default="q4_k",
+                    help="block format of the linear weights (default: %(default)s; q4_0 is what the Rust project "
+                         "writes, q8_0 is closest to the float model)")
     qu.add_argument("--embeddings", choices=EMBEDDING_TYPES, default="same",
                     help="format of the tied token table / LM head ('same': --quant; default: %(default)s)")
     qu.add_argument("--split-size", type=size, metavar="SIZE",

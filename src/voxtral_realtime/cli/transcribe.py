@@ -13,7 +13,7 @@ from typing import Any
 from ..audio import load_audio
 from ..errors import VoxtralError
 from ..writers import WRITERS
-from .common import DELAY_HELP, Reporter, add_gguf_options, add_model_options, delay_ms, load_model
+from .common import DELAY_HELP, Reporter, add_gguf_options, add_model_options, add_revision_option, delay_ms, load_model
 
 EPILOG_TRANSCRIBE = """\
 examples:
@@ -33,6 +33,7 @@ def add_parser(sub: Any) -> None:
                         epilog=EPILOG_TRANSCRIBE, formatter_class=argparse.RawDescriptionHelpFormatter)
     tr.add_argument("files", nargs="+", metavar="FILE", help="audio or video files")
     add_model_options(tr)
+    add_revision_option(tr)
     add_gguf_options(tr)
     tr.add_argument("--delay-ms", type=delay_ms, help=DELAY_HELP)
     tr.add_argument("--output-format", choices=["txt", "json", "srt", "vtt"], default="txt",
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if args.output_dir:
         args.output_dir.mkdir(parents=True, exist_ok=True)
-    model = load_model(args, reporter)
+    model = load_model(args, reporter, warm_up=True)
     stems = [f.stem for f in readable]
     realtime = getattr(args, "realtime", False)
     json_records = []
