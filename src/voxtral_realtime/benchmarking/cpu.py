@@ -93,6 +93,11 @@ def memory_gib() -> dict[str, float]:
     return {"rss_gib": float("nan"), "peak_rss_gib": peak / GIB}
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def cpu_name() -> str:
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -122,6 +127,8 @@ def measure_fresh(run: CpuRun) -> dict[str, Any]:
             return pool.submit(measure, run).result()
         except BrokenProcessPool:
             return {"qtype": run.qtype, "threads": run.threads, "error": "the process died (out of memory?)"}
+        except Exception as exc:  # noqa: BLE001 - one failing model must not lose the rows measured before it
+            return {"qtype": run.qtype, "threads": run.threads, "error": f"{type(exc).__name__}: {exc}"}
 
 
 def measure(run: CpuRun) -> dict[str, Any]:
@@ -149,8 +156,9 @@ def measure(run: CpuRun) -> dict[str, Any]:
                                        delay_ms=run.delay_ms)
     out["live"] = live_paced(model, stream_audio, delay_ms=run.delay_ms)
     out["file"] = bench_file(model, run.audio, delay_ms=run.delay_ms, warmup_seconds=2.0)
-    for inherited in ("token_ids", "peak_cpu_rss_gib"):  # getrusage's peak survives exec: the parent's
-        out["file"].pop(inherited)
+    # getrusage's peak (bench_file's) survives exec: it can be the spawning process's; VmHWM below is this one's
+    for dropped in ("token_ids", "peak_cpu_rss_gib"):
+        out["file"].pop(dropped)
     out.update(memory_gib())
     return out
 
@@ -240,7 +248,7 @@ def environment(command: str) -> dict[str, Any]:
     from .. import cpu_kernels
 
     return {"command": command, "device": "cpu", "cpu": cpu_name(), "logical_cpus": os.cpu_count(),
-            "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "usable_cpus": usable_cpus(),
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
             "cpu_kernel": "onnxruntime" if cpu_kernels.available() else "torch",
             "python": platform.python_version()}

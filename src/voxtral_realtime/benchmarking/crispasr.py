@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from ..audio import SAMPLE_RATE
 from ..errors import UsageError
 from .cpu import CACHE_DIR
 
@@ -251,7 +252,8 @@ def measure(model: str, audio: np.ndarray, threads: int, mode: str) -> dict[str,
     import crispasr
 
     session = crispasr.Session(model, n_threads=threads, backend="voxtral4b", use_gpu=False, verbosity=1)
-    piece = 1280  # 80 ms at 16 kHz
+    piece = SAMPLE_RATE * 80 // 1000
+    audio = np.asarray(audio, dtype=np.float32)
     with _CapturedStderr() as captured:
         started = time.perf_counter()
         if mode == "offline":
@@ -264,7 +266,8 @@ def measure(model: str, audio: np.ndarray, threads: int, mode: str) -> dict[str,
             stream.close()
         seconds = time.perf_counter() - started
     session.close()
-    return {"mode": mode, "seconds": seconds, "rtf": seconds / (len(audio) / 16000), **parse_timing(captured.text)}
+    return {"mode": mode, "seconds": seconds, "rtf": seconds / (len(audio) / SAMPLE_RATE),
+            **parse_timing(captured.text)}
 
 
 def measure_fresh(model: str, audio: np.ndarray, threads: int, mode: str) -> dict[str, Any]:
@@ -289,5 +292,5 @@ def bench(converter: Path, audio: np.ndarray, threads: list[int], *, cache_dir: 
                      "live_rtf": live["rtf"], "live_decoder_step_ms": live.get("decoder_step_ms"),
                      "offline": offline, "live": live})
     return {"version": release, "qtype": QTYPE, "model": str(model), "converter": str(converter),
-            "audio_s": len(audio) / 16000, "runs": runs}
+            "audio_s": len(audio) / SAMPLE_RATE, "runs": runs}
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import tempfile
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 import torch
 
 from ..api import default_device
-from ..audio import load_audio
+from ..audio import SAMPLE_RATE, load_audio
 from ..benchmarking import benchmark, cpu, crispasr
 from ..benchmarking.signals import speechlike
 from ..errors import UsageError, VoxtralError
@@ -182,11 +181,11 @@ def run_cpu(args: argparse.Namespace) -> int:
     """The CPU bench (``benchmarking.cpu``): each quantization type at each thread count in a fresh process."""
     reporter = Reporter(enabled=not args.no_progress)
     converter = crispasr.check_options(args.crispasr_converter) if args.compare == "crispasr" else None
-    threads = args.threads or [len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()]
+    threads = args.threads or [cpu.usable_cpus()]
     audio = load_audio(args.audio) if args.audio else speechlike(args.audio_seconds, seed=1)
     report: dict[str, Any] = cpu.environment(shlex.join(["voxtral", *args.argv]))
     report["model"] = "random weights" if args.random_weights else args.model
-    report["audio_s"] = len(audio) / 16000
+    report["audio_s"] = len(audio) / SAMPLE_RATE
 
     def save_report() -> None:
         if args.json:
@@ -211,8 +210,8 @@ def run_cpu(args: argparse.Namespace) -> int:
         reporter.info("timing CrispASR on the same machine (its GGUF is built once and cached)")
         try:
             report["crispasr"] = crispasr.bench(converter, audio, threads)
-        except VoxtralError as err:
-            report["crispasr"] = {"error": str(err)}
+        except Exception as exc:  # noqa: BLE001 - our rows are measured already: keep them
+            report["crispasr"] = {"error": f"{type(exc).__name__}: {exc}"}
     save_report()
     cpu.print_report(report)
     return 1 if any("error" in r for r in report["runs"]) else 0
