@@ -23,15 +23,19 @@ import soundfile as sf
 
 
 @contextmanager
-def serve_in_thread(app: Any, *, ws_max_size: int = 4 * 1024 * 1024) -> Iterator[str]:
-    """Run ``app`` with uvicorn on 127.0.0.1:<free port>; yields the base URL (http://...)."""
+def serve_in_thread(app: Any, **settings: Any) -> Iterator[str]:
+    """Run ``app`` with uvicorn on 127.0.0.1:<free port>, with ``voxtral serve``'s WebSocket settings (``settings``
+    override uvicorn.Config's); yields the base URL (http://...)."""
     import uvicorn
+
+    from voxtral_realtime.server.keepalive import uvicorn_settings
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", ws_max_size=ws_max_size, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5,
+                            **{**uvicorn_settings(2 * 1024 * 1024), **settings})
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -605,3 +605,50 @@ def test_metadata_option_only_for_pyav_that_takes_it(monkeypatch, version, passe
 
     monkeypatch.setattr(audio.av, "__version__", version)
     assert ("metadata_errors" in audio._open_options()) is passed
+
+
+# -- limits before work (a server's uploads) ---------------------------------------------------------------------
+
+
+def pcm_wav_saying(rate: int, samples: int) -> bytes:
+    """A PCM16 mono WAV whose header says ``rate`` (soundfile refuses to write absurd rates)."""
+    data = (np.random.default_rng(0).standard_normal(samples) * 3000).astype("<i2").tobytes()
+    fmt = struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16)
+    header = b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVEfmt " + fmt
+    return header + b"data" + struct.pack("<I", len(data)) + data
+
+
+def _counting_decoded(monkeypatch) -> dict[str, int]:
+    """Counts the 16 kHz samples the decoder produces."""
+    counted = {"samples": 0}
+    real = audio._frames_to_arrays
+
+    def counting(frames):
+        arrays = real(frames)
+        counted["samples"] += sum(len(a) for a in arrays)
+        return arrays
+
+    monkeypatch.setattr(audio, "_frames_to_arrays", counting)
+    return counted
+
+
+def test_a_sample_rate_bomb_is_refused_before_decoding(monkeypatch) -> None:
+    """A 20 KB WAV whose header says 5 Hz is 2000 s at 16 kHz (128 MB of float32): refused from the header."""
+    decoded = _counting_decoded(monkeypatch)
+    with pytest.raises(AudioError, match="5 Hz"):
+        load_audio(pcm_wav_saying(5, 10_000))
+    assert decoded["samples"] == 0
+
+
+def test_audio_over_max_seconds_is_refused_from_the_header_or_while_decoding(monkeypatch) -> None:
+    decoded = _counting_decoded(monkeypatch)
+    wav = pcm_wav_saying(16000, 16000 * 30)
+    with pytest.raises(audio.AudioTooLong) as refused:
+        load_audio(wav, max_seconds=10)
+    assert refused.value.seconds == pytest.approx(30) and decoded["samples"] == 0
+    # a container that declares no duration (or lies): decoding stops just past the limit
+    monkeypatch.setattr(audio, "_check_declared", lambda *args: None)
+    with pytest.raises(audio.AudioTooLong):
+        load_audio(wav, max_seconds=10)
+    assert 16000 * 10 < decoded["samples"] < 16000 * 11
+    assert len(load_audio(wav, max_seconds=30)) == 16000 * 30  # the limit itself is allowed

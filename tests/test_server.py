@@ -20,17 +20,21 @@ import numpy as np
 import pytest
 
 from voxtral_realtime.benchmarking.signals import speechlike
+from voxtral_realtime.errors import UsageError
 from voxtral_realtime.server import create_app
 from voxtral_realtime.server.state import ServerLimits
 from voxtral_realtime.writers import to_srt, to_txt, to_vtt
 
 from .live_server import connect, pcm16_base64, receive_event, serve_in_thread, transcribe_over_websocket, wav_bytes
+from .test_audio import pcm_wav_saying
 from .test_streaming_eos import AUDIO as EOS_AUDIO
 from .test_streaming_eos import eos_prone_model  # noqa: F401 - a fixture
 
 LOAD_LIVE_CLIENTS = 50
 LOAD_UPLOADS = 20
 API_KEY = "test-key_123"
+#: the id clients of the real model ask for (vLLM's examples default to it)
+HUB_NAME = "mistralai/Voxtral-Mini-4B-Realtime-2602"
 
 
 def _words(transcription) -> list[tuple[str, float, float]]:
@@ -54,7 +58,8 @@ def server(tiny_short):
 def strict_server(tiny_short):
     """Small limits, an API key and a short idle timeout, for the fault tests."""
     limits = ServerLimits(max_upload_bytes=200_000, max_audio_seconds=4.0, max_message_bytes=64_000,
-                          max_buffered_seconds=1.0, idle_timeout_seconds=1.0, max_connections=8)
+                          max_buffered_seconds=1.0, idle_timeout_seconds=1.0, max_connections=8,
+                          body_read_timeout_seconds=1.0)
     app = create_app(tiny_short, model_name="tiny", max_streams=2, api_key=API_KEY, limits=limits)
     with serve_in_thread(app) as base:
         yield base, app
@@ -249,7 +254,7 @@ def test_rest_transcription_in_every_format(server, tiny_short):
         verbose = post(response_format="verbose_json", **{"timestamp_granularities[]": ["word", "segment"]}).json()
         assert verbose["text"] == expected.text and verbose["duration"] == pytest.approx(3.2)
         assert [(w["word"], w["start"], w["end"]) for w in verbose["words"]] == _words(expected)
-        assert [s["text"] for s in verbose["segments"]] == [s.text for s in expected.segments]
+        assert [s["text"].strip() for s in verbose["segments"]] == [s.text for s in expected.segments]
         assert post(delay_ms="240").json()["text"] == tiny_short.transcribe(audio, delay_ms=240).text
 
         events = _sse_events(post(stream="true", stream_include_usage="true").text)
@@ -257,8 +262,14 @@ def test_rest_transcription_in_every_format(server, tiny_short):
         chunks = [json.loads(e) for e in events[:-1]]
         assert all(c["object"] == "transcription.chunk" and c["model"] == "tiny" for c in chunks)
         assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == expected.text
-        assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
-        assert chunks[-1]["usage"]["completion_tokens"] == len(expected.tokens)
+        # the closing chunk: vLLM's finish_reason with an empty content, OpenAI's done event, the usage in both
+        assert chunks[-1]["choices"][0] == {"index": 0, "delta": {"content": ""}, "finish_reason": "stop",
+                                            "stop_reason": None}
+        assert chunks[-1]["type"] == "transcript.text.done" and chunks[-1]["text"] == expected.text
+        assert chunks[-1]["usage"]["completion_tokens"] == chunks[-1]["usage"]["output_tokens"] == \
+            len(expected.tokens)
+        assert all(c["type"] == "transcript.text.delta" and c["delta"] == c["choices"][0]["delta"]["content"]
+                   for c in chunks[:-1])
     _assert_all_released(app)
 
 
@@ -466,7 +477,12 @@ def test_upload_limits(strict_server):
         long = client.post("/v1/audio/transcriptions",
                            files={"file": ("long.wav", wav_bytes(np.zeros(16000 * 5, np.float32)), "audio/wav")})
         assert long.status_code == 413 and long.json()["error"]["code"] == "audio_too_long"
+        # a sample-rate bomb (20 KB saying 5 Hz: 2000 s, 128 MB of float32 once decoded) costs nothing
+        bomb = client.post("/v1/audio/transcriptions", files={"file": ("bomb.wav", pcm_wav_saying(5, 10_000),
+                                                                       "audio/wav")})
+        assert bomb.status_code == 400 and "5 Hz" in bomb.json()["error"]["message"]
     _assert_all_released(app)
+
 
 
 def test_stream_limits_busy_idle_and_message_size(strict_server, tiny_short):
@@ -553,10 +569,15 @@ def test_fast_sender_is_slowed_not_dropped_and_a_reader_that_never_reads_stalls_
             await ws.send(json.dumps({"type": "input_audio_buffer.append",
                                       "audio": pcm16_base64(audio[start:start + 16000])}))
         await ws.send(json.dumps({"type": "input_audio_buffer.commit", "final": True}))
+        throttled = []
         while (event := await receive_event(ws, timeout=60))["type"] != "transcription.done":
-            assert event["type"] == "transcription.delta"
+            assert event["type"] in ("transcription.delta", "input_audio_buffer.throttled")
+            if event["type"] == "input_audio_buffer.throttled":
+                throttled.append(event)
         await ws.close()
         await silent_reader.close()
+        # told that it is being slowed down
+        assert throttled and throttled[0]["max_queued_seconds"] == 1.0 and throttled[0]["queued_seconds"] > 1.0
         return event["text"]
 
     assert asyncio.run(asyncio.wait_for(scenario(), 120)) == expected
@@ -586,24 +607,29 @@ def test_a_dead_engine_is_reported_not_waited_for(tiny_short):
 
 
 def test_outbox_of_a_client_that_does_not_read_stays_small():
-    """Text and words of many ticks merge into one event each; an error keeps its place; too many errors mark
-    the client as not reading."""
+    """Text and words of many ticks merge into one event each; an error keeps its place; past its bytes the client
+    is marked as not reading, and what it had queued is dropped."""
     from voxtral_realtime.server.state import Outbox
 
-    outbox = Outbox(max_events=3)
+    outbox = Outbox(max_bytes=100_000)
     for tick in range(1000):
         outbox.put_delta(f"{tick} ")
         outbox.put_words([{"word": str(tick)}])
     outbox.put({"type": "error", "code": "invalid_json"})
     outbox.put_delta("after")
-    events = asyncio.run(outbox.take())
+    events = [json.loads(text) for text in asyncio.run(outbox.take())]
     assert [e["type"] for e in events] == ["transcription.delta", "transcription.words", "error",
                                            "transcription.delta"]
     assert events[0]["delta"] == "".join(f"{t} " for t in range(1000)) and len(events[1]["words"]) == 1000
-    assert not outbox.overflowed
-    for _ in range(4):
-        outbox.put({"type": "error", "code": "invalid_json"})
-    assert outbox.overflowed
+    assert not outbox.overflowed and outbox.unsent_bytes == 0
+    big = "x" * 30_000
+    for _ in range(3):
+        outbox.put({"type": "error", "error": big})
+    assert not outbox.overflowed and 90_000 < outbox.unsent_bytes <= 100_000
+    outbox.put({"type": "error", "error": big})
+    assert outbox.overflowed and outbox.overflow.is_set() and not outbox._items
+    outbox.put_delta("more")  # nothing more is kept
+    assert not outbox._items
 
 
 # -- the command line --------------------------------------------------------------------------------------------
@@ -616,7 +642,8 @@ def test_voxtral_serve_command(checkpoints, tiny_short):
         port = probe.getsockname()[1]
     env = {**os.environ, "VOXTRAL_API_KEY": API_KEY}
     process = subprocess.Popen([sys.executable, "-m", "voxtral_realtime.cli", "serve", "--model", str(folder),
-                                "--device", "cpu", "--port", str(port), "--max-streams", "2", "--no-progress"],
+                                "--device", "cpu", "--port", str(port), "--max-streams", "2", "--no-progress",
+                                "--served-model-name", "tiny", "--served-model-name", HUB_NAME],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
@@ -635,7 +662,7 @@ def test_voxtral_serve_command(checkpoints, tiny_short):
             response = client.post("/v1/audio/transcriptions", files={"file": ("a.wav", wav_bytes(audio),
                                                                                 "audio/wav")})
             assert response.json()["text"] == tiny_short.transcribe(audio).text
-            assert client.get("/v1/models").json()["data"][0]["id"] == str(folder)
+            assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny", HUB_NAME]
     finally:
         process.terminate()
         process.wait(30)
@@ -653,3 +680,276 @@ def test_voxtral_serve_without_the_server_extra_says_what_to_install(monkeypatch
     err = capsys.readouterr().err
     assert "fastapi" in err and "pip install 'voxtral-realtime[server]'" in err
     assert len(err.strip().splitlines()) == 1
+
+
+# -- issue 22: hostile numbers, served names, clients we did not write ------------------------------------------
+
+
+def test_an_absurd_number_is_an_error_event_and_the_stream_in_progress_goes_on(server, tiny_short):
+    """``delay_ms`` = 10^400 once raised OverflowError inside the handler: no error event, the socket dropped and
+    the transcription in progress lost.  Now: an error naming the field, and the stream finishes."""
+    base, app = server
+    audio = speechlike(1.5, seed=45)
+
+    async def scenario() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        ws = await connect(base)
+        await receive_event(ws)
+        await ws.send(json.dumps({"type": "session.update", "model": ""}))
+        await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+        await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": pcm16_base64(audio[:8000])}))
+        errors = []
+        for bad in ({"delay_ms": 10 ** 400}, {"target_streaming_delay_ms": -(10 ** 400)}, {"delay_ms": 1e308},
+                    {"delay_ms": float("inf")}, {"delay_ms": 480.5}):
+            await ws.send(json.dumps({"type": "session.update", "model": "", **bad}))
+            errors.append(await receive_event(ws))
+        await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": pcm16_base64(audio[8000:])}))
+        await ws.send(json.dumps({"type": "input_audio_buffer.commit", "final": True}))
+        while (event := await receive_event(ws))["type"] != "transcription.done":
+            assert event["type"] == "transcription.delta", event
+        await ws.close()
+        return errors, event
+
+    errors, done = asyncio.run(scenario())
+    assert [e["code"] for e in errors] == ["invalid_event"] * 5
+    assert "delay_ms" in errors[0]["error"] and "target_streaming_delay_ms" in errors[1]["error"]
+    assert all(len(e["error"]) < 300 for e in errors)  # the 400 digits are not echoed
+    assert done["text"] == tiny_short.transcribe(audio).text
+    with _client(base) as client:
+        wav = {"file": ("a.wav", wav_bytes(audio), "audio/wav")}
+        for value in ("1" + "0" * 400, "9" * 5000, "-1", "1e3", "nan"):
+            response = client.post("/v1/audio/transcriptions", files=wav, data={"delay_ms": value})
+            assert response.status_code == 400, response.text
+            assert response.json()["error"]["param"] == "delay_ms" and len(response.text) < 500
+    _assert_all_released(app)
+
+
+def test_served_model_names(tiny_short):
+    """``--served-model-name``: a server started on a local folder answers to the Hub id clients ask for."""
+    app = create_app(tiny_short, model_name=["local-tiny", HUB_NAME], max_streams=2)
+    audio = speechlike(1.2, seed=46)
+    expected = tiny_short.transcribe(audio).text
+    with serve_in_thread(app) as base:
+        with _client(base) as client:
+            assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["local-tiny", HUB_NAME]
+            for name in (HUB_NAME, "local-tiny"):
+                response = client.post("/v1/audio/transcriptions", data={"model": name},
+                                       files={"file": ("a.wav", wav_bytes(audio), "audio/wav")})
+                assert response.status_code == 200 and response.json()["text"] == expected
+            refused = client.post("/v1/audio/transcriptions", data={"model": "whisper-1"},
+                                  files={"file": ("a.wav", wav_bytes(audio), "audio/wav")})
+            assert refused.status_code == 404 and HUB_NAME in refused.json()["error"]["message"]
+        result = asyncio.run(transcribe_over_websocket(base, audio, session={"model": HUB_NAME}))
+        assert result.errors == [] and result.done["text"] == expected
+        _assert_all_released(app)
+
+
+def test_a_bad_stream_count_is_a_usage_error():
+    """The CLI reports VoxtralError in one line; a plain ValueError from an option would be a traceback."""
+    with pytest.raises(UsageError, match="max_streams"):
+        create_app(lambda: None, max_streams=0)
+
+
+def _undecided_in_worker(app) -> int:
+    """Samples of audio inside the worker and the engine whose tokens are not decided yet, over all streams
+    (read from the test thread: a snapshot)."""
+    total = 0
+    for stream in list(_state(app).worker._streams.values()):
+        session = stream.session
+        total += stream.pending_samples + max(0, session.samples_fed - len(session.tokens) * 1280)
+    return total
+
+
+def test_fast_senders_are_slowed_not_dropped_and_the_buffer_cap_holds(tiny_short):
+    """Two clients send 40 s each as fast as the socket takes it, through a 1 s buffer, to a server whose
+    keepalive pings every 0.2 s and gives up 0.2 s later: reading them pauses far longer than that.  Both get the
+    whole transcript (their pongs wait behind their audio, which is no sign of death), and the audio waiting
+    anywhere in the server never exceeds the cap (audio counts until its tokens are decided: the engine takes 16
+    steps a round but decodes 2), and the queue metric says so while it waits."""
+    limits = ServerLimits(max_buffered_seconds=1.0, max_message_bytes=64_000)
+    app = create_app(tiny_short, model_name="tiny", max_streams=2, limits=limits)
+    audio = [speechlike(40.0, seed=47), speechlike(40.0, seed=48)]
+    expected = [tiny_short.transcribe(a).text for a in audio]
+    undecided, queued = [], []
+
+    async def sender(base: str, samples: np.ndarray) -> str:
+        result = await transcribe_over_websocket(base, samples, chunk=8000, timeout=300)
+        assert result.errors == []
+        return result.done["text"]
+
+    async def watch() -> None:
+        while True:
+            undecided.append(_undecided_in_worker(app))
+            queued.append(_state(app).queued_samples)
+            await asyncio.sleep(0.02)
+
+    async def scenario(base: str) -> list[str]:
+        watcher = asyncio.create_task(watch())
+        try:
+            return await asyncio.gather(*(sender(base, a) for a in audio))
+        finally:
+            watcher.cancel()
+
+    with serve_in_thread(app, ws_ping_interval=0.2, ws_ping_timeout=0.2) as base:
+        texts = asyncio.run(asyncio.wait_for(scenario(base), 300))
+        _assert_all_released(app)
+    assert texts == expected
+    # per stream: the cap, one message over it, and the look-ahead of the model's delay
+    bound = 2 * (16000 * 1.0 + 8000 + 8 * 1280)
+    assert 0 < max(undecided) <= bound
+    assert max(queued) <= bound and max(queued) > 16000  # the metric saw the backlog
+
+
+def test_schema_behind_the_key_limits_in_bytes_a_body_cut_short_and_huge_headers(strict_server):
+    base, app = strict_server
+    with _client(base) as client:
+        assert client.get("/openapi.json").status_code == 401
+        schema = client.get("/openapi.json", headers={"Authorization": f"Bearer {API_KEY}"})
+        assert schema.status_code == 200 and "/v1/audio/transcriptions" in schema.json()["paths"]
+        assert client.get("/docs").status_code == 404
+        huge = client.get("/health", headers={f"x-filler-{i}": "a" * 1000 for i in range(100)})
+        assert huge.status_code == 431 and huge.json()["error"]["code"] == "headers_too_large"
+    # a body that stops short of its Content-Length is given up after the read timeout, with 408
+    port = int(base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        raw.sendall(b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " +
+                    API_KEY.encode() + b"\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                    b"Content-Length: 5000\r\n\r\n--b\r\n")
+        assert raw.recv(100).startswith(b"HTTP/1.1 408")
+
+    async def non_ascii() -> dict[str, Any]:
+        ws = await _strict_ws(base)
+        await receive_event(ws)
+        # 40 000 characters, 80 000 bytes: over the 64 000-byte limit
+        await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": "é" * 40_000}, ensure_ascii=False))
+        event = await receive_event(ws)
+        await ws.close()
+        return event
+
+    assert asyncio.run(non_ascii())["code"] == "message_too_large"
+    _assert_all_released(app)
+
+
+def test_memory_of_a_connection_is_bounded_in_bytes(strict_server):
+    """A client that never reads, flooding the server with events whose error echoes its own 60 KB strings (once:
+    256 unsent events of 60 KB each, held per connection), and one-sample appends before the first commit (once:
+    an array per append, 63-80 bytes a sample): the Python memory the server holds for them stays small."""
+    import tracemalloc
+
+    base, app = strict_server
+
+    async def flood() -> int:
+        ws = await _strict_ws(base)  # never reads
+        await ws.send(json.dumps({"type": "session.update", "model": ""}))
+        for i in range(300):
+            await ws.send(json.dumps({"type": "x" * 60_000 + str(i)}))
+        await asyncio.sleep(0.5)
+        held = tracemalloc.get_traced_memory()[0]
+        await ws.close()
+        return held
+
+    async def one_sample_appends() -> int:
+        ws = await _strict_ws(base)
+        await receive_event(ws)
+        await ws.send(json.dumps({"type": "session.update", "model": ""}))
+        one = pcm16_base64(np.full(1, 0.25, np.float32))
+        for _ in range(12_000):  # 0.75 s: under the 1 s buffer this server allows before a start
+            await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": one}))
+        await _processed(ws)
+        held = tracemalloc.get_traced_memory()[0]
+        await ws.close()
+        return held
+
+    tracemalloc.start()
+    try:
+        baseline = tracemalloc.get_traced_memory()[0]
+        flooded = asyncio.run(flood()) - baseline
+        _assert_all_released(app)
+        baseline = tracemalloc.get_traced_memory()[0]
+        appended = asyncio.run(one_sample_appends()) - baseline
+    finally:
+        tracemalloc.stop()
+    assert flooded < 3_000_000, flooded
+    assert appended < 300_000, appended  # 24 KB of PCM16, plus the client's own bookkeeping
+    _assert_all_released(app)
+
+
+def _json_values():
+    from hypothesis import strategies as st
+
+    scalars = (st.none() | st.booleans() | st.integers() | st.sampled_from([10 ** 400, -10 ** 400, 2 ** 63, 480, 960])
+               | st.floats() | st.text(max_size=40))
+    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.text(max_size=8), inner, max_size=3), max_leaves=6)
+
+
+def test_property_every_event_field_gets_an_answer_never_a_dropped_session(server):
+    """Any JSON in any field of the three client events: an error event naming the problem or acceptance, and the
+    session stays open (checked by a barrier event after each)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    base, app = server
+    values = _json_values()
+    events = st.one_of(
+        st.fixed_dictionaries({"type": st.just("session.update")}, optional={
+            "model": values | st.sampled_from(["", "tiny"]), "delay_ms": values,
+            "target_streaming_delay_ms": values, "word_timestamps": values, "continue_after_eos": values}),
+        st.fixed_dictionaries({"type": st.just("input_audio_buffer.append")}, optional={
+            "audio": values | st.binary(max_size=64).map(lambda b: base64.b64encode(b).decode())}),
+        st.fixed_dictionaries({"type": st.just("input_audio_buffer.commit")}, optional={"final": values}),
+        st.fixed_dictionaries({"type": values}))
+    loop = asyncio.new_event_loop()
+    ws = loop.run_until_complete(connect(base))
+    loop.run_until_complete(receive_event(ws))
+
+    async def answered(event: dict[str, Any]) -> list[dict[str, Any]]:
+        await ws.send(json.dumps(event))
+        await ws.send(json.dumps({"type": "test.barrier"}))
+        errors = []
+        while True:
+            reply = await receive_event(ws, timeout=10)
+            if reply["type"] == "error":
+                if reply["code"] == "unknown_event" and "test.barrier" in reply["error"]:
+                    return errors
+                errors.append(reply)
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(events)
+    def one_event(event: dict[str, Any]) -> None:
+        for error in loop.run_until_complete(answered(event)):
+            assert isinstance(error["code"], str) and isinstance(error["error"], str) and len(error["error"]) < 400
+            assert error["code"] != "processing_error", error  # a bug, not the client's mistake
+
+    try:
+        one_event()
+    finally:
+        loop.run_until_complete(ws.close())
+        loop.close()
+    _assert_all_released(app)
+
+
+def test_property_every_form_field_gets_a_status_never_a_500(server):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    base, app = server
+    wav = wav_bytes(speechlike(0.3, seed=49))
+    text = st.text(max_size=30) | st.sampled_from(["480", "1" + "0" * 400, "nan", "-1", "0.5", "true", "en", "json",
+                                                     "verbose_json", "word", "2400", "1e3", "inf"])
+    fields = st.fixed_dictionaries({}, optional={name: text for name in (
+        "delay_ms", "temperature", "stream", "stream_include_usage", "response_format", "language", "model",
+        "timestamp_granularities[]")})
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(fields)
+    def one_form(data: dict[str, str]) -> None:
+        with _client(base) as client:
+            response = client.post("/v1/audio/transcriptions", data=data,
+                                   files={"file": ("a.wav", wav, "audio/wav")})
+        assert response.status_code in (200, 400, 404), (data, response.status_code, response.text[:200])
+        if response.status_code != 200:
+            named = response.json()["error"]["param"]
+            assert named in {name.removesuffix("[]") for name in data} | {"model"}, (data, response.text)
+
+    one_form()
+    _assert_all_released(app)

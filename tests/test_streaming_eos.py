@@ -18,10 +18,9 @@ AUDIO = speechlike(9.0, seed=60)
 def eos_prone_model(tmp_path_factory, tekken_path, tiny_short):
     """The short tiny model with EOS's (tied) embedding made 1.3x the most frequent text token's: wherever that
     token would win, EOS wins, so EOS comes up several times in a few seconds."""
-    from conftest import TEST_VOCAB, WINDOWS
-
     import voxtral_realtime
 
+    from .conftest import TEST_VOCAB, WINDOWS
     from .tiny_checkpoint import make_hf_model, write_mistral_folder
 
     counts = Counter(t for t in tiny_short.transcribe(AUDIO).tokens if t >= 1000)

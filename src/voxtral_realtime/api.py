@@ -93,7 +93,8 @@ class Model:
         ``decoder_context`` caps each stream's decoder attention (and KV memory) at that many tokens (80 ms
         each); the default is the model's full window, 8192 tokens, about 870 MB per stream in bf16.
         """
-        return Engine(self.network, max_streams=max_streams, decoder_context=decoder_context, compile=self.compile)
+        return Engine(self.network, max_streams=max_streams, decoder_context=decoder_context, compile=self.compile,
+                      no_speech_id=self.tokenizer.streaming_pad_id)
 
     def engine_for_session(self) -> Engine:
         """A one-stream engine with a free slot, reused across sessions so its caches and CUDA graphs are kept."""
@@ -104,7 +105,7 @@ class Model:
         for engine in self._private_engines:
             if engine.made_for == key and engine.free_slots:
                 return engine
-        engine = Engine(self.network, max_streams=1, compile=self.compile)
+        engine = Engine(self.network, max_streams=1, compile=self.compile, no_speech_id=self.tokenizer.streaming_pad_id)
         self._private_engines.append(engine)
         return engine
 

@@ -22,7 +22,7 @@ from voxtral_realtime.errors import AudioError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["SAMPLE_RATE", "AudioSource", "audio_duration", "load_audio"]
+__all__ = ["SAMPLE_RATE", "AudioSource", "AudioTooLong", "audio_duration", "load_audio"]
 
 SAMPLE_RATE = 16000
 """Sample rate (Hz) the model expects."""
@@ -49,8 +49,23 @@ _RESAMPLER_OPTIONS = {"rematrix_maxval": "1.0"}
 # Arrays are fed to the resampler in pieces so a long recording never becomes one giant AVFrame.
 _CHUNK = 1 << 18
 
+#: Sample rates a file may declare.  Below the minimum no real recording exists, and a decoded frame would grow by
+#: the resampling factor (a WAV header saying 1 Hz turns each 4 KiB packet into 130 MB at 16 kHz).
+MIN_FILE_RATE = 1000
+MAX_FILE_RATE = 768_000
 
-def load_audio(source: AudioSource, *, sample_rate: int | None = None) -> np.ndarray:
+
+class AudioTooLong(AudioError):
+    """The audio lasts longer than the caller's ``max_seconds`` (found before or while decoding, not after)."""
+
+    def __init__(self, message: str, seconds: float) -> None:
+        super().__init__(message)
+        #: the duration the container declares, or how far decoding got when it stopped
+        self.seconds = seconds
+
+
+def load_audio(source: AudioSource, *, sample_rate: int | None = None,
+               max_seconds: float | None = None) -> np.ndarray:
     """Load audio as the model wants it: 1-D, contiguous, float32, mono, :data:`SAMPLE_RATE` Hz.
 
     ``source`` may be
@@ -64,7 +79,10 @@ def load_audio(source: AudioSource, *, sample_rate: int | None = None) -> np.nda
       Channels are averaged (for files too; surround files get FFmpeg's standard downmix weights, normalised
       to sum 1).  ``sample_rate`` is the array's rate; ``None`` means it is already 16 kHz.
 
-    ``sample_rate`` is ignored for files and bytes, which carry their own rate.  Float samples outside
+    ``sample_rate`` is ignored for files and bytes, which carry their own rate.  ``max_seconds`` (files and bytes):
+    refuse longer audio with :class:`AudioTooLong`, from the container's declared duration before decoding, and
+    while decoding (stopping there) when it declares none or lies, so memory stays bounded by the limit.  A file's
+    sample rate must be one of real audio (:data:`MIN_FILE_RATE` to :data:`MAX_FILE_RATE`).  Float samples outside
     ``[-1, 1]`` are kept as they are, not clipped.  An array that is already float32 mono 16 kHz is returned
     without a copy (it may share memory with ``source``).
 
@@ -77,12 +95,12 @@ def load_audio(source: AudioSource, *, sample_rate: int | None = None) -> np.nda
     if isinstance(source, np.ndarray) or (torch is not None and isinstance(source, torch.Tensor)):
         return _load_array(source, sample_rate)
     if isinstance(source, (str, os.PathLike)):
-        return _load_path(source)
+        return _load_path(source, max_seconds)
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
-        return _load_bytes(data, f"<{len(data)} bytes of audio>")
+        return _load_bytes(data, f"<{len(data)} bytes of audio>", max_seconds)
     if hasattr(source, "read"):
-        return _load_file_object(source)
+        return _load_file_object(source, max_seconds)
     raise AudioError(
         f"cannot load audio from a {type(source).__name__}: expected a path, bytes, a binary file object, "
         "a numpy array or a torch tensor"
@@ -97,7 +115,7 @@ def audio_duration(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> float
 # --------------------------------------------------------------------------------------------------- files
 
 
-def _load_path(path: str | os.PathLike[str]) -> np.ndarray:
+def _load_path(path: str | os.PathLike[str], max_seconds: float | None) -> np.ndarray:
     name = os.path.expanduser(os.fsdecode(path))
     label = repr(name)
     # Check the path up front: FFmpeg's own messages for these cases are vague ("No such file" vs a
@@ -115,16 +133,16 @@ def _load_path(path: str | os.PathLike[str]) -> np.ndarray:
     if st.st_size == 0 and os.path.isfile(name):
         raise AudioError(f"cannot load audio {label}: the file is empty (0 bytes)")
     # The "file:" prefix stops FFmpeg from reading a local name such as "http:x" or "concat:a|b" as a URL.
-    return _decode("file:" + os.path.abspath(name), label)
+    return _decode("file:" + os.path.abspath(name), label, max_seconds)
 
 
-def _load_bytes(data: bytes, label: str) -> np.ndarray:
+def _load_bytes(data: bytes, label: str, max_seconds: float | None = None) -> np.ndarray:
     if not data:
         raise AudioError(f"cannot load audio {label}: no data (0 bytes)")
-    return _decode(io.BytesIO(data), label)
+    return _decode(io.BytesIO(data), label, max_seconds)
 
 
-def _load_file_object(fileobj: Any) -> np.ndarray:
+def _load_file_object(fileobj: Any, max_seconds: float | None) -> np.ndarray:
     name = getattr(fileobj, "filename", None) or getattr(fileobj, "name", None)
     label = repr(name) if isinstance(name, str) and name else f"<{type(fileobj).__name__} object>"
     if isinstance(fileobj, io.TextIOBase):
@@ -137,7 +155,7 @@ def _load_file_object(fileobj: Any) -> np.ndarray:
             fileobj.seek(start)
             if end is not None and end - start <= 0:
                 raise AudioError(f"cannot load audio {label}: no data (0 bytes)")
-            return _decode(fileobj, label)
+            return _decode(fileobj, label, max_seconds)
         # FFmpeg's format probing wants to seek back; a pipe/stream cannot, so buffer it.
         data = fileobj.read()
     except AudioError:
@@ -146,7 +164,7 @@ def _load_file_object(fileobj: Any) -> np.ndarray:
         raise AudioError(f"cannot load audio {label}: cannot read the file object ({_describe(err)})") from None
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise AudioError(f"cannot load audio {label}: read() returned {type(data).__name__}, not bytes")
-    return _load_bytes(bytes(data), label)
+    return _load_bytes(bytes(data), label, max_seconds)
 
 
 def _open_options() -> dict[str, str]:
@@ -158,8 +176,8 @@ def _open_options() -> dict[str, str]:
 _OPEN_OPTIONS = _open_options()
 
 
-def _decode(file: str | IO[bytes], label: str) -> np.ndarray:
-    """Decode the first audio stream of ``file`` to 16 kHz mono float32."""
+def _decode(file: str | IO[bytes], label: str, max_seconds: float | None = None) -> np.ndarray:
+    """Decode the first audio stream of ``file`` to 16 kHz mono float32 (at most ``max_seconds`` of it)."""
     try:
         container = av.open(file, mode="r", **_OPEN_OPTIONS)
     except PermissionError:
@@ -182,9 +200,17 @@ def _decode(file: str | IO[bytes], label: str) -> np.ndarray:
                 found = f" (found only {', '.join(kinds)} streams)" if kinds else ""
                 raise AudioError(f"cannot load audio {label}: the file has no audio stream{found}")
             stream = container.streams.audio[0]
+            _check_declared(container, stream, label, max_seconds)
+            limit = None if max_seconds is None else int(max_seconds * SAMPLE_RATE)
             resampler = _Resampler()
+            decoded = 0
             for frame in container.decode(stream):
-                chunks.extend(resampler.push(frame))
+                _check_rate_of(frame.sample_rate, label)
+                pieces = resampler.push(frame)
+                chunks.extend(pieces)
+                decoded += sum(len(piece) for piece in pieces)
+                if limit is not None and decoded > limit:
+                    raise _too_long(label, decoded / SAMPLE_RATE, max_seconds, "at least ")
             chunks.extend(resampler.flush())
     except AudioError:
         raise
@@ -192,11 +218,38 @@ def _decode(file: str | IO[bytes], label: str) -> np.ndarray:
         raise AudioError(f"cannot load audio {label}: corrupt or undecodable audio data ({_describe(err)})") from None
 
     samples = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+    if max_seconds is not None and len(samples) > max_seconds * SAMPLE_RATE:  # the resampler's flush
+        raise _too_long(label, len(samples) / SAMPLE_RATE, max_seconds, "")
     if samples.size == 0:
         raise AudioError(f"cannot load audio {label}: decoded audio contains no samples")
     if not np.isfinite(samples).all():
         raise AudioError(f"cannot load audio {label}: decoded audio contains NaN or infinite samples")
     return np.ascontiguousarray(samples, dtype=np.float32)
+
+
+def _check_declared(container: Any, stream: Any, label: str, max_seconds: float | None) -> None:
+    """Refuse what the container's header already gives away: an absurd sample rate, a duration over the limit."""
+    _check_rate_of(stream.codec_context.sample_rate or stream.rate, label)
+    if max_seconds is None:
+        return
+    declared = [float(stream.duration * stream.time_base)] if stream.duration and stream.time_base else []
+    if container.duration:
+        declared.append(container.duration / av.time_base)
+    # the smaller of the two: an estimate from the bit rate may run long; a header that lies short is caught while
+    # decoding
+    if declared and min(declared) > max_seconds:
+        raise _too_long(label, min(declared), max_seconds, "")
+
+
+def _check_rate_of(rate: int | None, label: str) -> None:
+    if rate and not MIN_FILE_RATE <= rate <= MAX_FILE_RATE:
+        raise AudioError(f"cannot load audio {label}: its sample rate of {rate} Hz is not one of real audio "
+                         f"({MIN_FILE_RATE} to {MAX_FILE_RATE} Hz)")
+
+
+def _too_long(label: str, seconds: float, max_seconds: float, prefix: str) -> AudioTooLong:
+    return AudioTooLong(f"cannot load audio {label}: it lasts {prefix}{seconds:.0f} s, more than the limit of "
+                        f"{max_seconds:g} s", seconds)
 
 
 class _Resampler:

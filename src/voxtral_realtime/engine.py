@@ -56,6 +56,9 @@ class Slot:
     position: int = 0  # decoder positions done = embeddings consumed
     embedding_limit: int | None = None  # how many embeddings may be consumed in all, once the audio has ended
     stopped: bool = False
+    #: set before each token is delivered: the log-probabilities the model gave that token and, when the engine
+    #: was told its id, the "nothing this step" token (``no_speech_id``)
+    scores: tuple[float, float] | None = None
 
     def restart(self, prompt: list[int], audio: AudioConfig) -> None:
         """Empty the slot for a new segment opening with ``prompt``, the protocol's left padding queued."""
@@ -96,11 +99,13 @@ class Engine:
     kernels; a minute of compilation per batch-size bucket; an engine for one stream compiles its decoder step
     only).  An engine for several streams allocates its caches in full up front (the decoder's only when
     ``decoder_context`` bounds it), so it cannot run out of memory halfway through; with CUDA graphs the encoder's
-    ring is allocated in full too.
+    ring is allocated in full too.  ``no_speech_id`` (the tokenizer's ``[STREAMING_PAD]``): each delivered token's
+    :attr:`Slot.scores` then hold that token's log-probability too (NaN without it).
     """
 
     def __init__(self, network: VoxtralRealtime, *, max_streams: int = 1, decoder_context: int | None = None,
-                 encoder_chunk: int | None = None, cuda_graphs: bool | None = None, compile: bool = False) -> None:
+                 encoder_chunk: int | None = None, cuda_graphs: bool | None = None, compile: bool = False,
+                 no_speech_id: int | None = None) -> None:
         self.network = network
         #: (the network's layers_version, compiled): what this engine's compiled code and graphs were made for
         self.made_for = (network.layers_version, compile)
@@ -148,6 +153,10 @@ class Engine:
         self._step_inputs = torch.zeros(4, max_streams, dtype=torch.long, device=device)
         self._chosen = torch.zeros(max_streams, dtype=torch.long, device=device)  # each row's last token
         self._chosen_host = [torch.zeros(max_streams, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        # each row's last step: log-probabilities of the chosen token and of no_speech_id, copied with the tokens
+        self._no_speech_id = no_speech_id
+        self._scores = torch.zeros(max_streams, 2, device=device)
+        self._scores_host = [torch.zeros(max_streams, 2, pin_memory=pinned) for _ in range(2)]
         self._launched = 0  # decoder steps launched (picks the host buffers)
         self._step_audio = torch.zeros(max_streams, cfg.decoder.dim, device=device, dtype=dtype)
         self._encode_fn, self._decode_fn = self._encode_rows, self._decode_rows
@@ -431,8 +440,10 @@ class Engine:
                                  rows=slice(slot.index, slot.index + 1), columns_used=slot.position + length)
         slot.position += length
         if slot.position == len(slot.prompt):
-            token = logits[0].argmax()
+            row = logits[0].reshape(1, -1)
+            token = row[0].argmax()
             self._chosen[slot.index] = token
+            slot.scores = tuple(self._token_scores(row, token.reshape(1))[0].tolist())
             self._deliver(slot, int(token))
 
     def _step(self, slots: list[Slot]) -> None:
@@ -463,20 +474,23 @@ class Engine:
         self._call(("decode", rows, 1), lambda: self._decode_fn(rows))
         tokens = self._chosen_host[buffer]
         tokens[:rows].copy_(self._chosen[:rows], non_blocking=True)
+        scores = self._scores_host[buffer]
+        scores[:rows].copy_(self._scores[:rows], non_blocking=True)
         done = torch.cuda.Event() if self.network.device.type == "cuda" else None
         if done is not None:
             done.record()
         self.decode_calls += 1
         self.decode_rows += len(slots)
-        return _LaunchedStep([s for s, d in zip(slots, delivered) if d], tokens, done)
+        return _LaunchedStep([s for s, d in zip(slots, delivered) if d], tokens, scores, done)
 
     def _complete_step(self, step: _LaunchedStep) -> None:
         """Wait for a launched step's tokens and deliver them (not to streams that stopped meanwhile)."""
         if step.done is not None:
             step.done.synchronize()
-        tokens = step.tokens.tolist()
+        tokens, scores = step.tokens.tolist(), step.scores.tolist()
         for slot in step.slots:
             if not slot.stopped:
+                slot.scores = tuple(scores[slot.index])
                 self._deliver(slot, tokens[slot.index])
 
     def _decode_rows(self, rows: int) -> torch.Tensor:
@@ -487,8 +501,19 @@ class Engine:
         logits = self.network.decoder(tokens[:, None], self._step_audio[:rows, None], inputs[1, :, None],
                                       self.decoder_cache, self.ffn_scales[:rows], rows=slice(0, rows),
                                       enabled=enabled)
-        chosen.copy_(torch.where(enabled, _argmax(logits), chosen))
+        new = _argmax(logits)
+        chosen.copy_(torch.where(enabled, new, chosen))
+        self._scores[:rows].copy_(torch.where(enabled[:, None], self._token_scores(logits, new), self._scores[:rows]))
         return chosen
+
+    def _token_scores(self, logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """[B, V] logits, [B] chosen ids -> [B, 2]: log-probabilities of the chosen id and of ``no_speech_id``."""
+        logits = logits.float()
+        total = torch.logsumexp(logits, dim=-1, keepdim=True)
+        picked = logits.gather(-1, chosen[:, None])
+        no_speech = logits[:, self._no_speech_id, None] if self._no_speech_id is not None else \
+            torch.full_like(picked, float("nan"))
+        return torch.cat([picked, no_speech], dim=-1) - total
 
     def _deliver(self, slot: Slot, token: int) -> None:
         if not slot.client.on_token(slot, token):
@@ -512,6 +537,7 @@ class Engine:
 class _LaunchedStep:
     slots: list[Slot]  # the streams whose token this step decides (those past their prompt)
     tokens: torch.Tensor  # host buffer the step's chosen tokens are copied into, per engine row
+    scores: torch.Tensor  # host buffer of their scores (Slot.scores), per engine row
     done: torch.cuda.Event | None  # recorded after that copy (CUDA)
 
 

@@ -84,6 +84,9 @@ class StreamingSession:
         self.prompt = prompt_ids(tok, audio, self.delay_tokens)
         self.continue_after_eos = continue_after_eos
         self.tokens: list[int] = []
+        #: per token of :attr:`tokens`: (its log-probability, that of ``[STREAMING_PAD]``) at its step, as the
+        #: engine scored them (None from an engine that gives no scores)
+        self.token_scores: list[tuple[float, float] | None] = []
         self.samples_fed = 0
         self.finished = False
         #: wall-clock seconds spent inside feed()/finish(): compute / audio duration is the real-time factor
@@ -237,6 +240,7 @@ class StreamingSession:
         step = self._segment_start // self._step + self._segment_tokens
         self._segment_tokens += 1
         self.tokens.append(token)
+        self.token_scores.append(slot.scores)
         keep_going = True
         if token == tokenizer.eos_id:
             keep_going = False

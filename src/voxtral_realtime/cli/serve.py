@@ -36,6 +36,9 @@ def add_parser(sub: Any) -> None:
     sv.add_argument("--decoder-context", type=positive_int, metavar="TOKENS",
                     help="cap each stream's decoder window at this many 80 ms tokens to bound memory "
                          "(default: the model's full window; exact for streams shorter than the cap)")
+    sv.add_argument("--served-model-name", action="append", metavar="NAME",
+                    help="a model id clients may name (in /v1/models, session.update and uploads); repeat for "
+                         "several, the first is the one reported (default: the --model value)")
     sv.add_argument("--api-key", default=os.environ.get("VOXTRAL_API_KEY"),
                     help="require this key from clients (default: $VOXTRAL_API_KEY; none: open to all)")
     sv.add_argument("--max-upload-mb", type=positive_float, default=100.0,
@@ -56,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..server import create_app
+    from ..server.keepalive import uvicorn_settings
     from ..server.state import ServerLimits
 
     reporter = Reporter(enabled=not args.no_progress)
@@ -63,13 +67,13 @@ def run(args: argparse.Namespace) -> int:
                           max_audio_seconds=args.max_audio_seconds, idle_timeout_seconds=args.idle_timeout)
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         reporter.info(f"warning: listening on {args.host} without an API key: anyone who can reach it can use it")
-    app = create_app(lambda: load_model(args, reporter), model_name=args.model, max_streams=args.max_streams,
-                     decoder_context=args.decoder_context, api_key=args.api_key, limits=limits)
+    app = create_app(lambda: load_model(args, reporter), model_name=args.served_model_name or args.model,
+                     max_streams=args.max_streams, decoder_context=args.decoder_context, api_key=args.api_key,
+                     limits=limits)
     if args.web_export is not None:
         mount_local(app, args.web_export)
-    # uvicorn's own frame limit sits above the app's, so an oversized message gets the app's clear error event
-    uvicorn.run(app, host=args.host, port=args.port, ws_max_size=2 * limits.max_message_bytes,
-                timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=5,
+                **uvicorn_settings(limits.max_message_bytes))
     return 0
 
 

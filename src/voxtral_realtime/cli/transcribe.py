@@ -113,9 +113,11 @@ def _replay_in_real_time(model: Any, path: Path, delay_ms: int | None, reporter:
         print(session.feed(samples[start:start + step]), end="", flush=True)
     print(session.finish(), flush=True)
     result = session.transcription
+    if result.words:
+        reporter.info(f"{'start':<9} {'latency':>10}  word")
     for word in result.words:
-        late = f"{1000 * word.latency:7.0f} ms" if word.latency is not None else "      -"
-        reporter.info(f"{word.start:8.2f}s  {late}  {word.text}")
+        late = f"{1000 * word.latency:.0f} ms" if word.latency is not None else "-"
+        reporter.info(f"{f'{word.start:.2f} s':<9} {late:>10}  {word.text}")
     latencies = sorted(w.latency for w in result.words if w.latency is not None)
     if latencies:
         p50, p99 = latencies[len(latencies) // 2], latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]

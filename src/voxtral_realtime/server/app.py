@@ -6,8 +6,8 @@
 
 Endpoints: ``/v1/realtime`` (WebSocket, vLLM's realtime protocol: :mod:`.realtime`),
 ``POST /v1/audio/transcriptions`` (OpenAI's multipart shape; json, text, srt, vtt, verbose_json; ``stream=true``
-for server-sent events in vLLM's chunk shape), ``GET /v1/models``, ``GET /health``, ``GET /metrics``
-(Prometheus), and the browser page at ``/``.
+for server-sent events that both vLLM's and OpenAI's clients read), ``GET /v1/models``, ``GET /health``,
+``GET /metrics`` (Prometheus), and the browser page at ``/``.
 
 Importing this module does no work; :func:`create_app` only builds routes.  The model is loaded once, in the
 lifespan hook, and every stream (live or upload) runs on one batched engine owned by one worker thread
@@ -19,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,19 +36,21 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import AudioError, VoxtralError
-from ..writers import milliseconds, to_srt, to_txt, to_vtt
+from ..errors import AudioError, UsageError, VoxtralError
+from ..writers import to_srt, to_txt, to_vtt
 from .realtime import serve_realtime
-from .state import Busy, EngineStream, ServerLimits, ServerState, api_key_accepted, presented_api_key
-from .worker import EngineWorker, StreamOptions, StreamUpdate, word_dict
+from .state import Busy, EngineStream, ServerLimits, ServerState, api_key_accepted, clip, presented_api_key
+from .verbose import verbose_json
+from .worker import EngineWorker, StreamOptions, StreamUpdate
 
 if TYPE_CHECKING:
     from ..api import Model
-    from ..transcription import Transcription
 
 WEB_DIR = Path(__file__).parent / "web"
 TRANSCRIPTIONS_PATH = "/v1/audio/transcriptions"
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+#: an ISO-639 language code, optionally with a region (en, yue, pt-BR)
+LANGUAGE = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})?")
 
 
 class ApiError(Exception):
@@ -62,15 +65,16 @@ class ApiError(Exception):
         return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
 
 
-def create_app(model_or_loader: Model | Callable[[], Model], *, model_name: str | None = None,
+def create_app(model_or_loader: Model | Callable[[], Model], *, model_name: str | Sequence[str] | None = None,
                max_streams: int = 32, decoder_context: int | None = None, api_key: str | None = None,
                limits: ServerLimits | None = None) -> FastAPI:
     """The server application.
 
     ``model_or_loader``: a loaded :class:`~voxtral_realtime.api.Model`, or a function that loads one (called once,
-    at startup, off the event loop).  ``model_name``: the id clients name in ``model`` fields (default: the
-    model's source).  ``max_streams``: concurrent streams on the engine (overrides ``limits.max_streams``);
-    ``decoder_context``: cap on each stream's decoder window in tokens (memory, see :meth:`Model.engine`).
+    at startup, off the event loop).  ``model_name``: the id clients name in ``model`` fields, or several ids
+    (vLLM's ``--served-model-name``: the first is the one responses report; default: the model's source).
+    ``max_streams``: concurrent streams on the engine (overrides ``limits.max_streams``); ``decoder_context``: cap
+    on each stream's decoder window in tokens (memory, see :meth:`Model.engine`).
     ``api_key``: when set, every ``/v1`` endpoint and ``/metrics`` require it.
     """
     limits = _with_streams(limits or ServerLimits(), max_streams)
@@ -85,21 +89,46 @@ def create_app(model_or_loader: Model | Callable[[], Model], *, model_name: str 
         worker = EngineWorker(model, max_streams=limits.max_streams, decoder_context=decoder_context)
         await asyncio.to_thread(worker.prepare)
         worker.start(asyncio.get_running_loop())
-        app.state.voxtral = ServerState(model=model, model_name=model_name or model.source, worker=worker,
+        app.state.voxtral = ServerState(model=model, model_names=_served_names(model_name, model), worker=worker,
                                         limits=limits, api_key=api_key)
         try:
             yield
         finally:
             await asyncio.to_thread(worker.stop)
 
-    app = FastAPI(title="voxtral-realtime", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.add_middleware(UploadSizeLimit, max_bytes=limits.max_upload_bytes, paths=(TRANSCRIPTIONS_PATH,))
+    # the schema is served by a route of ours, behind the API key when there is one
+    app = FastAPI(title="voxtral-realtime", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(UploadSizeLimit, max_bytes=limits.max_upload_bytes, paths=(TRANSCRIPTIONS_PATH,),
+                       read_timeout=limits.body_read_timeout_seconds)
+    app.add_middleware(HeaderSizeLimit, max_bytes=limits.max_header_bytes)
     app.add_middleware(StartupErrorMessage)
     app.add_exception_handler(ApiError, _api_error_response)
     app.add_exception_handler(StarletteHTTPException, _http_error_response)
     _add_routes(app)
     app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")
     return app
+
+
+class HeaderSizeLimit:
+    """431 for a request whose headers total more than ``max_bytes`` (names and values), before any route sees it.
+
+    uvicorn's default HTTP parser (httptools) puts no limit on headers; with h11 its own limit answers a plain 400.
+    This gives the status that says what is wrong; the bytes were read by then, so the bound on memory per
+    connection is uvicorn's (``--http h11``'s ``h11_max_incomplete_event_size``), not this."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and \
+                sum(len(name) + len(value) for name, value in scope["headers"]) > self.max_bytes:
+            if scope["type"] == "websocket":  # refused handshake: the client sees 403
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            error = ApiError(431, "headers_too_large", f"the request's headers exceed {self.max_bytes} bytes")
+            await JSONResponse(error.body(), status_code=431)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 class StartupErrorMessage:
@@ -127,8 +156,13 @@ def _with_streams(limits: ServerLimits, max_streams: int) -> ServerLimits:
     from dataclasses import replace
 
     if max_streams < 1:
-        raise ValueError(f"max_streams must be at least 1, got {max_streams}")
+        raise UsageError(f"max_streams must be at least 1, got {max_streams}")
     return replace(limits, max_streams=max_streams)
+
+
+def _served_names(model_name: str | Sequence[str] | None, model: Model) -> tuple[str, ...]:
+    names = [model_name] if isinstance(model_name, str) else list(model_name or [])
+    return tuple(dict.fromkeys(name for name in names if name)) or (model.source,)
 
 
 def _resolve_model(model_or_loader: Model | Callable[[], Model]) -> Model:
@@ -159,11 +193,16 @@ def _add_routes(app: FastAPI) -> None:
     async def transcriptions(request: Request) -> Response:
         return await create_transcription(request)
 
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request) -> JSONResponse:
+        _authorize(request)
+        return JSONResponse(app.openapi())
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         state = _authorize(request)
-        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": int(state.started),
-                                            "owned_by": "voxtral-realtime"}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": int(state.started),
+                                            "owned_by": "voxtral-realtime"} for name in state.model_names]}
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
@@ -193,6 +232,7 @@ class TranscriptionRequest:
     word_timestamps: bool
     segment_timestamps: bool
     delay_ms: int | None
+    language: str | None
 
 
 async def create_transcription(request: Request) -> Response:
@@ -230,12 +270,17 @@ class UploadTooLarge(Exception):
     pass
 
 
+class BodyReadTimeout(Exception):
+    pass
+
+
 class UploadSizeLimit:
     """Refuses request bodies above ``max_bytes`` on ``paths``: at once from Content-Length, or while reading a
-    body sent without one, before a multipart parser spools it to disk."""
+    body sent without one, before a multipart parser spools it to disk.  A body whose next piece takes more than
+    ``read_timeout`` seconds to come (one that stops short of its Content-Length) is given up, not waited for."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, paths: tuple[str, ...]) -> None:
-        self.app, self.max_bytes, self.paths = app, max_bytes, paths
+    def __init__(self, app: ASGIApp, max_bytes: int, paths: tuple[str, ...], read_timeout: float) -> None:
+        self.app, self.max_bytes, self.paths, self.read_timeout = app, max_bytes, paths, read_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in self.paths:
@@ -250,7 +295,10 @@ class UploadSizeLimit:
 
         async def counting_receive() -> Message:
             nonlocal received
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout)
+            except asyncio.TimeoutError:
+                raise BodyReadTimeout(f"the request body stopped coming for {self.read_timeout:g} s") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
@@ -271,6 +319,8 @@ async def _read_form(request: Request) -> Any:
         return await request.form(max_files=1, max_fields=32, max_part_size=64 * 1024)
     except UploadTooLarge as err:
         raise ApiError(413, "upload_too_large", str(err)) from None
+    except BodyReadTimeout as err:
+        raise ApiError(408, "request_timeout", str(err)) from None
     except StarletteHTTPException as err:  # Starlette's multipart errors
         raise ApiError(400, "invalid_multipart", f"the multipart body cannot be read: {err.detail}") from None
     except Exception as err:  # noqa: BLE001 - a client that hung up mid-upload, or a body cut short
@@ -285,8 +335,8 @@ def _parse_transcription_form(form: Any, state: ServerState) -> TranscriptionReq
                                                "the upload was cut off)", param="file")
     model = form.get("model", "")
     if not isinstance(model, str) or not state.model_matches(model):
-        raise ApiError(404, "model_not_found", f"model {model!r} is not served here; this server serves "
-                                               f"{state.model_name!r}", param="model")
+        raise ApiError(404, "model_not_found", f"model {clip(repr(model))} is not served here; this server serves "
+                                               f"{state.served_names_text}", param="model")
     response_format = str(form.get("response_format", "json"))
     if response_format not in RESPONSE_FORMATS:
         raise ApiError(400, "invalid_request", f"response_format must be one of {', '.join(RESPONSE_FORMATS)}",
@@ -298,6 +348,7 @@ def _parse_transcription_form(form: Any, state: ServerState) -> TranscriptionReq
     if granularities and response_format != "verbose_json":
         raise ApiError(400, "invalid_request", "timestamp_granularities need response_format=verbose_json",
                        param="timestamp_granularities")
+    _form_temperature(form)
     stream = _form_bool(form, "stream")
     if stream and response_format not in ("json", "text"):
         raise ApiError(400, "invalid_request", "stream=true sends text deltas: use response_format json or text",
@@ -306,7 +357,34 @@ def _parse_transcription_form(form: Any, state: ServerState) -> TranscriptionReq
         upload=upload, response_format=response_format, stream=stream,
         include_usage=_form_bool(form, "stream_include_usage"), word_timestamps="word" in granularities,
         segment_timestamps="segment" in granularities or not granularities,
-        delay_ms=_form_delay(form, state))
+        delay_ms=_form_delay(form, state), language=_form_language(form))
+
+
+def _form_language(form: Any) -> str | None:
+    """OpenAI's ``language`` (an ISO-639 code): echoed in verbose_json, not used for decoding (the model
+    transcribes any of its languages unasked)."""
+    value = form.get("language")
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str) or not LANGUAGE.fullmatch(value):
+        raise ApiError(400, "invalid_request", f"language must be a language code such as 'en', got "
+                                               f"{clip(repr(value))}", param="language")
+    return value
+
+
+def _form_temperature(form: Any) -> None:
+    """Decoding is greedy: temperature 0 (or none) is what the server does; OpenAI's range is checked anyway so
+    that a mistaken value is an error and not silently something else."""
+    value = form.get("temperature")
+    if value in (None, ""):
+        return
+    try:
+        temperature = float(str(value))
+    except ValueError:
+        temperature = math.nan
+    if not 0.0 <= temperature <= 1.0:
+        raise ApiError(400, "invalid_request", f"temperature must be a number from 0 to 1, got {clip(repr(value))}",
+                       param="temperature")
 
 
 def _form_bool(form: Any, name: str) -> bool:
@@ -322,28 +400,30 @@ def _form_delay(form: Any, state: ServerState) -> int | None:
         return None
     try:
         return state.check_delay(int(str(value)))
-    except (TypeError, ValueError) as err:
-        raise ApiError(400, "invalid_request", f"delay_ms: {err}", param="delay_ms") from None
+    except ValueError as err:  # int() of a non-number or of more than 4300 digits, or a delay out of range
+        raise ApiError(400, "invalid_request", str(err) if str(err).startswith("delay_ms") else
+                       f"delay_ms must be a whole number of milliseconds, got {clip(repr(str(value)))}",
+                       param="delay_ms") from None
 
 
 async def _decode_upload(upload: UploadFile, state: ServerState) -> np.ndarray:
-    from ..audio import load_audio
+    from ..audio import AudioTooLong, load_audio
 
     data = await upload.read()
     if not data:
         raise ApiError(400, "invalid_audio", "the uploaded file is empty", param="file")
+    limit = state.limits.max_audio_seconds
     async with state.decodes:  # FFmpeg decoding runs beside the engine: a few at a time
         try:
-            samples = await asyncio.to_thread(load_audio, data)
+            # the limit is enforced by the decoder: a header claiming hours (or 5 Hz) costs nothing to refuse
+            return await asyncio.to_thread(load_audio, data, max_seconds=limit)
+        except AudioTooLong as err:
+            raise ApiError(413, "audio_too_long", f"the audio lasts {err.seconds:.0f} s or more; the server's limit "
+                                                  f"is {limit:g} s", param="file") from None
         except AudioError as err:
             raise ApiError(400, "invalid_audio", str(err).replace(f"<{len(data)} bytes of audio>",
                                                                   repr(upload.filename or "the upload")),
                            param="file") from None
-    seconds = len(samples) / state.sample_rate
-    if seconds > state.limits.max_audio_seconds:
-        raise ApiError(413, "audio_too_long", f"the audio lasts {seconds:.0f} s; the server's limit is "
-                                              f"{state.limits.max_audio_seconds:g} s", param="file")
-    return samples
 
 
 class _UploadSink:
@@ -401,25 +481,18 @@ def _formatted(update: StreamUpdate, params: TranscriptionRequest, state: Server
         return PlainTextResponse(to_srt(result))
     if params.response_format == "vtt":
         return PlainTextResponse(to_vtt(result), media_type="text/vtt")
-    return JSONResponse(_verbose_json(result, params, usage))
-
-
-def _verbose_json(result: Transcription, params: TranscriptionRequest, usage: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI's verbose_json.  The model reports no language and no per-segment log-probabilities, so those
-    fields are left out rather than invented; temperature is 0 because decoding is greedy."""
-    body: dict[str, Any] = {"task": "transcribe", "duration": round(result.duration, 3), "text": result.text,
-                            "delay_ms": result.delay_ms}
-    if params.segment_timestamps:
-        body["segments"] = [{"id": i, "seek": 0, "start": milliseconds(s.start) / 1000, "end": milliseconds(s.end) / 1000,
-                             "text": s.text, "temperature": 0.0} for i, s in enumerate(result.segments)]
-    if params.word_timestamps:
-        body["words"] = [{k: v for k, v in word_dict(w).items() if k != "latency"} for w in result.words]
-    body["usage"] = usage
-    return body
+    return JSONResponse(verbose_json(result, update.token_scores, state.model.tokenizer, language=params.language,
+                                     segments=params.segment_timestamps, words=params.word_timestamps, usage=usage))
 
 
 class TranscriptionEventStream(StreamingResponse):
-    """``stream=true``: server-sent events in vLLM's ``transcription.chunk`` shape, then ``data: [DONE]``.
+    """``stream=true``: server-sent events, then ``data: [DONE]``.
+
+    Each event speaks two dialects at once, so that clients of either read it unchanged: vLLM's
+    ``transcription.chunk`` (``choices[0].delta.content``, a closing chunk with ``finish_reason`` ``"stop"`` and
+    an empty ``content``) and OpenAI's typed events (``type`` ``transcript.text.delta`` with ``delta``, then
+    ``transcript.text.done`` with the whole ``text``).  With ``stream_include_usage`` the closing event carries the
+    usage under both dialects' names (vLLM sends it in a chunk of its own, which OpenAI's SDK could not type).
 
     The stream is dropped in ``__call__``'s ``finally``, so a client that disconnects (even before the first
     byte) never leaves a stream behind in the engine."""
@@ -443,25 +516,30 @@ class TranscriptionEventStream(StreamingResponse):
         while True:
             item = await self._sink.deltas.get()
             if isinstance(item, str):
-                yield self._chunk([{"index": 0, "delta": {"content": item}, "finish_reason": None,
-                                    "stop_reason": None}])
+                yield self._event({"type": "transcript.text.delta", "delta": item}, content=item, finish=None)
                 continue
             if isinstance(item, ApiError):
-                yield f"data: {json.dumps(item.body(), ensure_ascii=False)}\n\n"
+                yield _sse(item.body())
             else:
-                yield self._chunk([{"index": 0, "delta": {}, "finish_reason": "stop", "stop_reason": None}])
+                assert item.result is not None
+                done: dict[str, Any] = {"type": "transcript.text.done", "text": item.result.text}
                 if self._params.include_usage and item.usage is not None:
                     usage = item.usage
-                    yield self._chunk([], usage={"prompt_tokens": usage.prompt_tokens,
-                                                 "completion_tokens": usage.completion_tokens,
-                                                 "total_tokens": usage.total_tokens})
+                    done["usage"] = {"type": "tokens", "input_tokens": usage.prompt_tokens,
+                                     "output_tokens": usage.completion_tokens, "prompt_tokens": usage.prompt_tokens,
+                                     "completion_tokens": usage.completion_tokens, "total_tokens": usage.total_tokens}
+                yield self._event(done, content="", finish="stop")
             yield "data: [DONE]\n\n"
             return
 
-    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> str:
-        body = {"id": self._id, "object": "transcription.chunk", "created": self._created,
-                "model": self._state.model_name, "choices": choices, **extra}
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+    def _event(self, typed: dict[str, Any], content: str, finish: str | None) -> str:
+        choice = {"index": 0, "delta": {"content": content}, "finish_reason": finish, "stop_reason": None}
+        return _sse({"id": self._id, "object": "transcription.chunk", "created": self._created,
+                     "model": self._state.model_name, **typed, "choices": [choice]})
+
+
+def _sse(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
 # -- errors ------------------------------------------------------------------------------------------------------

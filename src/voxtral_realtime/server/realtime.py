@@ -10,7 +10,10 @@ end and latency).  Errors leave the socket open, except ``idle_timeout`` and a c
 Differences from vLLM, all on the side of keeping a session alive: deltas are sent when there is text (vLLM also
 sends empty ones, one per 80 ms step), several steps' text may come in one delta, an always-on stream goes on
 after the model says EOS (``continue_after_eos``, default on), and a session whose client sends faster than the
-engine computes is slowed down by no longer reading its socket instead of being dropped.
+engine computes is slowed down by no longer reading its socket instead of being dropped: audio counts as queued
+until its tokens are decided, reading pauses above ``max_buffered_seconds`` of it, and the client is told with our
+``input_audio_buffer.throttled`` event (``queued_seconds``, ``max_queued_seconds``; clients ignore event types they
+do not know).  The connection's keepalive does not time out meanwhile (:mod:`.keepalive`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import binascii
 import contextlib
 import json
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -35,6 +39,7 @@ from .state import (
     Outbox,
     ServerState,
     api_key_accepted,
+    clip,
     presented_api_key,
 )
 from .worker import StreamOptions, StreamUpdate, word_dict
@@ -42,6 +47,8 @@ from .worker import StreamOptions, StreamUpdate, word_dict
 log = logging.getLogger(__name__)
 
 PCM16_FULL_SCALE = 32768.0
+#: a client whose reading is paused is told so with an ``input_audio_buffer.throttled`` event at most this often
+THROTTLE_NOTICE_SECONDS = 5.0
 
 
 class ProtocolError(Exception):
@@ -93,15 +100,16 @@ class RealtimeSession:
     def __init__(self, websocket: WebSocket, state: ServerState) -> None:
         self.websocket = websocket
         self.state = state
-        self.outbox = Outbox(state.limits.max_unsent_events)
+        self.outbox = Outbox(state.limits.max_unsent_bytes)
         self.model_validated = False
         self.options = StreamOptions(continue_after_eos=True)
         self.stream: EngineStream | None = None
         self.finalizing = False
-        # audio appended before a transcription starts (the protocol allows it); it opens the transcription
-        self.early_audio: list[np.ndarray] = []
-        self.early_samples = 0
+        # audio appended before a transcription starts (the protocol allows it; it opens the transcription), as
+        # the PCM16 bytes it came in: 2 bytes a sample however small the appends
+        self.early_audio = bytearray()
         self.max_buffered_samples = int(state.limits.max_buffered_seconds * state.sample_rate)
+        self._throttle_told = -math.inf
         self._handlers: dict[str, Callable[[dict[str, Any]], None]] = {
             "session.update": self._session_update,
             "input_audio_buffer.append": self._append,
@@ -112,9 +120,13 @@ class RealtimeSession:
         self.outbox.put({"type": "session.created", "id": f"sess-{secrets.token_hex(8)}", "created": int(time.time())})
         sender = asyncio.create_task(self._send_loop())
         receiver = asyncio.create_task(self._receive_loop())
+        overflow = asyncio.create_task(self.outbox.overflow.wait())
         try:
-            done, _ = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
-            if receiver in done and receiver.exception() is not None:
+            done, _ = await asyncio.wait({sender, receiver, overflow}, return_when=asyncio.FIRST_COMPLETED)
+            if overflow in done:
+                sender.cancel()
+                await self._close(1008, "too many unread events: the client is not reading")
+            elif receiver in done and receiver.exception() is not None:
                 log.error("realtime session failed", exc_info=receiver.exception())
             elif receiver in done and receiver.result() == "closing":
                 # let the sender deliver the last error event and close the socket
@@ -123,9 +135,9 @@ class RealtimeSession:
             if self.stream is not None:
                 self.stream.abandon()  # a client gone mid-stream: the slot comes back once the worker drops it
                 self.stream = None
-            for task in (sender, receiver):
+            for task in (sender, receiver, overflow):
                 task.cancel()
-            for task in (sender, receiver):
+            for task in (sender, receiver, overflow):
                 with contextlib.suppress(BaseException):
                     await task
 
@@ -135,9 +147,10 @@ class RealtimeSession:
         """Read and handle messages until the client leaves ("gone") or the session closes for idling
         ("closing")."""
         while True:
-            if self.stream is not None:
+            if self.stream is not None and not self.stream.has_room:
                 # back-pressure: while this client's audio waits for the engine, its socket is not read, so a
                 # client sending faster than the engine computes is slowed down by TCP instead of filling memory
+                self._tell_throttled()
                 await self.stream.wait_for_room()
             message = await self._receive_or_idle()
             if message is None:
@@ -148,6 +161,9 @@ class RealtimeSession:
                 self._handle(message)
             except ProtocolError as err:
                 self._send_error(err.code, str(err))
+            except Exception:  # a bug must cost the client one event, not its session and the stream in progress
+                log.exception("realtime event failed")
+                self._send_error("processing_error", "the server could not handle this event")
 
     async def _receive_or_idle(self) -> dict[str, Any] | None:
         """The next message; None once the session has been closed for idling."""
@@ -163,16 +179,28 @@ class RealtimeSession:
                 return None
 
     def _working(self) -> bool:
-        return self.stream is not None and (self.finalizing or self.stream.queued_samples > 0)
+        return self.stream is not None and (self.finalizing or self.stream.backlogged)
+
+    def _tell_throttled(self) -> None:
+        """Say that reading is paused (at most every THROTTLE_NOTICE_SECONDS: a fast sender pauses at every
+        message)."""
+        now = time.monotonic()
+        if now - self._throttle_told < THROTTLE_NOTICE_SECONDS:
+            return
+        self._throttle_told = now
+        assert self.stream is not None
+        self.outbox.put({"type": "input_audio_buffer.throttled",
+                         "queued_seconds": round(self.stream.queued_samples / self.state.sample_rate, 3),
+                         "max_queued_seconds": self.state.limits.max_buffered_seconds})
 
     def _handle(self, message: dict[str, Any]) -> None:
         text = message.get("text")
         if text is None:
             raise ProtocolError("invalid_event", "binary frames are not part of the protocol: send each event as "
                                                  "a JSON text frame (audio goes base64-encoded in 'audio')")
-        if len(text) > self.state.limits.max_message_bytes:
-            raise ProtocolError("message_too_large", f"a message may hold at most "
-                                                     f"{self.state.limits.max_message_bytes} bytes; send audio in "
+        limit = self.state.limits.max_message_bytes
+        if len(text) > limit or len(text.encode()) > limit:  # characters are at least a byte each
+            raise ProtocolError("message_too_large", f"a message may hold at most {limit} bytes; send audio in "
                                                      "smaller appends")
         try:
             event = json.loads(text)
@@ -182,7 +210,7 @@ class RealtimeSession:
             raise ProtocolError("invalid_event", "an event is a JSON object with a string 'type'")
         handler = self._handlers.get(event["type"])
         if handler is None:
-            raise ProtocolError("unknown_event", f"unknown event type {event['type']!r}")
+            raise ProtocolError("unknown_event", f"unknown event type {clip(repr(event['type']))}")
         handler(event)
 
     # -- events ------------------------------------------------------------------------------------------------
@@ -192,19 +220,20 @@ class RealtimeSession:
         if not isinstance(model, str):
             raise ProtocolError("invalid_event", "session.update needs 'model' (the served model's name, or \"\")")
         if not self.state.model_matches(model):
-            raise ProtocolError("model_not_found", f"model {model!r} is not served here; this server serves "
-                                                   f"{self.state.model_name!r}")
+            raise ProtocolError("model_not_found", f"model {clip(repr(model))} is not served here; this server "
+                                                   f"serves {self.state.served_names_text}")
         self.options = self._updated_options(event)
         self.model_validated = True
 
     def _updated_options(self, event: dict[str, Any]) -> StreamOptions:
         """Our extensions of session.update; they apply from the next transcription on."""
         options = self.options
-        delay = event.get("delay_ms", event.get("target_streaming_delay_ms"))
+        field = "delay_ms" if "delay_ms" in event else "target_streaming_delay_ms"
+        delay = event.get(field)
         if delay is not None:
             try:
-                delay = self.state.check_delay(delay)
-            except (TypeError, ValueError) as err:
+                delay = self.state.check_delay(delay, field)
+            except ValueError as err:
                 raise ProtocolError("invalid_event", str(err)) from None
         flags = {}
         for name in ("word_timestamps", "continue_after_eos"):
@@ -215,19 +244,19 @@ class RealtimeSession:
         return StreamOptions(delay_ms=options.delay_ms if delay is None else delay, **flags)
 
     def _append(self, event: dict[str, Any]) -> None:
-        samples = self._decode_audio(event.get("audio"))
+        pcm = self._decode_audio(event.get("audio"))
         if self.finalizing:
             return  # audio after the final commit and before done is dropped, as in vLLM
         if self.stream is not None:
-            self.stream.append(samples)
+            self.stream.append(_samples(pcm))
             return
-        if self.early_samples + len(samples) > self.max_buffered_samples:
+        if (len(self.early_audio) + len(pcm)) // 2 > self.max_buffered_samples:
             raise ProtocolError("buffer_full", f"more than {self.state.limits.max_buffered_seconds:g} s of audio "
                                                "appended before a transcription started; commit to start one")
-        self.early_audio.append(samples)
-        self.early_samples += len(samples)
+        self.early_audio += pcm
 
-    def _decode_audio(self, audio: object) -> np.ndarray:
+    def _decode_audio(self, audio: object) -> bytes:
+        """The PCM16 bytes of an append's ``audio``."""
         if not isinstance(audio, str):
             raise ProtocolError("invalid_audio", "'audio' must be a base64 string of PCM16 little-endian samples")
         try:
@@ -239,7 +268,7 @@ class RealtimeSession:
         if len(raw) % 2:
             raise ProtocolError("invalid_audio", f"'audio' has {len(raw)} bytes, an odd number: PCM16 samples are "
                                                  "2 bytes each (16 kHz mono, little-endian)")
-        return np.frombuffer(raw, dtype="<i2").astype(np.float32) / np.float32(PCM16_FULL_SCALE)
+        return raw
 
     def _commit(self, event: dict[str, Any]) -> None:
         final = event.get("final", False)
@@ -259,10 +288,9 @@ class RealtimeSession:
         if not self.state.pool.try_acquire_live():
             raise ProtocolError("busy", f"all {self.state.pool.total} streams are in use; try again later")
         self.stream = EngineStream(self.state, _SessionSink(self), self.options, "live")
-        for samples in self.early_audio:
-            self.stream.append(samples)
-        self.early_audio.clear()
-        self.early_samples = 0
+        if self.early_audio:
+            self.stream.append(_samples(self.early_audio))
+        self.early_audio = bytearray()
 
     # -- results (called by the stream, on the event loop) --------------------------------------------------------
 
@@ -299,12 +327,7 @@ class RealtimeSession:
         timeout = self.state.limits.send_timeout_seconds
         try:
             while True:
-                events = await self.outbox.take()
-                if self.outbox.overflowed:
-                    await self._close(1008, "too many unread events: the client is not reading")
-                    return
-                for event in events:
-                    text = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+                for text in await self.outbox.take():
                     await asyncio.wait_for(self.websocket.send_text(text), timeout)
                 if self.outbox.close_after is not None:
                     await self._close(*self.outbox.close_after)
@@ -319,6 +342,10 @@ class RealtimeSession:
         if self.websocket.application_state == WebSocketState.CONNECTED:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.websocket.close(code=code, reason=reason), 5)
+
+
+def _samples(pcm: bytes | bytearray) -> np.ndarray:
+    return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / np.float32(PCM16_FULL_SCALE)
 
 
 class _SessionSink:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import threading
 import time
 from collections import deque
@@ -27,6 +28,16 @@ if TYPE_CHECKING:
 
 SlotKind = Literal["live", "upload"]
 
+#: no delay the model knows is longer (its longest is 2400 ms); larger numbers are refused before any arithmetic
+MAX_DELAY_MS = 10_000
+#: client text quoted back in an error message is cut to this many characters
+ECHO_CHARS = 80
+
+
+def clip(text: str, limit: int = ECHO_CHARS) -> str:
+    """``text`` cut for quoting back to a client: an error must not cost more memory than the limit."""
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} characters)"
+
 
 @dataclass(frozen=True)
 class ServerLimits:
@@ -43,8 +54,12 @@ class ServerLimits:
     #: WebSocket connections at once (idle ones included)
     max_connections: int = 256
     max_upload_bytes: int = 100 * 1024 * 1024
+    #: request headers (names and values) beyond this are answered 431
+    max_header_bytes: int = 64 * 1024
+    #: an upload whose body stops coming for this long is answered 408 (a body cut short would hold it forever)
+    body_read_timeout_seconds: float = 30.0
     max_audio_seconds: float = 2 * 3600.0
-    #: one WebSocket message (a base64 append of 1 MiB is about 24 s of audio)
+    #: one WebSocket message in bytes of UTF-8 (a base64 append of 1 MiB is about 24 s of audio)
     max_message_bytes: int = 1024 * 1024
     #: audio a WebSocket client may have waiting in the server: above it the server stops reading its messages
     #: (TCP back-pressure); audio appended before a transcription starts beyond it is refused (buffer_full)
@@ -53,8 +68,8 @@ class ServerLimits:
     idle_timeout_seconds: float = 60.0
     #: a client that does not take an event within this long is disconnected (it is not reading)
     send_timeout_seconds: float = 30.0
-    #: events (other than merged text and words) waiting for a client that is not reading: beyond, disconnect
-    max_unsent_events: int = 256
+    #: JSON bytes of events waiting for a client that is not reading: beyond, it is disconnected
+    max_unsent_bytes: int = 1024 * 1024
     #: audio files decoded at once (decoding runs on threads beside the engine)
     max_concurrent_decodes: int = 2
 
@@ -128,71 +143,91 @@ class SlotPool:
 
 
 _MERGEABLE = ("transcription.delta", "transcription.words")
+#: what a word costs in the outbox besides its text: its JSON keys and numbers
+_WORD_OVERHEAD_BYTES = 64
 
 
 class Outbox:
-    """Events waiting to be sent to one client.
+    """Events waiting to be sent to one client, bounded in bytes.
 
     Consecutive text deltas are merged into one delta, and consecutive word lists into one list, so a client that
     reads slowly costs memory in proportion to its transcript, not to the number of engine rounds.  Other events
-    (errors, ``done``) are counted: a client letting more than ``max_events`` of them pile up is not reading, and
-    :attr:`overflowed` tells the sender to disconnect it.
+    (errors, ``done``) are serialized when queued.  Everything counts in :attr:`unsent_bytes` (the JSON the client
+    has not taken); past ``max_bytes`` the client is not reading: what is queued is dropped, nothing more is
+    taken, and :attr:`overflow` tells the session to disconnect it (even while a send to it is blocked).
     """
 
-    def __init__(self, max_events: int) -> None:
-        self.max_events = max_events
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
         self.overflowed = False
+        self.overflow = asyncio.Event()
+        self.unsent_bytes = 0
         #: close the connection with this (code, reason) once everything before it is sent
         self.close_after: tuple[int, str] | None = None
-        self._items: deque[dict[str, Any]] = deque()
-        self._other_events = 0
+        self._items: deque[dict[str, Any] | str] = deque()
         self._ready = asyncio.Event()
 
     def put_delta(self, text: str) -> None:
+        if self.overflowed:
+            return
         merged = self._mergeable("transcription.delta")
         if merged is not None:
             merged["delta"] += text
         else:
             self._items.append({"type": "transcription.delta", "delta": text})
-        self._ready.set()
+        self._count(len(text.encode()))
 
     def put_words(self, words: list[dict[str, Any]]) -> None:
+        if self.overflowed:
+            return
         merged = self._mergeable("transcription.words")
         if merged is not None:
             merged["words"].extend(words)
         else:
             self._items.append({"type": "transcription.words", "words": list(words)})
-        self._ready.set()
+        self._count(sum(len(w["word"].encode()) + _WORD_OVERHEAD_BYTES for w in words))
 
     def _mergeable(self, kind: str) -> dict[str, Any] | None:
         """The unsent event of ``kind`` that new content can join: one after the last other event (an error or
         ``done`` must keep its place).  Deltas and words alternate, so both are looked for in that tail."""
         for item in reversed(self._items):
+            if isinstance(item, str):
+                return None
             if item["type"] == kind:
                 return item
-            if item["type"] not in _MERGEABLE:
-                return None
         return None
 
     def put(self, event: dict[str, Any]) -> None:
-        self._items.append(event)
-        self._other_events += 1
-        if self._other_events > self.max_events:
+        if self.overflowed:
+            return
+        text = encode_event(event)
+        self._items.append(text)
+        self._count(len(text.encode()))
+
+    def _count(self, size: int) -> None:
+        self.unsent_bytes += size
+        if self.unsent_bytes > self.max_bytes:
             self.overflowed = True
+            self._items.clear()
+            self.overflow.set()
         self._ready.set()
 
     def close(self, code: int, reason: str) -> None:
         self.close_after = (code, reason)
         self._ready.set()
 
-    async def take(self) -> list[dict[str, Any]]:
-        """Wait for events, then return all of them."""
+    async def take(self) -> list[str]:
+        """Wait for events, then return all of them as JSON text."""
         await self._ready.wait()
         self._ready.clear()
-        items = list(self._items)
+        items = [item if isinstance(item, str) else encode_event(item) for item in self._items]
         self._items.clear()
-        self._other_events = 0
+        self.unsent_bytes = 0
         return items
+
+
+def encode_event(event: dict[str, Any]) -> str:
+    return json.dumps(event, ensure_ascii=False, separators=(",", ":"))
 
 
 class StreamSink(Protocol):
@@ -210,9 +245,12 @@ class StreamSink(Protocol):
 class EngineStream:
     """The event loop's handle on one stream of the worker.
 
-    Tracks the audio sent but not yet taken by the worker (``wait_for_room`` is the back-pressure), routes the
-    worker's updates to a :class:`StreamSink`, and gives the slot back to the pool when the worker has released
-    the engine row.  Opened only after a slot of ``kind`` was acquired.
+    Tracks the audio sent whose tokens are not decided yet, wherever it waits (here, in the worker, inside the
+    engine): above ``max_buffered_seconds`` of it :attr:`has_room` is False and the sender stops reading
+    (``wait_for_room`` is the back-pressure).  Appends are sent to the worker in whole 80 ms steps (the engine
+    computes nothing with less), so tiny appends cost no per-append memory there.  Routes the worker's updates
+    to a :class:`StreamSink`, and gives the slot back to the pool when the worker has released the engine row.
+    Opened only after a slot of ``kind`` was acquired.
     """
 
     def __init__(self, state: ServerState, sink: StreamSink, options: StreamOptions, kind: SlotKind) -> None:
@@ -227,23 +265,47 @@ class EngineStream:
         self._room = asyncio.Event()
         self._room.set()
         self._room_limit = int(state.limits.max_buffered_seconds * state.sample_rate)
+        audio = state.model.config.audio
+        self._step = audio.samples_per_token
+        # audio the model cannot decide before more arrives: its delay, plus a step being filled
+        self._lookahead = (audio.delay_tokens(options.delay_ms) + 2) * self._step
+        self._held: list[np.ndarray] = []  # less than a step, not sent to the worker yet
+        self._held_samples = 0
         self.id = state.worker.open(self, options)
         state.metrics.streams_opened.labels(kind).inc()
 
     def append(self, samples: np.ndarray) -> None:
-        if self.ended:
+        if self.ended or not len(samples):
             return
         self.queued_samples += len(samples)
         self._state.queued_samples += len(samples)
         if self.queued_samples > self._room_limit:
             self._room.clear()
-        self._state.worker.append(self.id, samples)
+        self._held.append(samples)
+        self._held_samples += len(samples)
+        if self._held_samples >= self._step:
+            self._send_held()
+
+    def _send_held(self) -> None:
+        if self._held:
+            self._state.worker.append(self.id, self._held[0] if len(self._held) == 1 else np.concatenate(self._held))
+            self._held, self._held_samples = [], 0
+
+    @property
+    def has_room(self) -> bool:
+        return self._room.is_set()
+
+    @property
+    def backlogged(self) -> bool:
+        """Audio is waiting for the engine beyond what the model needs more audio to decide."""
+        return self.queued_samples > self._lookahead
 
     async def wait_for_room(self) -> None:
         await self._room.wait()
 
     def finish(self) -> None:
         if not self.ended:
+            self._send_held()
             self._state.worker.finish(self.id)
 
     def abandon(self) -> None:
@@ -253,9 +315,9 @@ class EngineStream:
             self._state.worker.abandon(self.id)
 
     def on_update(self, update: StreamUpdate) -> None:
-        if update.consumed_samples:
-            self.queued_samples -= update.consumed_samples
-            self._state.queued_samples -= update.consumed_samples
+        if update.decided_samples:
+            self.queued_samples -= update.decided_samples
+            self._state.queued_samples -= update.decided_samples
             if self.queued_samples <= self._room_limit:
                 self._room.set()
         if update.released and not self.released:
@@ -291,7 +353,8 @@ class ServerMetrics:
         Gauge("voxtral_stream_slots", "Streams the engine holds at most", registry=r).set(state.limits.max_streams)
         Gauge("voxtral_free_stream_slots", "Engine rows free now", registry=r).set_function(
             lambda: state.worker.free_slots)
-        Gauge("voxtral_queued_audio_seconds", "Audio received but not yet handed to the engine (queue depth)",
+        Gauge("voxtral_queued_audio_seconds", "Audio received whose tokens are not decided yet, wherever it waits "
+              "(queue depth; the model's look-ahead of a few hundred ms per live stream included)",
               registry=r).set_function(lambda: state.queued_samples / state.sample_rate)
         Gauge("voxtral_pending_engine_commands", "Commands waiting for the engine thread",
               registry=r).set_function(lambda: state.worker.pending_commands)
@@ -349,7 +412,8 @@ class ServerState:
     """What every request handler needs; one per app, made in the lifespan hook."""
 
     model: Model
-    model_name: str
+    #: the ids clients may name in ``model`` fields (``--served-model-name``); the first is the one reported
+    model_names: tuple[str, ...]
     worker: EngineWorker
     limits: ServerLimits
     api_key: str | None
@@ -370,16 +434,32 @@ class ServerState:
         self.metrics.on_engine_run(seconds, steps, audio_seconds)
         self.recent_rtf.add(seconds, audio_seconds)
 
-    def check_delay(self, delay_ms: object) -> int:
-        """A delay the model supports, or ValueError / TypeError with the reason."""
+    def check_delay(self, delay_ms: object, field: str = "delay_ms") -> int:
+        """A delay the model supports, or ValueError naming ``field`` with the reason (range before arithmetic:
+        a 400-digit number must not reach a float division)."""
+        if isinstance(delay_ms, float) and delay_ms.is_integer():
+            delay_ms = int(delay_ms)  # JSON does not tell 480 from 480.0
         if isinstance(delay_ms, bool) or not isinstance(delay_ms, int):
-            raise TypeError(f"delay_ms must be a whole number of milliseconds, got {delay_ms!r}")
-        self.model.config.audio.delay_tokens(delay_ms)
+            raise ValueError(f"{field} must be a whole number of milliseconds, got {clip(repr(delay_ms))}")
+        if not 0 < delay_ms <= MAX_DELAY_MS:
+            raise ValueError(f"{field} must be between 1 and {MAX_DELAY_MS} ms, got {clip(repr(delay_ms))}")
+        try:
+            self.model.config.audio.delay_tokens(delay_ms)
+        except ValueError as err:
+            raise ValueError(f"{field}: {err}") from None
         return delay_ms
 
+    @property
+    def model_name(self) -> str:
+        return self.model_names[0]
+
+    @property
+    def served_names_text(self) -> str:
+        return ", ".join(repr(name) for name in self.model_names)
+
     def model_matches(self, name: str) -> bool:
-        """Clients name the served model, or send an empty name (vLLM accepts that too)."""
-        return name in ("", self.model_name)
+        """Clients name a served model, or send an empty name (vLLM accepts that too)."""
+        return name == "" or name in self.model_names
 
 
 # -- API keys ------------------------------------------------------------------------------------------------

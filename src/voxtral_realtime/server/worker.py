@@ -76,10 +76,14 @@ class StreamUpdate:
     text: str = ""
     #: words completed this round, as JSON-ready dicts (word, start, end, latency)
     words: list[dict[str, Any]] = field(default_factory=list)
-    #: samples of appended audio the worker took into the engine (the sender's back-pressure accounting)
-    consumed_samples: int = 0
+    #: samples of appended audio whose tokens the model decided this round: audio counts as queued (the sender's
+    #: back-pressure, the queue metric) until then, not merely until it is handed to the engine, which takes
+    #: many steps a round but decodes few
+    decided_samples: int = 0
     #: set once, when the stream has finished: its whole transcription
     result: Transcription | None = None
+    #: with the result: per token, (its log-probability, that of [STREAMING_PAD]) at its step
+    token_scores: list[tuple[float, float] | None] = field(default_factory=list)
     usage: StreamUsage | None = None
     #: the stream failed and was dropped (a bug, reported to its client as ``processing_error``)
     error: str | None = None
@@ -156,9 +160,11 @@ class _Stream:
     ending: bool = False
     tokens_seen: int = 0
     words_sent: int = 0
+    #: samples appended, and of those the ones whose tokens were reported decided
+    received: int = 0
+    decided: int = 0
     # produced since the last publish
     text: list[str] = field(default_factory=list)
-    consumed: int = 0
 
 
 class EngineWorker:
@@ -288,6 +294,7 @@ class EngineWorker:
             if not stream.final_requested:
                 stream.pending.append(command.samples)
                 stream.pending_samples += len(command.samples)
+                stream.received += len(command.samples)
         elif isinstance(command, _Finish):
             stream.final_requested = True
         elif isinstance(command, _Abandon):
@@ -326,7 +333,6 @@ class EngineWorker:
             except Exception as exc:  # noqa: BLE001
                 self._drop(stream_id, error=f"cannot take audio: {exc}")
                 continue
-            stream.consumed += len(chunk)
             pushed += len(chunk)
         return pushed
 
@@ -399,6 +405,7 @@ class EngineWorker:
             result = session.transcription
             update = self._collect(stream, words=result.words)
             update.result = result
+            update.token_scores = list(session.token_scores)
             update.usage = StreamUsage(prompt_tokens=len(session.prompt), completion_tokens=len(result.tokens))
             update.released = True
             self._post(stream.listener, update)
@@ -413,12 +420,12 @@ class EngineWorker:
     def _publish(self) -> None:
         for stream in self._streams.values():
             update = self._collect(stream, words=None)
-            if update.text or update.consumed_samples:
+            if update.text or update.decided_samples:
                 self._post(stream.listener, update)
         self._flush_posts()
 
     def _collect(self, stream: _Stream, words: list[Word] | None) -> StreamUpdate:
-        """The stream's text, words and consumed audio since the last publish.
+        """The stream's text, words and decided audio since the last publish (token k decides step k's audio).
 
         ``words``: the stream's whole word list when the caller has it (at the end); otherwise it is read only
         when there is new text, since a word is completed only when a text token arrives (which, but for a UTF-8
@@ -427,8 +434,9 @@ class EngineWorker:
         session = stream.session
         text = "".join(stream.text) + session.take_text()
         stream.text.clear()
-        update = StreamUpdate(text=text, consumed_samples=stream.consumed)
-        stream.consumed = 0
+        decided = min(len(session.tokens) * self._step_samples, stream.received)
+        update = StreamUpdate(text=text, decided_samples=decided - stream.decided)
+        stream.decided = decided
         if stream.options.word_timestamps and (words is not None or text):
             if words is None:
                 words = session.transcription.words
