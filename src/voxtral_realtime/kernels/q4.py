@@ -54,11 +54,11 @@ if triton is not None:
         """One row of x, quantized to 8 bits per group of 32 (:func:`_quantize_activation_kernel`), times a 4-bit
         weight (layout: :func:`quantized_matmul`), both read as int32 words: word w of a group holds the weights
         4w..4w+3 in its low nibbles and 16+4w..16+4w+3 in its high ones, which meet x's words w and 4 + w in two
-        integer dot products (``dp4a``).  Per group ``scale * (step * sum(q qx) + residual) + offset * sum(x)``; with NORM the
-        row's 1/rms (from the quantizer's partial sums of squares) multiplies the result.  SYMMETRIC (Q4_0): every
-        offset is -8 scale, so offsets are not read (a ninth of the bytes) and the group's term is
-        ``scale * (step * dot + residual - 8 sum(x))``.  Integer dot products rather than FMAs keep instruction
-        issue below the weights' memory time (bench/sass_count.py counts them)."""
+        integer dot products (``dp4a``).  Per group ``scale * (step * sum(q qx) + residual) + offset * sum(x)``;
+        with NORM the row's 1/rms (from the quantizer's partial sums of squares) multiplies the result.
+        SYMMETRIC (Q4_0): every offset is -8 scale, so offsets are not read (a ninth of the bytes) and the group's
+        term is ``scale * (step * dot + residual - 8 sum(x))``.  Integer dot products rather than FMAs keep
+        instruction issue below the weights' memory time (bench/sass_count.py counts them)."""
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_g = tl.arange(0, GROUPS)
