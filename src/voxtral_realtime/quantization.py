@@ -16,22 +16,12 @@
 :func:`dequantize_blocks` turns the bytes back into float32 bit for bit as ``gguf.quants.dequantize`` does (the
 products involved are exact in float32, and the one subtraction of Q4_K is rounded once in both).
 
-**Modules.**  :class:`QuantizedLinear` holds a 4-bit weight (Q4_0 or Q4_K) in the layout the GPU kernel reads:
-
-* ``qweight`` uint8 [out, in/2]: within each group ``g`` of 32 values of a row, byte ``b`` (0..15) holds value
-  ``32g + b`` in its low nibble and ``32g + 16 + b`` in its high nibble (Q4_0's own byte order);
-* ``scales``, ``offsets`` float16 [out, in/32]: value = ``scales * q + offsets`` with ``q`` in 0..15.  Q4_0:
-  ``scale = d``, ``offset = -8d`` (both exact in f16).  Q4_K: ``scale = d*sc``, ``offset = -dmin*m`` per
-  sub-block, rounded to f16 here (relative error <= 2^-11 on each sub-block's step; the file keeps the exact
-  factors).
-
-On CUDA its forward calls ``kernels.quantized_matmul`` when that kernel exists; elsewhere it dequantizes a slice of
-rows at a time and multiplies, so no full-precision copy of the weight is ever held.  On the CPU the loader swaps
-each one for a :class:`CpuInt4Linear`, which keeps the weight in torch's packed int4 layout and multiplies with
-``torch.ops.aten._weight_int4pack_mm_for_cpu`` (group size 32, bf16 activations: that kernel's only vectorized
-dtype; docs/performance.md, "On the CPU").  :class:`Q8Linear` holds
-Q8_0 as int8 [out, in] + f16 [out, in/32].  :class:`QuantizedEmbedding` is the tied token table: row lookups for
-the input and, through :meth:`QuantizedEmbedding.logits`, the LM head.
+**Modules.**  :class:`QuantizedLinear` holds a 4-bit weight (Q4_0 or Q4_K) in the layout the GPU kernel reads
+(``kernels.quantized_matmul``): ``scales``/``offsets`` f16 [out, in/32], Q4_0 as ``d`` / ``-8d`` (exact), Q4_K as
+``d*sc`` / ``-dmin*m`` rounded to f16 (relative error <= 2^-11 per sub-block step; the file keeps the exact
+factors).  Without the kernel it dequantizes a slice of rows at a time, so no full-precision copy is ever held.
+On the CPU the loader swaps each for a :class:`CpuInt4Linear` (torch's packed int4 kernel, docs/performance.md,
+"On the CPU").  :class:`Q8Linear` holds Q8_0; :class:`QuantizedEmbedding` is the tied token table and LM head.
 """
 
 from __future__ import annotations
@@ -369,7 +359,8 @@ def _rows_per_slice(in_features: int) -> int:
 
 class QuantizedLinear(_KeepsF16Scales):
     """A linear layer with a 4-bit (Q4_0 / Q4_K) weight: ``y = x W^T + b``, ``W = scales * q + offsets`` per group
-    of 32 input values (layout in the module docstring)."""
+    of 32 input values: ``qweight`` uint8 [out, in/2] (in each group of 32, byte b holds value b in its low nibble
+    and value 16 + b in its high one: Q4_0's own order), ``scales``/``offsets`` f16 [out, in/32]."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
                  bias: torch.Tensor | None = None, *, qtype: str = "q4_0") -> None:
