@@ -171,7 +171,8 @@ class Engine:
         self._buckets = _buckets(max_streams) if use_graphs else None
         self._stepped_prompt = STEPPED_PROMPT_TOKENS if use_graphs else 1
         self._ffn_cache: dict[int, torch.Tensor] = {}
-        # the shared opening (docs/architecture.md, "The engine"): encoder rows + its embeddings, decoder rows per prompt/delay
+        # the shared opening (docs/architecture.md, "The engine"): encoder rows + its embeddings, decoder rows per
+        # prompt/delay
         hop, half = self.audio.hop_length, self.audio.window_size // 2
         last_silent_frame = (len(left_padding(self.audio)) - half) // hop
         self._silent_steps = max(0, (last_silent_frame + 1) // self._frames_per_step)
