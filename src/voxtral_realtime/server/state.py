@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import threading
 import time
 from collections import deque
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
+from .load import admits_live, live_capacity
 from .worker import EngineWorker, StreamOptions, StreamUpdate
 
 if TYPE_CHECKING:
@@ -43,8 +45,11 @@ def clip(text: str, limit: int = ECHO_CHARS) -> str:
 class ServerLimits:
     """Everything a client could otherwise use to exhaust the server."""
 
-    #: concurrent streams, live and uploads together (the engine's rows)
+    #: concurrent streams, live and uploads together (the engine's rows): a hard cap, whatever the load
     max_streams: int = 32
+    #: a new live stream is admitted only while the engine's measured load with it stays at most this fraction of
+    #: the engine's time, so that every live stream is computed in real time (:mod:`.load`); 0: off
+    max_load: float = 0.9
     #: of which uploads may hold at most this many, so live captions always find room (None: a quarter)
     max_upload_streams: int | None = None
     #: uploads waiting for a slot; more are refused with 503 busy
@@ -81,7 +86,7 @@ class ServerLimits:
 
 
 class Busy(Exception):
-    """No stream slot is free (live: at once; upload: within the wait)."""
+    """No stream slot is free (live: at once; upload: within the wait), or no compute for one more live stream."""
 
 
 class SlotPool:
@@ -362,6 +367,14 @@ class ServerMetrics:
             lambda: state.pool.waiting)
         Gauge("voxtral_websocket_connections", "Open realtime WebSocket connections", registry=r).set_function(
             lambda: state.connections)
+        Gauge("voxtral_live_streams", "Live (WebSocket) streams holding a slot", registry=r).set_function(
+            lambda: state.pool.in_use["live"])
+        Gauge("voxtral_engine_utilization", "Engine busy time over wall time, exponentially weighted over the last "
+              "few seconds", registry=r).set_function(lambda: state.worker.load.utilization())
+        Gauge("voxtral_stream_cost", "Engine seconds per second of one stream's audio, recently (NaN until "
+              "measured)", registry=r).set_function(lambda: _or_nan(state.worker.load.cost_per_stream()))
+        Gauge("voxtral_live_stream_capacity", "Live streams the engine is estimated to compute in real time within "
+              "max_load (NaN until measured)", registry=r).set_function(lambda: _or_nan(state.live_capacity))
         Gauge("voxtral_real_time_factor", "Engine time over audio time, last minute (below 1: faster than real "
               "time, summed over all streams)", registry=r).set_function(lambda: state.recent_rtf.value())
         self.step_seconds = Histogram(
@@ -384,6 +397,10 @@ class ServerMetrics:
             self.step_seconds.observe(seconds / steps)
         self.engine_time.inc(seconds)
         self.engine_audio.inc(audio_seconds)
+
+
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value
 
 
 class RecentRatio:
@@ -433,6 +450,28 @@ class ServerState:
     def _on_run(self, seconds: float, steps: int, audio_seconds: float) -> None:
         self.metrics.on_engine_run(seconds, steps, audio_seconds)
         self.recent_rtf.add(seconds, audio_seconds)
+
+    def acquire_live(self) -> None:
+        """A slot for a new live stream, or :class:`Busy` saying why not: every slot is in use, or the engine's
+        measured load leaves no room to compute one more stream in real time."""
+        pool, max_load = self.pool, self.limits.max_load
+        if pool.used >= pool.total:
+            raise Busy(f"all {pool.total} streams are in use")
+        live = pool.in_use["live"]
+        cost = self.worker.load.cost_per_stream()
+        if not admits_live(live, cost, max_load):
+            assert cost is not None
+            raise Busy(f"the server is at its compute capacity: its {live} live streams need about {live * cost:.0%} "
+                       f"of the engine's time, and one more would take it past {max_load:.0%}, too slow for real "
+                       "time")
+        pool.try_acquire_live()
+
+    @property
+    def live_capacity(self) -> int | None:
+        """Live streams the engine is estimated to compute in real time within ``max_load`` (with load admission
+        off: within all its time), at most ``max_streams``; None until measured."""
+        capacity = live_capacity(self.worker.load.cost_per_stream(), self.limits.max_load or 1.0)
+        return None if capacity is None else min(capacity, self.limits.max_streams)
 
     def check_delay(self, delay_ms: object, field: str = "delay_ms") -> int:
         """A delay the model supports, or ValueError naming ``field`` with the reason (range before arithmetic:
