@@ -197,3 +197,14 @@ def test_a_fresh_server_admits_until_measured_and_the_worker_measures(tiny_short
 def test_a_load_limit_that_is_not_a_fraction_is_a_usage_error(tiny_short):
     with pytest.raises(UsageError, match="max_load"):
         create_app(tiny_short, limits=ServerLimits(max_load=-0.5))
+
+
+def test_max_load_on_the_command_line(capsys):
+    from voxtral_realtime.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["serve"]).max_load == 0.9
+    assert parser.parse_args(["serve", "--max-load", "0"]).max_load == 0.0
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--max-load", "1.5"])
+    assert "fraction of the engine's time" in capsys.readouterr().err

@@ -79,8 +79,9 @@ def run(args: argparse.Namespace) -> int:
     from ..server.state import ServerLimits
 
     reporter = Reporter(enabled=not args.no_progress)
-    limits = ServerLimits(max_streams=args.max_streams, max_load=args.max_load, max_upload_bytes=int(args.max_upload_mb * 2**20),
-                          max_audio_seconds=args.max_audio_seconds, idle_timeout_seconds=args.idle_timeout)
+    limits = ServerLimits(max_streams=args.max_streams, max_load=args.max_load,
+                          max_upload_bytes=int(args.max_upload_mb * 2**20), max_audio_seconds=args.max_audio_seconds,
+                          idle_timeout_seconds=args.idle_timeout)
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         reporter.info(f"warning: listening on {args.host} without an API key: anyone who can reach it can use it")
     app = create_app(lambda: load_model(args, reporter), model_name=args.served_model_name or args.model,
