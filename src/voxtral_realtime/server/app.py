@@ -211,7 +211,7 @@ def _add_routes(app: FastAPI) -> None:
     async def health(request: Request) -> JSONResponse:
         state = _state(request)
         load = state.worker.load
-        cost = load.cost_per_stream()
+        cost = load.stream_cost()
         body = {"status": "ok" if state.worker.alive else "unhealthy", "model": state.model_name,
                 "active_streams": state.worker.active_streams, "free_stream_slots": state.worker.free_slots,
                 "max_streams": state.limits.max_streams, "live_streams": state.pool.in_use["live"],

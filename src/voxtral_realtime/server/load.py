@@ -1,17 +1,20 @@
 """Admission of live streams by the engine's measured load, the same on any device.
 
-The worker reports, after every round, how long the engine computed and how much audio it decided (summed over
-streams).  From those, exponentially weighted over the last few seconds:
+A live stream needs one 80 ms step every 80 ms, and the engine computes the steps of all streams together, one
+batched step per round.  So ``n`` streams keep up in real time while one batched step over ``n`` streams takes at
+most 80 ms (``max_load`` of it, for headroom).  The worker reports each engine run's time, its batched decoder steps
+and the streams in them; from those, exponentially weighted over the last few seconds:
 
-- **utilization**: engine busy time over wall time (0 when idle, near 1 when it never rests);
-- **cost per stream**: engine seconds per second of one stream's audio.  A live stream brings one second of
-  audio per second, so ``n`` live streams need ``n * cost`` of the engine's time.  For streams at real-time pace
-  this is the utilization divided by the streams; unlike it, it stays right while a client sends faster than
-  real time (the engine is then always busy, yet a live stream would still get its share of every round).
+- **utilization**: engine busy time over wall time (0 when idle);
+- **step time by batch size**: a line ``seconds(n) = overhead + n * per_stream`` fitted to the runs' seconds per
+  step against their streams per step (streams arrive at different moments, so batch sizes vary by themselves).
+  Its slope is the **cost of a stream**, what one more adds, which on a device that batches well is far below the
+  average (a GPU's step costs about the same for 1 or 32 streams; a CPU's decoder reads the same weights for all).
 
-A new live stream is admitted while ``(live streams + 1) * cost <= max_load``.  The cost is the average over the
-batch measured, which on a device that batches well overstates what one more stream adds: the estimate errs
-toward refusing.
+A new live stream is admitted while the predicted load with it, ``seconds(n + 1) / 80 ms``, stays within
+``max_load``.  Before the line can be fitted (nothing measured yet, or every step had the same batch size), a new
+stream is admitted while the measured utilization is below ``max_load``: the engine has room now, and the stream
+makes the batch sizes that measure it.
 """
 
 from __future__ import annotations
@@ -23,29 +26,41 @@ from collections.abc import Callable
 
 #: seconds over which measurements weigh (a time constant: a run this long ago counts 1/e as much as one now)
 LOAD_TIME_CONSTANT = 5.0
+#: batch sizes must vary at least this much (variance, in streams squared) for a slope to be fitted
+MIN_BATCH_VARIANCE = 0.05
+#: a predicted load this close above the limit is at it (the fit's rounding must not turn 3 x 0.3 into 0.9000001)
+ROUNDING = 1e-9
 
 
 class EngineLoad:
-    """The engine's measured load (written by the worker thread, read on the event loop)."""
+    """The engine's measured load (written by the worker thread, read on the event loop).
 
-    def __init__(self, time_constant: float = LOAD_TIME_CONSTANT,
+    ``step_seconds``: the audio one step covers (80 ms), the time a batched step must fit in."""
+
+    def __init__(self, step_seconds: float = 0.08, time_constant: float = LOAD_TIME_CONSTANT,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        self.step_seconds = step_seconds
         self.time_constant = time_constant
         self._clock = clock
         self._started = clock()
         self._updated = self._started
         self._busy = 0.0  # weighted engine seconds, as of _updated
-        self._audio = 0.0  # weighted seconds of audio decided, as of _updated
+        # weighted sums over decoder steps of 1, streams, streams^2, seconds, streams * seconds
+        self._sums = [0.0] * 5
         self._lock = threading.Lock()
 
-    def record(self, busy_seconds: float, audio_seconds: float) -> None:
-        """One worker round: the engine computed ``busy_seconds`` and decided ``audio_seconds`` of audio."""
+    def record(self, busy_seconds: float, steps: int = 0, streams: int = 0) -> None:
+        """One engine run: ``busy_seconds`` long, ``steps`` batched decoder steps over ``streams`` streams in all."""
         with self._lock:
             now = self._clock()
             decay = math.exp(-(now - self._updated) / self.time_constant)
-            self._busy = self._busy * decay + busy_seconds
-            self._audio = self._audio * decay + audio_seconds
             self._updated = now
+            self._busy = self._busy * decay + busy_seconds
+            self._sums = [s * decay for s in self._sums]
+            if steps:
+                batch, seconds = streams / steps, busy_seconds / steps
+                for i, value in enumerate((1.0, batch, batch * batch, seconds, batch * seconds)):
+                    self._sums[i] += steps * value
 
     def utilization(self) -> float:
         """Engine busy time over wall time, recently: 0 for an idle engine, decaying while it rests."""
@@ -57,30 +72,56 @@ class EngineLoad:
             wall = self.time_constant * -math.expm1(-(now - self._started) / self.time_constant)
         return min(1.0, busy / wall) if wall > 0 else 0.0
 
-    def cost_per_stream(self) -> float | None:
-        """Engine seconds per second of a stream's audio, recently; None until some audio has been decided."""
+    def step_model(self) -> tuple[float, float] | None:
+        """(overhead, per stream) seconds of a batched step, fitted; None until batch sizes have varied."""
         with self._lock:
-            return self._busy / self._audio if self._audio > 0 else None
+            weight, batch, batch2, seconds, batch_seconds = self._sums
+        if weight <= 0:
+            return None
+        mean_batch, mean_seconds = batch / weight, seconds / weight
+        variance = batch2 / weight - mean_batch ** 2
+        if variance < MIN_BATCH_VARIANCE:
+            return None
+        per_stream = (batch_seconds / weight - mean_batch * mean_seconds) / variance
+        overhead = mean_seconds - per_stream * mean_batch
+        if overhead < 0:  # dearer than linear, or noise: the cost in proportion to the streams, the cautious line
+            return 0.0, mean_seconds / mean_batch
+        if per_stream < 0:  # noise around a flat line
+            return mean_seconds, 0.0
+        return overhead, per_stream
 
+    def stream_cost(self) -> float | None:
+        """What one more stream adds to the load (a fraction of real time); None until fitted."""
+        model = self.step_model()
+        return None if model is None else model[1] / self.step_seconds
 
-def live_capacity(cost: float | None, max_load: float) -> int | None:
-    """Live streams that fit in real time at ``cost`` each; None while unmeasured."""
-    if cost is None or cost <= 0:
-        return None
-    streams = math.floor(max_load / cost)
-    # the same arithmetic as admits_live, whatever the rounding of the division
-    while (streams + 1) * cost <= max_load:
-        streams += 1
-    while streams > 0 and streams * cost > max_load:
-        streams -= 1
-    return streams
+    def load_with(self, streams: int) -> float | None:
+        """The predicted load of ``streams`` streams in real time: a batched step over all of them every 80 ms,
+        as a fraction of the engine's time; None until fitted."""
+        model = self.step_model()
+        return None if model is None else (model[0] + model[1] * streams) / self.step_seconds
 
+    def capacity(self, max_load: float, limit: int) -> int | None:
+        """Streams that fit in real time within ``max_load``, at most ``limit``; None until fitted."""
+        if self.step_model() is None:
+            return None
+        streams = 0
+        while streams < limit and self.fits(streams + 1, max_load):
+            streams += 1
+        return streams
 
-def admits_live(live_streams: int, cost: float | None, max_load: float) -> bool:
-    """Whether one more live stream keeps the predicted load within ``max_load`` (0: load admission off).
+    def fits(self, streams: int, max_load: float) -> bool:
+        predicted = self.load_with(streams)
+        return predicted is not None and predicted <= max_load + ROUNDING
 
-    An unmeasured engine admits (the first rounds measure it), and so does one with no live stream: refusing then
-    would rest on a stale measurement that nothing could update, and one stream is the least a server serves."""
-    if max_load <= 0 or cost is None or live_streams == 0:
-        return True
-    return (live_streams + 1) * cost <= max_load
+    def admits(self, streams: int, live_streams: int, max_load: float) -> bool:
+        """Whether one more live stream, beside ``streams`` streams in the engine of which ``live_streams`` are
+        live, keeps the load within ``max_load`` (0: load admission off).
+
+        A server with no live stream admits: refusing then would rest on a measurement that nothing could update,
+        and one stream is the least a server serves."""
+        if max_load <= 0 or live_streams == 0:
+            return True
+        if self.step_model() is None:
+            return self.utilization() < max_load
+        return self.fits(streams + 1, max_load)

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
-from .load import admits_live, live_capacity
 from .worker import EngineWorker, StreamOptions, StreamUpdate
 
 if TYPE_CHECKING:
@@ -371,8 +370,8 @@ class ServerMetrics:
             lambda: state.pool.in_use["live"])
         Gauge("voxtral_engine_utilization", "Engine busy time over wall time, exponentially weighted over the last "
               "few seconds", registry=r).set_function(lambda: state.worker.load.utilization())
-        Gauge("voxtral_stream_cost", "Engine seconds per second of one stream's audio, recently (NaN until "
-              "measured)", registry=r).set_function(lambda: _or_nan(state.worker.load.cost_per_stream()))
+        Gauge("voxtral_stream_cost", "What one more stream adds to the engine's load in real time, a fraction of its "
+              "time (NaN until measured)", registry=r).set_function(lambda: _or_nan(state.worker.load.stream_cost()))
         Gauge("voxtral_live_stream_capacity", "Live streams the engine is estimated to compute in real time within "
               "max_load (NaN until measured)", registry=r).set_function(lambda: _or_nan(state.live_capacity))
         Gauge("voxtral_real_time_factor", "Engine time over audio time, last minute (below 1: faster than real "
@@ -457,21 +456,19 @@ class ServerState:
         pool, max_load = self.pool, self.limits.max_load
         if pool.used >= pool.total:
             raise Busy(f"all {pool.total} streams are in use")
-        live = pool.in_use["live"]
-        cost = self.worker.load.cost_per_stream()
-        if not admits_live(live, cost, max_load):
-            assert cost is not None
-            raise Busy(f"the server is at its compute capacity: its {live} live streams need about {live * cost:.0%} "
-                       f"of the engine's time, and one more would take it past {max_load:.0%}, too slow for real "
-                       "time")
+        load = self.worker.load
+        if not load.admits(pool.used, pool.in_use["live"], max_load):
+            predicted = load.load_with(pool.used + 1)
+            need = f"would need {predicted:.0%}" if predicted is not None else f"is {load.utilization():.0%} busy"
+            raise Busy(f"the server is at its compute capacity: with one more stream the engine {need} of its time "
+                       f"(limit {max_load:.0%}), and its streams would fall behind real time")
         pool.try_acquire_live()
 
     @property
     def live_capacity(self) -> int | None:
         """Live streams the engine is estimated to compute in real time within ``max_load`` (with load admission
         off: within all its time), at most ``max_streams``; None until measured."""
-        capacity = live_capacity(self.worker.load.cost_per_stream(), self.limits.max_load or 1.0)
-        return None if capacity is None else min(capacity, self.limits.max_streams)
+        return self.worker.load.capacity(self.limits.max_load or 1.0, self.limits.max_streams)
 
     def check_delay(self, delay_ms: object, field: str = "delay_ms") -> int:
         """A delay the model supports, or ValueError naming ``field`` with the reason (range before arithmetic:

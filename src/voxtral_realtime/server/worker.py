@@ -182,8 +182,8 @@ class EngineWorker:
         self.max_streams = max_streams
         self.decoder_context = decoder_context
         self.stats = stats or WorkerStats()
-        #: engine time and decided audio of every round (the server admits live streams by it)
-        self.load = load or EngineLoad()
+        #: every engine run's time, steps and streams (the server admits live streams by it)
+        self.load = load or EngineLoad(model.config.audio.samples_per_token / model.config.audio.sample_rate)
         self.engine: Engine | None = None
         #: set if the thread died of an unexpected error (the server then reports itself unhealthy)
         self.failure: BaseException | None = None
@@ -194,7 +194,6 @@ class EngineWorker:
         self._thread: threading.Thread | None = None
         self._outgoing: list[tuple[StreamListener, StreamUpdate]] = []
         self._resumed = False  # a stream restarted after EOS last round: its replayed audio needs a run
-        self._round_decided = 0  # samples whose tokens were decided this round, over all streams
         self._step_samples = model.config.audio.samples_per_token
         self._sample_rate = model.config.audio.sample_rate
 
@@ -317,14 +316,11 @@ class EngineWorker:
     def _round(self) -> None:
         pushed = self._push_audio()
         ending = self._end_inputs()
-        busy = 0.0
         if pushed or ending or self._resumed or (self.engine is not None and self.engine.has_work()):
-            busy = self._run_engine(pushed)
+            self._run_engine(pushed)
         self._resume_after_eos()
         self._complete_ended()
         self._publish()
-        self.load.record(busy, self._round_decided / self._sample_rate)
-        self._round_decided = 0
 
     def _push_audio(self) -> int:
         """Hand each stream with waiting audio its share of ROUND_STEP_BUDGET; returns the samples pushed."""
@@ -343,10 +339,9 @@ class EngineWorker:
             pushed += len(chunk)
         return pushed
 
-    def _run_engine(self, pushed_samples: int) -> float:
-        """One engine run; returns its seconds."""
+    def _run_engine(self, pushed_samples: int) -> None:
         assert self.engine is not None
-        steps_before = self.engine.decode_calls
+        steps_before, rows_before = self.engine.decode_calls, self.engine.decode_rows
         started = time.perf_counter()
         try:
             self.engine.run(max_decoder_calls=ROUND_DECODER_CALLS)
@@ -354,10 +349,10 @@ class EngineWorker:
             log.exception("engine run failed")  # the batch is suspect: every stream in it is dropped
             for stream_id in list(self._streams):
                 self._drop(stream_id, error=f"processing failed: {exc}")
-            return time.perf_counter() - started
-        seconds = time.perf_counter() - started
-        self._account(seconds, self.engine.decode_calls - steps_before, pushed_samples / self._sample_rate)
-        return seconds
+            return
+        seconds, steps = time.perf_counter() - started, self.engine.decode_calls - steps_before
+        self.load.record(seconds, steps, self.engine.decode_rows - rows_before)
+        self._account(seconds, steps, pushed_samples / self._sample_rate)
 
     def _account(self, seconds: float, steps: int, audio_seconds: float) -> None:
         stats = self.stats
@@ -445,7 +440,6 @@ class EngineWorker:
         stream.text.clear()
         decided = min(len(session.tokens) * self._step_samples, stream.received)
         update = StreamUpdate(text=text, decided_samples=decided - stream.decided)
-        self._round_decided += decided - stream.decided
         stream.decided = decided
         if stream.options.word_timestamps and (words is not None or text):
             if words is None:
