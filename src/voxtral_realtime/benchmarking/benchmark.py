@@ -106,8 +106,7 @@ def _peak_memory(device: torch.device) -> dict[str, float]:
 def bench_file(model: Model, audio: np.ndarray, *, delay_ms: int | None = None,
                warmup_seconds: float = 12.0) -> dict[str, Any]:
     """One file through a session (the ``transcribe`` path), after a warm-up that compiles the kernels and captures
-    the graphs of every encoder call size (a process's first file pays for those once: a first call compiled
-    kernels for 0.9 s of a 4-bit file's encode)."""
+    the graphs of every encoder call size, which a process's first file pays for once."""
     device = model.device
     model.transcribe(audio[: int(16000 * warmup_seconds)], delay_ms=delay_ms)
     session = model.stream(delay_ms=delay_ms)

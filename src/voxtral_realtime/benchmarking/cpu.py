@@ -1,19 +1,10 @@
-"""``voxtral bench --device cpu``: what a quantized model costs on this machine's CPU, against its memory bandwidth.
+"""``voxtral bench --device cpu``: what a quantized model costs on this machine's CPU, against its memory bandwidth
+(docs/performance.md, "On the CPU", defines each column).
 
-A decoder step reads every decoder weight once, so the machine's memory-read bandwidth sets its floor: weight
-bytes / bandwidth.  Each (quantization type, thread count) is measured in a fresh process (:func:`measure_fresh`)
-holding that model alone, so its peak resident memory is the model's.  Full-size random weights are written as a
-quantized GGUF one tensor at a time and cached: the float model never exists.
-
-In that process, after loading (:func:`measure`):
-
-* the decoder step alone, one stream 400 tokens in (:func:`.benchmark.bench_step`);
-* live compute: one stream fed 80 ms at a time as fast as it goes; encoder and decoder time per 80 ms step;
-* a live stream at real-time pace (:func:`live_paced`): 80 ms chunks released on the wall clock, each token's
-  latency beyond the delay (from the moment the audio that decides it has arrived), compute per step, RTF and
-  the work still queued when the audio ends;
-* one file offline (:func:`.benchmark.bench_file`);
-* peak resident memory (the kernel's VmHWM).
+Each (quantization type, thread count) is measured in a fresh process (:func:`measure_fresh`) holding that model
+alone, so its peak resident memory is the model's; full-size random weights are written as a quantized GGUF one
+tensor at a time and cached, so the float model never exists.  In that process :func:`measure` times the decoder
+step, live compute, a stream at real-time pace (:func:`live_paced`), one file offline and peak memory.
 """
 
 from __future__ import annotations
