@@ -1,20 +1,8 @@
-"""Admission of live streams by the engine's measured load, the same on any device.
+"""Admission of live streams by the engine's measured load (docs/architecture.md, "The server").
 
-A live stream needs one 80 ms step every 80 ms, and the engine computes the steps of all streams together, one
-batched step per round.  So ``n`` streams keep up in real time while one batched step over ``n`` streams takes at
-most 80 ms (``max_load`` of it, for headroom).  The worker reports each engine run's time, its batched decoder steps
-and the streams in them; from those, exponentially weighted over the last few seconds:
-
-- **utilization**: engine busy time over wall time (0 when idle);
-- **step time by batch size**: a line ``seconds(n) = overhead + n * per_stream`` fitted to the runs' seconds per
-  step against their streams per step (streams arrive at different moments, so batch sizes vary by themselves).
-  Its slope is the **cost of a stream**, what one more adds, which on a device that batches well is far below the
-  average (a GPU's step costs about the same for 1 or 32 streams; a CPU's decoder reads the same weights for all).
-
-A new live stream is admitted while the predicted load with it, ``seconds(n + 1) / 80 ms``, stays within
-``max_load``.  Before the line can be fitted (nothing measured yet, or every step had the same batch size), a new
-stream is admitted while the measured utilization is below ``max_load``: the engine has room now, and the stream
-makes the batch sizes that measure it.
+Live streams keep up while one batched step over all of them fits in 80 ms.  The worker records every engine
+run's time, batched steps and streams; fitting step time against batch size gives what one more stream adds
+(on a device that batches well, far less than the average), so admission is the same on any device.
 """
 
 from __future__ import annotations
@@ -116,12 +104,10 @@ class EngineLoad:
 
     def admits(self, streams: int, live_streams: int, max_load: float) -> bool:
         """Whether one more live stream, beside ``streams`` streams in the engine of which ``live_streams`` are
-        live, keeps the load within ``max_load`` (0: load admission off).
-
-        A server with no live stream admits: refusing then would rest on a measurement that nothing could update,
-        and one stream is the least a server serves."""
+        live, keeps the load within ``max_load`` (0: load admission off)."""
+        # with no live stream, a refusal would rest on a measurement that nothing could update
         if max_load <= 0 or live_streams == 0:
             return True
-        if self.step_model() is None:
+        if self.step_model() is None:  # the engine has room now, and the stream makes the batch sizes that measure it
             return self.utilization() < max_load
         return self.fits(streams + 1, max_load)
