@@ -86,8 +86,9 @@ def test_admission_arithmetic():
     # a batch that costs the same for any number of streams (a GPU) admits as many as the slots
     flat = meter_that_saw(per_stream=0.0, overhead=0.2)
     assert flat.admits(200, 200, 0.9) and flat.capacity(0.9, limit=64) == 64
+    # whatever the float rounding, the capacity is what admission lets in
     for per_stream, overhead, max_load in ((0.1, 0.0, 0.3), (0.07, 0.2, 0.9), (0.45, 0.0, 0.9)):
-        load = meter_that_saw(per_stream, overhead)  # whatever the float rounding, the capacity is what admission lets in
+        load = meter_that_saw(per_stream, overhead)
         capacity = load.capacity(max_load, limit=100)
         assert capacity >= 2 and load.admits(capacity - 1, capacity - 1, max_load)
         assert not load.admits(capacity, capacity, max_load)
@@ -187,7 +188,7 @@ def test_live_streams_beyond_the_compute_are_refused_busy_and_uploads_are_not(ti
 def test_with_load_admission_off_live_streams_are_admitted_up_to_max_streams(tiny_short):
     app = create_app(tiny_short, model_name="tiny", max_streams=4, limits=ServerLimits(max_load=0))
     with serve_in_thread(app) as base:
-        _state(app).worker.load = load = known_cost(0.3)
+        _state(app).worker.load = known_cost(0.3)
 
         async def scenario() -> list[list[dict[str, Any]]]:
             sockets = [await _open(base) for _ in range(5)]
