@@ -36,6 +36,9 @@ for t in (16, 8):
 print(json.dumps(out))
 PY
 }
+part_kernels() {  # the kernel candidates on the decoder's shapes (bench/cpu_kernels_compare.py)
+    timeout 300 python3 bench/cpu_kernels_compare.py --threads 16,8 --json "$OUT/cpu_kernels_compare.json"
+}
 part_write() {  # the GGUF writer timed afresh; the files stay in the bench's cache
     for q in ${QUANTS:-q4_k}; do
         rm -f ~/.cache/voxtral-realtime/random-full-$q.gguf
