@@ -1,6 +1,8 @@
 #!/bin/bash
 # CPU measurements on the lent GPU machine's host CPU, ours and CrispASR's (ggml) in one run.
-#   bash bench/cpu_device.sh setup bandwidth ours crisp      (carry .peer: wheels, crispasr.tar.xz, peer scripts)
+#   bash bench/cpu_device.sh setup write crispbuild bench    (carry .peer: wheels, crispasr.tar.xz, peer scripts)
+# write / crispbuild fill the caches (~/.cache/voxtral-realtime) that `voxtral bench --device cpu --random-weights
+# --compare crispasr` would otherwise build inside its first run (each command has 10 minutes there).
 # .peer/ holds what the machine lacks: wheels (installed only where an import fails), CrispASR's wheel unpacked
 # (duplicate .so copies as links, .tar.xz), its converter (CrispStrobe/CrispASR models/convert-voxtral4b-to-gguf.py
 # at 72d3c389) and the peer harness (make_random_hf.py, quantize_gguf.py, crisp_bench.py).  Results go to $OUT.
@@ -34,15 +36,27 @@ for t in (16, 8):
 print(json.dumps(out))
 PY
 }
-part_ours() {
+part_kernels() {  # the kernel candidates on the decoder's shapes (bench/cpu_kernels_compare.py)
+    timeout 300 python3 bench/cpu_kernels_compare.py --threads 16,8 --json "$OUT/cpu_kernels_compare.json"
+}
+part_write() {  # the GGUF writer timed afresh; the files stay in the bench's cache
     for q in ${QUANTS:-q4_k}; do
+        rm -f ~/.cache/voxtral-realtime/random-full-$q.gguf
         log "write $q"; t=$(date +%s)
-        timeout 200 python3 bench/cpu_quantized.py write --full --type $q --out /tmp/m-$q.gguf | tee "$OUT/write_$q.json"
+        timeout 500 python3 -c "from voxtral_realtime.benchmarking import cpu; print(cpu.random_gguf('$q'))"
         log "wrote $q in $(( $(date +%s) - t )) s"
-        for k in ${KERNELS:-onnx}; do
-            log "run $q $k $T"; VOXTRAL_CPU_KERNEL=$k timeout 150 python3 bench/cpu_quantized.py run /tmp/m-$q.gguf \
-                --seconds 10 --threads $T | tee "$OUT/run_${q}_${k}_$T.json"
-        done
+    done
+}
+part_crispbuild() {
+    log "crisp build"; timeout 500 python3 -c "from pathlib import Path; from voxtral_realtime.benchmarking import crispasr
+print(crispasr.crispasr_gguf(Path('.peer/convert-voxtral4b-to-gguf.py'), threads=$T))"
+}
+part_bench() {  # every number of issue 24 at $T threads for each kernel; CrispASR beside the onnx run
+    for k in ${KERNELS:-onnx}; do
+        compare=(); [ "$k" = onnx ] && compare=(--compare crispasr --crispasr-converter .peer/convert-voxtral4b-to-gguf.py)
+        log "bench $k $T"; VOXTRAL_CPU_KERNEL=$k timeout 580 python3 -m voxtral_realtime.cli bench --device cpu \
+            --random-weights --threads $T --quant "$(echo ${QUANTS:-q4_k} | tr ' ' ,)" "${compare[@]}" --no-progress \
+            --json "$OUT/cpu_bench_${k}_$T.json" | tee "$OUT/cpu_bench_${k}_$T.txt"
     done
     log done
 }

@@ -2,12 +2,15 @@
 
     python bench/server_load.py --model DIR --clients 50 --seconds 10
     python bench/server_load.py --random-weights --device cuda --clients 128 --seconds 30 --json out.json
+    python bench/server_load.py --random-weights --device cpu --clients 16 --seconds 20   # how many a CPU carries
 
 The server runs in this process (uvicorn on a loopback port, its engine worker on its own thread); the clients
 run on an asyncio loop in another thread.  Reported: each word's latency as the server measured it (from the
 arrival of the audio that let it be decided, the delay included, to the decision), the time from the final
 commit to ``transcription.done``, how late the clients' 80 ms sends were (a sign of an overloaded machine,
-not of the server), and the server's own metrics (decoder step time, real-time factor).
+not of the server), and the server's own metrics (decoder step time, real-time factor).  Clients the server
+refuses for load (``busy``: one more would not be computed in real time, ``--max-load``) are counted, with the
+live-stream capacity the server estimated and the engine utilization it measured while the most streams ran.
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ async def client(url: str, audio: np.ndarray, record: dict, start_delay: float) 
         async def receive() -> None:
             while True:
                 event = json.loads(await ws.recv())
+                if event["type"] == "error" and event["code"] == "busy":
+                    record["refused"] = True
+                    return
                 if event["type"] == "transcription.words":
                     # words decided while the audio streams in; those decided by the closing silence after the
                     # final commit are counted in done_after_final instead
@@ -63,6 +69,8 @@ async def client(url: str, audio: np.ndarray, record: dict, start_delay: float) 
         started = time.perf_counter()
         step_bytes = 2 * STEP  # PCM16: two bytes a sample
         for i, offset in enumerate(range(0, len(pcm), step_bytes)):
+            if reader.done():  # refused
+                return
             due = started + i * STEP / 16000
             record["send_lag"].append(max(0.0, time.perf_counter() - due))
             await asyncio.sleep(max(0.0, due - time.perf_counter()))
@@ -84,6 +92,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--stagger", type=float, default=2.0, help="clients start at random within this many s")
     parser.add_argument("--decoder-context", type=int, default=None)
+    parser.add_argument("--max-load", type=float, default=0.9, help="the server's --max-load (0: admit every client)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -92,6 +101,7 @@ def main() -> None:
 
     import voxtral_realtime
     from voxtral_realtime.server import create_app
+    from voxtral_realtime.server.state import ServerLimits
 
     if args.random_weights:
         from voxtral_realtime.api import default_device, resolve_dtype
@@ -101,7 +111,8 @@ def main() -> None:
         model = random_model(device=device, dtype=resolve_dtype(args.dtype, device))
     else:
         model = voxtral_realtime.load(args.model, device=args.device, dtype=args.dtype)
-    app = create_app(model, model_name="bench", max_streams=args.clients, decoder_context=args.decoder_context)
+    app = create_app(model, model_name="bench", max_streams=args.clients, decoder_context=args.decoder_context,
+                     limits=ServerLimits(max_load=args.max_load))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -114,24 +125,38 @@ def main() -> None:
     start_delays = np.random.default_rng(0).uniform(0, args.stagger, args.clients)
     audio = [speechlike(args.seconds, seed=i) for i in range(args.clients)]
 
+    busiest = {"live_streams": 0}
+
+    async def watch_load() -> None:
+        state = app.state.voxtral
+        while True:
+            if state.pool.in_use["live"] >= busiest["live_streams"]:
+                busiest.update(live_streams=state.pool.in_use["live"], live_stream_capacity=state.live_capacity,
+                               engine_utilization=round(state.worker.load.utilization(), 3))
+            await asyncio.sleep(0.5)
+
     async def everyone() -> None:
         url = f"ws://127.0.0.1:{port}/v1/realtime"
+        watcher = asyncio.create_task(watch_load())
         await asyncio.gather(*(client(url, a, r, d) for a, r, d in zip(audio, records, start_delays)))
+        watcher.cancel()
 
     started = time.perf_counter()
     asyncio.run(everyone())
     wall = time.perf_counter() - started
     stats = app.state.voxtral.worker.stats
     latencies = [x for r in records for x in r["latencies"]]
-    finals = [r["done_after_final"] for r in records]
+    finals = [r["done_after_final"] for r in records if "done_after_final" in r]
     lags = [x for r in records for x in r["send_lag"]]
     report = {
         "clients": args.clients, "seconds": args.seconds, "device": str(model.device), "dtype": str(model.dtype),
+        "threads": torch.get_num_threads(), "max_load": args.max_load,
+        "refused_busy": sum(1 for r in records if r.get("refused")), "at_most_live": busiest,
         "wall_s": round(wall, 2), "words": len(latencies),
         "word_latency_p50_ms": round(1000 * percentile(latencies, 0.5), 1),
         "word_latency_p99_ms": round(1000 * percentile(latencies, 0.99), 1),
         "done_after_final_p50_ms": round(1000 * percentile(finals, 0.5), 1),
-        "done_after_final_max_ms": round(1000 * max(finals), 1),
+        "done_after_final_max_ms": round(1000 * max(finals), 1) if finals else None,
         "client_send_lag_p99_ms": round(1000 * percentile(lags, 0.99), 1),
         "engine_ms_per_decoder_step": round(1000 * stats.engine_seconds / max(1, stats.decode_steps), 2),
         "engine_busy_fraction": round(stats.engine_seconds / wall, 3),

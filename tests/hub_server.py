@@ -71,6 +71,7 @@ class LocalHub:
         self.corrupt: set[str] = set()  # file names served with one byte changed
         self._released = threading.Event()
         self._lock = threading.Lock()
+        self.generation = 0
         self._server: ThreadingHTTPServer | None = None
 
     # -- content ------------------------------------------------------------------------------------------
@@ -94,6 +95,7 @@ class LocalHub:
         with self._lock:
             self.served.clear()
             self.requests.clear()
+            self.generation += 1  # a response still going to a client killed before now is not counted
         self.stall, self.bytes_per_second, self.corrupt = None, None, set()
         for repo in self.repos.values():
             repo.refusal = None
@@ -257,6 +259,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not body:
             return
         state = self.state
+        generation = state.generation
         for offset in range(0, len(data), BLOCK):
             block = data[offset:offset + BLOCK]
             if name is not None and state.stall is not None and state.stall[0] == name:
@@ -264,16 +267,17 @@ class _Handler(BaseHTTPRequestHandler):
                 if room <= 0:
                     state._released.wait(STALL_SECONDS)
                 elif room < len(block):  # send up to the stall point, then wait there
-                    self._write(block[:room], name)
+                    self._write(block[:room], name, generation)
                     state._released.wait(STALL_SECONDS)
                     block = block[room:]
-            self._write(block, name)
+            self._write(block, name, generation)
             if state.bytes_per_second:
                 time.sleep(len(block) / state.bytes_per_second)
 
-    def _write(self, block: bytes, name: str | None) -> None:
+    def _write(self, block: bytes, name: str | None, generation: int) -> None:
         self.wfile.write(block)
         self.wfile.flush()
         if name is not None:
             with self.state._lock:
-                self.state.served[name] += len(block)
+                if self.state.generation == generation:
+                    self.state.served[name] += len(block)

@@ -89,3 +89,46 @@ def test_listen_without_portaudio_says_how_to_install_it(monkeypatch, capsys):
     monkeypatch.setattr(builtins, "__import__", broken_import)
     assert main(["listen"]) == 1
     assert "PortAudio" in capsys.readouterr().err
+
+
+def test_listen_says_when_it_falls_behind_the_microphone(tiny_short, checkpoints, monkeypatch, capsys):
+    """3 s of audio waiting at once (as on a device slower than real time): one warning, and no audio lost."""
+    import queue
+
+    from voxtral_realtime.cli import listen
+
+    taken = threading.Event()
+
+    class RecordingQueue(queue.Queue):
+        def get(self, *args, **kwargs):
+            item = super().get(*args, **kwargs)
+            taken.set()
+            return item
+
+    class BurstSoundDevice(FakeSoundDevice):
+        """Delivers all its audio before the first block is taken; Ctrl-C once the model has taken one."""
+
+        def __init__(self, audio: np.ndarray) -> None:
+            super().__init__(audio)
+            fake = self
+
+            class InputStream(self.InputStream):
+                def __enter__(self):
+                    for start in range(0, len(fake.audio), self.blocksize):
+                        block = fake.audio[start:start + self.blocksize, None].astype(np.float32)
+                        self.callback(block, len(block), None, None)
+                    self.thread = threading.Thread(target=lambda: taken.wait(60) and _thread.interrupt_main(),
+                                                   daemon=True)
+                    self.thread.start()
+                    return self
+
+            self.InputStream = InputStream
+
+    audio = speechlike(3.0, seed=51)
+    monkeypatch.setattr(listen, "queue", types.SimpleNamespace(Queue=RecordingQueue, Empty=queue.Empty))
+    monkeypatch.setitem(sys.modules, "sounddevice", BurstSoundDevice(audio))
+    assert main(["listen", "--model", str(checkpoints["short"].mistral_dir), "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    waiting = (-(-len(audio) // 1280) - 1) * 0.08  # every 80 ms block but the one taken
+    assert err.count("not keeping up") == 1 and f"{waiting:.1f} s of audio is waiting" in err
+    assert out.endswith(tiny_short.transcribe(audio).text.strip() + "\n")

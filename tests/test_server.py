@@ -48,9 +48,10 @@ def _event_words(words: list[dict[str, Any]]) -> list[tuple[str, float, float]]:
 
 @pytest.fixture(scope="module")
 def server(tiny_short):
-    """Room for the load test: 50 live streams and 16 of the uploads at once."""
+    """Room for the load test: 50 live streams and 16 of the uploads at once (admitted by slots, not by load: its
+    clients send faster than real time, on whatever CPU runs the tests)."""
     app = create_app(tiny_short, model_name="tiny", max_streams=72,
-                     limits=ServerLimits(max_upload_streams=16, max_audio_seconds=60))
+                     limits=ServerLimits(max_upload_streams=16, max_audio_seconds=60, max_load=0))
     with serve_in_thread(app) as base:
         yield base, app
 

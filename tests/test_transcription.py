@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -94,3 +95,32 @@ def test_cli_realtime_replay_prints_text_and_latencies(tiny_short, checkpoints, 
     out, err = capsys.readouterr()
     assert out.strip() == tiny_short.transcribe(np.asarray(audio)).text.strip()
     assert "p50" in err and "p99" in err
+
+
+def test_cli_realtime_replay_says_when_it_falls_behind(tiny_short, checkpoints, tmp_path, monkeypatch, capsys):
+    """A clock on which every step's computation takes 160 ms, twice real time: warned at 1 s behind, again at
+    twice that, and the transcript is complete."""
+    import soundfile
+
+    from voxtral_realtime.cli import transcribe
+
+    class SlowClock:
+        now = 0.0
+
+        def perf_counter(self) -> float:
+            self.now += 0.16  # read once a step
+            return self.now
+
+        def sleep(self, seconds: float) -> None:
+            self.now += seconds
+
+    wav = tmp_path / "live.wav"
+    audio = speechlike(3.0, seed=44)
+    soundfile.write(wav, audio, 16000)
+    monkeypatch.setattr(transcribe, "time", SlowClock())
+    assert main(["transcribe", str(wav), "--realtime", "--model", str(checkpoints["short"].mistral_dir),
+                 "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == tiny_short.transcribe(np.asarray(audio)).text.strip()
+    warnings = [line for line in err.splitlines() if "not keeping up" in line]
+    assert len(warnings) == 2 and re.search(r": 1\.\d s of audio is waiting", warnings[0])

@@ -24,11 +24,13 @@ Data flows one way (docs/architecture.md); every module in a line:
 * ``streaming``: a session: audio in, text out; what it needs of a model and an engine.
 * ``api``: ``load()`` and ``Model``, the public surface re-exported here.
 * ``batch``: a corpus to JSONL, in this process or on Ray.
-* ``server``: the HTTP/WebSocket server (``app``, ``realtime``, ``state``, ``worker``, ``keepalive``, ``verbose``,
-  ``replicas``).
+* ``server``: the HTTP/WebSocket server (``app``, ``realtime``, ``state``, ``worker``, ``load``, ``keepalive``,
+  ``verbose``, ``replicas``).
 * ``browser``: the ONNX export for a web page (``graphs``, ``export``, ``runner``, ``page``).
-* ``benchmarking``: ``benchmark`` (the runs), ``random_weights`` (full-size networks without the real files),
-  ``signals`` (synthetic speech-like audio), ``reference`` (transformers' model on our weights).
+* ``benchmarking``: ``benchmark`` (the runs), ``cpu`` (the CPU bench: a fresh process per model, against the
+  memory bandwidth), ``crispasr`` (ggml's implementation timed beside it), ``random_weights`` (full-size networks
+  without the real files), ``signals`` (synthetic speech-like audio), ``reference`` (transformers' model on our
+  weights).
 * ``cli``: the ``voxtral`` command, one module per subcommand (``transcribe``, ``listen``, ``bench``,
   ``download``, ``quantize``, ``serve``, ``batch``, ``export``); ``common`` holds what they share.
 """

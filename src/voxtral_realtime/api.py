@@ -31,10 +31,9 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "f16": torch.float
           "fp16": torch.float16, "f32": torch.float32, "float32": torch.float32, "fp32": torch.float32}
 
 #: Seconds of audio :meth:`Model.transcribe` hands its session at a time, by device type ("other": the rest).  On
-#: CUDA an encoder call costs about 5 ms whatever its size (a CUDA graph of ~1000 small kernels,
-#: bench/results/profile_encode*_calls_h100.txt), so a recording goes in pieces of 10 minutes, which bound the audio
-#: embeddings encoded ahead of the decoder (46 MB in bf16); on a CPU the encoder's time follows the audio, and
-#: short pieces keep the progress moving.
+#: CUDA an encoder call costs about the same whatever its size (docs/performance.md, "The engine"), so a recording
+#: goes in pieces of 10 minutes, which bound the audio embeddings encoded ahead of the decoder (46 MB in bf16); on
+#: a CPU the encoder's time follows the audio, and short pieces keep the progress moving.
 TRANSCRIBE_PIECE_SECONDS = {"cuda": 600.0, "other": 10.0}
 
 AudioInput = str | os.PathLike[str] | np.ndarray | torch.Tensor

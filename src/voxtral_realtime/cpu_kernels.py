@@ -6,8 +6,8 @@ one small onnxruntime session holding that layer's weight; torch calls it with t
 place (no copies in or out), and every session shares one process-wide thread pool sized like torch's.
 
 ``accuracy_level=4`` makes the operator round each row of activations to int8 per block of 32 values (its
-"CompInt8" path), which is what makes it fast; tests/test_cpu_kernels.py measures what that rounding costs in
-agreement with float32 tokens.
+"CompInt8" path), which is what makes it fast; tests/test_gguf.py measures what that rounding costs in agreement
+with float32's tokens (README, "Quantized models").
 
 Formats.  ``MatMulNBits`` computes ``y = x W^T`` with ``W[n, 32g + j] = scale[n, g] * (q - zero)`` and, without
 zero points, ``zero = 2^(bits-1)``:
@@ -15,15 +15,15 @@ zero points, ``zero = 2^(bits-1)``:
 * Q4_0 (``scale * (q - 8)``) and Q8_0 (``scale * q`` with q int8 = uint8 q + 128 minus 128) map onto it exactly.
 * Q4_K's value is ``scale * q + offset`` with an offset of its own per group.  Its float zero points are legal
   but run a slow exact path (180x slower, measured), so the layer runs as Q4_0 (``scale * (q - 8)``) plus the
-  rest, ``(offset + 8 scale) * sum(x over the group)``: a [rows, K/32] x [K/32, N] product in float32 of the
-  activations' group sums (1/16 of the nibbles' bytes in bf16).
+  rest, ``(offset + 8 scale) * sum(x over the group)``: a [rows, K/32] x [K/32, N] product of the activations'
+  group sums with the rests held in bf16 (1/8 of the nibbles' bytes).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ def available() -> bool:
 _pool_threads: int | None = None
 
 
-def session_options(threads: int):  # type: ignore[no-untyped-def]
+def session_options(threads: int) -> Any:
     """Options that put a session on the process-wide onnxruntime thread pool, which the first caller sizes to
     ``threads``.  Every session of the package uses them: per-session pools would start a pool per layer
     (hundreds of threads), and once a global pool exists onnxruntime refuses sessions with pools of their own."""
@@ -66,28 +66,24 @@ def session_options(threads: int):  # type: ignore[no-untyped-def]
     return options
 
 
-def _session(blob: np.ndarray, scales: np.ndarray, bits: int, out_features: int, in_features: int):  # type: ignore[no-untyped-def]
-    import onnx
+def _session(blob: np.ndarray, scales: np.ndarray, bits: int, out_features: int, in_features: int) -> Any:
+    """A one-node graph ``y = MatMulNBits(x)`` holding the weight, as an onnxruntime session."""
     import onnxruntime as ort
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
 
-    weights = [numpy_helper_tensor("w", blob), numpy_helper_tensor("s", scales)]
+    weights = [numpy_helper.from_array(np.ascontiguousarray(blob), "w"),
+               numpy_helper.from_array(np.ascontiguousarray(scales), "s")]
     node = helper.make_node("MatMulNBits", ["x", "w", "s"], ["y"], domain="com.microsoft", K=in_features,
                             N=out_features, bits=bits, block_size=GROUP, accuracy_level=4)
-    graph = helper.make_graph([node], "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, in_features])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, out_features])], weights)
+    graph = helper.make_graph(
+        [node], "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, in_features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, out_features])], weights)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                     helper.make_opsetid("com.microsoft", 1)])
-    model.ir_version = min(model.ir_version, 10)
+    model.ir_version = min(model.ir_version, 10)  # what onnxruntime releases back to 1.20 read
     data = model.SerializeToString()
     del model, graph, weights  # onnxruntime keeps its own (packed) copy of the weight
     return ort.InferenceSession(data, session_options(torch.get_num_threads()), providers=["CPUExecutionProvider"])
-
-
-def numpy_helper_tensor(name: str, array: np.ndarray):  # type: ignore[no-untyped-def]
-    from onnx import numpy_helper
-
-    return numpy_helper.from_array(np.ascontiguousarray(array), name)
 
 
 def _pairs_from_halves(qweight: torch.Tensor) -> torch.Tensor:
@@ -115,7 +111,7 @@ class OnnxQuantizedLinear(nn.Module):
         self.weight_bytes = out_features * in_features // GROUP * (GROUP * bits // 8 + 2)
         self.register_buffer("group_offsets", group_offsets)  # Q4_K's rest: offset + 8 scale, [out, K/32]
         self.register_buffer("bias", bias)
-        self._bound: dict[int, tuple] = {}
+        self._bound: dict[int, tuple[Any, torch.Tensor, torch.Tensor]] = {}
         # what rows() reads: the weight in the operator's layout (kept only for a token table)
         self.register_buffer("blob", torch.from_numpy(blob) if keep_rows else None)
         self.register_buffer("row_scales", torch.from_numpy(scales) if keep_rows else None)
@@ -164,7 +160,7 @@ class OnnxQuantizedLinear(nn.Module):
             out = out.to(x.dtype, copy=True)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
-    def _bind(self, inputs: torch.Tensor, outputs: torch.Tensor):  # type: ignore[no-untyped-def]
+    def _bind(self, inputs: torch.Tensor, outputs: torch.Tensor) -> tuple[Any, torch.Tensor, torch.Tensor]:
         binding = self.session.io_binding()
         binding.bind_input("x", "cpu", 0, np.float32, list(inputs.shape), inputs.data_ptr())
         binding.bind_output("y", "cpu", 0, np.float32, list(outputs.shape), outputs.data_ptr())

@@ -58,9 +58,8 @@ class DecoderLayer(nn.Module):
              pdl: bool) -> torch.Tensor:
         """:meth:`forward` for one new position of one stream, x [1, dim] (CUDA), in five kernels: each norm, the
         rotary embedding, the cache write, SwiGLU and each residual add ride on a matmul or on the attention kernel
-        instead of running as kernels of their own (``ffn_scale``: [dim] or [1, dim]).  One row only: on an H200
-        a fused step of two rows was slower than the plain layers compiled (bench/results/tune_step_h200*: more
-        rows multiply the GEMV's FMA work, while cuBLAS's cost stays that of reading the weights)."""
+        instead of running as kernels of their own (``ffn_scale``: [dim] or [1, dim]).  One row only: more rows
+        multiply the GEMV's FMA work, while cuBLAS's cost stays that of reading the weights."""
         attention, ffn = self.attention, self.feed_forward
         qkv = _fused(attention.wqkv, x, norm=self.attention_norm.weight, eps=self.attention_norm.eps, pdl=pdl)
         heads = attention.attend_projected(qkv, ctx, layer, pdl=pdl, quantized=_four_bit(attention.wo))

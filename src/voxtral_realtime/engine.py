@@ -24,15 +24,14 @@ from .protocol import left_padding
 
 #: Encoder frames per call when one stream has many steps waiting (a file fed at once), once it is past the
 #: window: the ring holds window + chunk - 1 frames per stream, so engines for many streams use a small chunk,
-#: and so does the CPU, where a long chunk gains nothing (30 s of audio through the full-size Q4 model on two
-#: cores: 90 s at 64 frames, 98 s at 1024) and its ring is memory (0.40 vs 0.89 GiB of float32).
+#: and so does the CPU, where a long chunk gains no speed and costs ring memory (bench/results/README.md).
 ENCODER_CHUNK_FRAMES = 1024
 CPU_ENCODER_CHUNK_FRAMES = 64
 SHARED_ENCODER_CHUNK_FRAMES = 16
 #: Decoder positions per prefill call: covers the longest prompt (BOS + 32 pad + 30 delay steps at 2400 ms).
 DECODER_CHUNK = 64
 #: With CUDA graphs, a stream's prompt tokens are prefilled only when more than this many are left; fewer (after
-#: the shared opening: 8 at the default 480 ms delay) take part in the graphed one-token steps.
+#: the shared opening: 8 at the default 480 ms delay) take part in the graphed one-token steps, which are faster.
 STEPPED_PROMPT_TOKENS = 8
 
 
@@ -136,8 +135,7 @@ class Engine:
         # inputs of the two batched calls, in fixed buffers so that captured graphs can read them
         # steps per stream of one batched encoder call: 1, 2, 4... up to what the encoder ring takes at once.  With
         # CUDA graphs one stream's waiting audio (a file) is encoded in such calls too, the largest first: each
-        # size is captured once, and an encoder chunk then costs one graph launch instead of hundreds of kernel
-        # launches (a file's encode was bound by their CPU time, bench/results/profile_encode*_h200.txt)
+        # size is captured once, and a chunk costs one graph launch instead of hundreds of kernel launches
         max_steps = max(1, self.encoder_state.cache.max_chunk // self.audio.downsample_factor)
         self._tick_steps = [2 ** i for i in range(max_steps.bit_length() - 1, -1, -1)] if shared or use_graphs \
             else [1]
@@ -173,7 +171,8 @@ class Engine:
         self._buckets = _buckets(max_streams) if use_graphs else None
         self._stepped_prompt = STEPPED_PROMPT_TOKENS if use_graphs else 1
         self._ffn_cache: dict[int, torch.Tensor] = {}
-        # the shared opening (see the module docstring): encoder rows + its embeddings, decoder rows per prompt/delay
+        # the shared opening (docs/architecture.md, "The engine"): encoder rows + its embeddings, decoder rows per
+        # prompt/delay
         hop, half = self.audio.hop_length, self.audio.window_size // 2
         last_silent_frame = (len(left_padding(self.audio)) - half) // hop
         self._silent_steps = max(0, (last_silent_frame + 1) // self._frames_per_step)
@@ -595,8 +594,8 @@ class _GraphedCalls:
 
 
 def _argmax(logits: torch.Tensor, *, piece: int = 1024) -> torch.Tensor:
-    """``logits.argmax(-1)`` [B, V] -> [B] (the first of equal maxima), in two reductions over pieces of the row:
-    compiled, one argmax over the 131072-entry vocabulary was a single 15 us program per step."""
+    """``logits.argmax(-1)`` [B, V] -> [B] (the first of equal maxima), in two reductions over pieces of the row,
+    which spread a large vocabulary over the GPU where one argmax is a single program (docs/performance.md)."""
     rows, vocab = logits.shape
     if vocab % piece or vocab == piece:
         return logits.argmax(dim=-1)

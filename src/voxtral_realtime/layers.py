@@ -220,8 +220,8 @@ class AttentionContext:
         """``positions`` [B, T] of cache rows ``rows`` (default: the first B); rows whose ``enabled`` is false
         compute throwaway values and leave the cache as it was.  ``columns_used``: the rows' keys, these
         positions' included, all lie in the first ``columns_used`` columns (the caller knows its positions never
-        reached them, e.g. a stream's prompt): SDPA then reads only those, not the whole preallocated ring (the
-        prompt of a stream attended to 8k masked columns, 0.2 ms per layer).  Ignored with ``enabled``."""
+        reached them, e.g. a stream's prompt): SDPA then reads only those, not the whole preallocated ring.
+        Ignored with ``enabled``."""
         rows = rows if rows is not None else slice(0, positions.shape[0])
         if enabled is not None or (columns_used is not None and columns_used >= cache.capacity):
             columns_used = None
@@ -295,11 +295,9 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return out.reshape(batch, heads, length, dim)
 
 
-#: Queries this long (a file's encoder chunks, whose shapes change from chunk to chunk) skip cuDNN's attention:
-#: it spent about 0.9 ms of CPU time per call planning each new shape, most of a file's encode time (0.22 s of
-#: 30 s; 0.09 s without it, bench/results/profile_encode_h200.txt).  Short ones keep it: the many-stream engine's
-#: few-frame ticks repeat their shapes inside CUDA graphs, where it is the fastest (256 streams: tick p99 64 ms
-#: with it, 78 ms without, bench/results/bench_h200*_256streams.txt).
+#: Queries this long (a file's encoder chunks, whose shapes change from chunk to chunk) skip cuDNN's attention,
+#: whose planning of each new shape costs more CPU time than it saves; short ones (the many-stream engine's
+#: graphed ticks, which repeat their shapes) keep it, the fastest there (bench/results/README.md, "layers.py").
 LONG_QUERY = 256
 _WITHOUT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 

@@ -16,22 +16,12 @@
 :func:`dequantize_blocks` turns the bytes back into float32 bit for bit as ``gguf.quants.dequantize`` does (the
 products involved are exact in float32, and the one subtraction of Q4_K is rounded once in both).
 
-**Modules.**  :class:`QuantizedLinear` holds a 4-bit weight (Q4_0 or Q4_K) in the layout the GPU kernel reads:
-
-* ``qweight`` uint8 [out, in/2]: within each group ``g`` of 32 values of a row, byte ``b`` (0..15) holds value
-  ``32g + b`` in its low nibble and ``32g + 16 + b`` in its high nibble (Q4_0's own byte order);
-* ``scales``, ``offsets`` float16 [out, in/32]: value = ``scales * q + offsets`` with ``q`` in 0..15.  Q4_0:
-  ``scale = d``, ``offset = -8d`` (both exact in f16).  Q4_K: ``scale = d*sc``, ``offset = -dmin*m`` per
-  sub-block, rounded to f16 here (relative error <= 2^-11 on each sub-block's step; the file keeps the exact
-  factors).
-
-On CUDA its forward calls ``kernels.quantized_matmul`` when that kernel exists; elsewhere it dequantizes a slice of
-rows at a time and multiplies, so no full-precision copy of the weight is ever held.  On the CPU the loader swaps
-each one for a :class:`CpuInt4Linear`, which keeps the weight in torch's packed int4 layout and multiplies with
-``torch.ops.aten._weight_int4pack_mm_for_cpu`` (group size 32, bf16 activations: that kernel's only vectorized
-dtype, about 8x faster than the f32 GEMV of the dequantized weight on an AVX-512 CPU).  :class:`Q8Linear` holds
-Q8_0 as int8 [out, in] + f16 [out, in/32].  :class:`QuantizedEmbedding` is the tied token table: row lookups for
-the input and, through :meth:`QuantizedEmbedding.logits`, the LM head.
+**Modules.**  :class:`QuantizedLinear` holds a 4-bit weight (Q4_0 or Q4_K) in the layout the GPU kernel reads
+(``kernels.quantized_matmul``): ``scales``/``offsets`` f16 [out, in/32], Q4_0 as ``d`` / ``-8d`` (exact), Q4_K as
+``d*sc`` / ``-dmin*m`` rounded to f16 (relative error <= 2^-11 per sub-block step; the file keeps the exact
+factors).  Without the kernel it dequantizes a slice of rows at a time, so no full-precision copy is ever held.
+On the CPU the loader swaps each for a :class:`CpuInt4Linear` (torch's packed int4 kernel, docs/performance.md,
+"On the CPU").  :class:`Q8Linear` holds Q8_0; :class:`QuantizedEmbedding` is the tied token table and LM head.
 """
 
 from __future__ import annotations
@@ -76,7 +66,7 @@ GROUP: Final = 32  # values per scale/offset pair in QuantizedLinear (a Q4_0 blo
 _CHUNK_VALUES: Final = 1 << 20
 # Q4_K's search holds ~60 float copies of its chunk: on the CPU, 64K values per thread keep them near the cores
 # while its arithmetic per sub-block (tensors of 21 x chunk/32 values) stays large enough to spread over the
-# threads (measured on 2 cores: 32K is as fast on one thread, slower on two).
+# threads.
 _Q4_K_CPU_CHUNK_VALUES_PER_THREAD: Final = 1 << 16
 
 
@@ -211,8 +201,8 @@ def _q4_k_sub_block_fit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     swx = weighted_x.sum(-1, keepdim=True)
     swx2 = (weighted_x * x).sum(-1, keepdim=True)
     levels = torch.tensor(_Q4_K_STEP_GRID, device=x.device).reshape(-1, 1, 1)
-    # levels / span as torch computes a Python number over a tensor (reciprocal, then product): the bits of the
-    # one-candidate-at-a-time search this replaced.
+    # levels / span as reciprocal, then product (how torch applies a Python number to a tensor): the bytes our
+    # Q4_K files have always had
     inv_step = torch.where(span > 0, span.reciprocal() * levels, torch.zeros_like(span))  # [candidates, n, 1]
     q = (shifted * inv_step).round_().clamp_(0, 15)  # [candidates, n, 32]
     weighted_q = weight * q
@@ -234,7 +224,7 @@ def _q4_k_sub_block_fit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     err = (scale * scale * swq2 + 2 * scale * offset * swq + offset * offset * sw
            - 2 * scale * swqx - 2 * offset * swx + swx2)
     err = torch.where(err.isnan(), float("inf"), err)
-    best_err, best = err.min(dim=0, keepdim=True)  # the first of equal errors (min over dim 0 is 5x argmin's speed)
+    best_err, best = err.min(dim=0, keepdim=True)  # the first of equal errors (min over dim 0: faster than argmin)
     # Only a sub-block whose every candidate errs without bound (non-finite input) keeps plain rounding.
     found = best_err < float("inf")
     best_scale = torch.where(found, scale.gather(0, best), span / 15)
@@ -369,7 +359,8 @@ def _rows_per_slice(in_features: int) -> int:
 
 class QuantizedLinear(_KeepsF16Scales):
     """A linear layer with a 4-bit (Q4_0 / Q4_K) weight: ``y = x W^T + b``, ``W = scales * q + offsets`` per group
-    of 32 input values (layout in the module docstring)."""
+    of 32 input values: ``qweight`` uint8 [out, in/2] (in each group of 32, byte b holds value b in its low nibble
+    and value 16 + b in its high one: Q4_0's own order), ``scales``/``offsets`` f16 [out, in/32]."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
                  bias: torch.Tensor | None = None, *, qtype: str = "q4_0") -> None:
@@ -680,8 +671,7 @@ def cpu_layer(module: QuantizedLinear | Q8Linear, *, token_table: bool = False) 
 
 def use_bf16_caches_with_int4(network: nn.Module) -> None:
     """A network on the CPU int4 kernel keeps its KV rings (and computes attention) in bfloat16, as that kernel
-    takes its inputs: half the memory of the rings, which are most of what a long transcription adds (30 s on the
-    full-size model: encoder 0.40 -> 0.20 GiB)."""
+    takes its inputs: half the memory of the rings, which are most of what a long transcription adds."""
     if any(isinstance(m, CpuInt4Linear) or (isinstance(m, OnnxQuantizedLinear) and m.bits == 4)
            for m in network.modules()):
         network.cache_dtype = torch.bfloat16

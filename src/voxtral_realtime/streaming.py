@@ -1,14 +1,10 @@
 """A streaming session: audio in piece by piece, one token out per 80 ms step (docs/architecture.md, "The streaming
-protocol").  Offline transcription is this same session fed the whole file, so the two agree by construction.
+protocol"); offline transcription is this same session fed the whole file, so the two agree by construction.
 
-The session holds the protocol's bookkeeping (prompt and padding from :mod:`.protocol`); the computation runs in
-a slot of an engine (:class:`SessionEngine`), private or shared with other sessions (:meth:`Model.engine`).  An
-always-on stream (``continue_after_eos``) goes on after an EOS with a fresh segment, replaying the audio it holds
-from the step after it: the model may say EOS in a long silence, and what is said after must not be lost.
-
-Each generated token belongs to the 80 ms of input audio starting at ``step * 80 ms`` (steps count from the
-start of the input, across segments); the session groups tokens into timed words and, for live use, records how
-long after its audio arrived each word was decided.
+The session keeps the protocol's bookkeeping (:mod:`.protocol`) and groups tokens into timed words (token k
+belongs to the input audio from ``k * 80 ms``, counted across segments); the computation runs in a slot of an
+engine (:class:`SessionEngine`), private or shared (:meth:`Model.engine`).  An always-on stream
+(``continue_after_eos``) goes on after an EOS with a fresh segment, so that speech after a long silence is kept.
 """
 
 from __future__ import annotations

@@ -39,12 +39,9 @@ from ..tokenizer import Tokenizer
 
 #: Special tokens named in the synthetic tekken.json, by rank (= token id); every other rank below 1000 is a
 #: ``<SPECIAL_{i}>`` placeholder.  Ranks 0-19 are mistral-common's legacy layout (``Tekkenizer.
-#: DEPRECATED_SPECIAL_TOKENS``), which agrees with every rank known from the real file (0, 1, 2, 11); they are
-#: needed because the v7 instruct tokenizer that ``MistralTokenizer.from_file`` builds looks up [INST], [/INST],
-#: [AVAILABLE_TOOLS], [/AVAILABLE_TOOLS], [TOOL_RESULTS], [/TOOL_RESULTS], [TOOL_CALLS], [PREFIX], [SUFFIX],
-#: [SYSTEM_PROMPT], [/SYSTEM_PROMPT] and [TOOL_CONTENT] by name and fails without them.  24, 25, 32, 33, 34 are
-#: the real Voxtral Realtime ranks (docs/model.md).  [NEXT_AUDIO_TEXT] and [TRANSCRIBE] are left out: their real
-#: ranks are unknown, and mistral-common needs them only for speech synthesis and non-streaming transcription.
+#: DEPRECATED_SPECIAL_TOKENS``, consistent with the real file's known ranks), which the v7 instruct tokenizer
+#: looks up by name; 24-34 are the real Voxtral Realtime ranks (docs/model.md).  [NEXT_AUDIO_TEXT] and
+#: [TRANSCRIBE] are left out: their real ranks are unknown, and streaming transcription does not use them.
 SPECIAL_TOKENS: Final[dict[int, str]] = {
     0: "<unk>",
     1: "<s>",

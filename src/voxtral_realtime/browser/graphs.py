@@ -6,12 +6,10 @@
   adapter -> one audio embedding.
 * :class:`DecoderStepGraph`: token + audio embedding + position (+ delay) -> next token (greedy), over a KV ring.
 
-State (conv tails, KV rings) goes in as inputs and comes back as outputs; the caller swaps them each step.  A ring
-has a fixed number of columns; position ``p`` lives in column ``p % columns``.  Because a stream writes every
-position once, in order, the position held by each column is implied by the current position, so the graphs
-derive the attention mask from it (key j visible to query q iff q - window < j <= q, as :class:`..layers.KVCache`
-does) and no position table travels between steps.  With ``columns = window + positions per call - 1`` nothing a
-query still needs is ever overwritten, so the results equal the model's for streams of any length.
+State (conv tails, KV rings) goes in as inputs and comes back as outputs; the caller swaps them each step.
+Position ``p`` lives in ring column ``p % columns``, written in order, so the graphs derive the attention mask
+from the position alone; docs/architecture.md ("The browser export") says why the results then equal the
+model's for streams of any length.
 """
 
 from __future__ import annotations

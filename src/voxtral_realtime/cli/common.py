@@ -139,6 +139,21 @@ class Reporter:
             yield Stages(progress)
 
 
+class BacklogWarning:
+    """Says so, in one line, when live audio waits longer and longer for the model (this device computes it slower
+    than it arrives) instead of falling behind silently: when the wait first passes ``threshold`` seconds, then
+    each time it has doubled since the last warning."""
+
+    def __init__(self, reporter: Reporter, threshold: float = 1.0) -> None:
+        self.reporter, self.next_warning = reporter, threshold
+
+    def check(self, backlog_seconds: float) -> None:
+        if backlog_seconds > self.next_warning:
+            self.reporter.info(f"warning: not keeping up: {backlog_seconds:.1f} s of audio is waiting for the model, "
+                               "so the text comes later and later (a GPU, or a quantized model on the CPU, keeps up)")
+            self.next_warning = 2 * backlog_seconds
+
+
 class Stages:
     """What :meth:`Reporter.stages` yields: ``stage(name)`` starts a stage, ``transfer(done, total)`` and
     ``tensors(done, total)`` report its progress (a download's bytes, with rate and time left; or tensors loaded)."""

@@ -10,7 +10,8 @@ from typing import Any
 
 from ..audio import StreamResampler
 from ..errors import VoxtralError, first_line
-from .common import DELAY_HELP, Reporter, add_model_options, add_revision_option, delay_ms, load_model
+from .common import (DELAY_HELP, BacklogWarning, Reporter, add_model_options, add_revision_option, delay_ms,
+                     load_model)
 
 
 def add_parser(sub: Any) -> None:
@@ -43,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
     session = model.stream(delay_ms=args.delay_ms, continue_after_eos=True)
     resampler = StreamResampler(rate)
     chunks: queue.Queue = queue.Queue()
+    block = int(rate * 0.08)
+    backlog = BacklogWarning(reporter)
 
     def on_audio(indata: Any, frames: int, time_info: Any, status: Any) -> None:
         chunks.put(indata.mean(axis=1) if indata.ndim == 2 else indata.copy())
@@ -53,13 +56,14 @@ def run(args: argparse.Namespace) -> int:
     reporter.info(f"listening on {info['name']} ({rate} Hz); Ctrl-C to stop")
     try:
         with sd.InputStream(samplerate=rate, channels=1, dtype="float32", device=device, callback=on_audio,
-                            blocksize=int(rate * 0.08)):
+                            blocksize=block):
             while not stop.is_set():
                 try:
                     chunk = chunks.get(timeout=0.1)
                 except queue.Empty:
                     continue
                 print(session.feed(resampler.push(chunk)), end="", flush=True)
+                backlog.check(chunks.qsize() * block / rate)
     finally:
         signal.signal(signal.SIGINT, previous_handler)
     while not chunks.empty():  # audio captured before Ctrl-C is transcribed, not dropped

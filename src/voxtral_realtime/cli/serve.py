@@ -16,6 +16,7 @@ EPILOG_SERVE = """\
 examples:
   voxtral serve                                   # http://127.0.0.1:8000: page, /v1/realtime, /v1/audio/...
   voxtral serve --model ./voxtral --max-streams 128 --decoder-context 2048 --host 0.0.0.0 --api-key "$KEY"
+  voxtral serve --device cpu --max-load 0.8       # a CPU: live streams beyond what it computes in real time: busy
 
 Endpoints: / (browser page), /v1/realtime (WebSocket, vLLM's realtime protocol), POST /v1/audio/transcriptions
 (OpenAI's shape), GET /v1/models, /health, /metrics (Prometheus).  With an API key (--api-key or
@@ -31,8 +32,13 @@ def add_parser(sub: Any) -> None:
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     sv.add_argument("--port", type=positive_int, default=8000, help="port (default: %(default)s)")
     sv.add_argument("--max-streams", type=positive_int, default=32,
-                    help="concurrent streams, live and uploads (default: %(default)s); more live ones get a "
-                         "'busy' error, more uploads wait")
+                    help="concurrent streams, live and uploads, a hard cap (default: %(default)s); more live ones "
+                         "get a 'busy' error, more uploads wait")
+    sv.add_argument("--max-load", type=load_fraction, default=0.9, metavar="FRACTION",
+                    help="admit a new live stream only while the engine's measured compute, with that stream, stays "
+                         "within this fraction of its time, so that every live stream keeps up in real time; "
+                         "beyond it a new one gets 'busy' (default: %(default)s; 0: off, only --max-streams "
+                         "limits; uploads are never refused for load, they take the compute left)")
     sv.add_argument("--decoder-context", type=positive_int, metavar="TOKENS",
                     help="cap each stream's decoder window at this many 80 ms tokens to bound memory "
                          "(default: the model's full window; exact for streams shorter than the cap)")
@@ -54,6 +60,16 @@ def add_parser(sub: Any) -> None:
     sv.set_defaults(func=run)
 
 
+def load_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a fraction of the engine's time, 0 to 1 (0: off)")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     _check_server_dependencies()
     import uvicorn
@@ -63,8 +79,9 @@ def run(args: argparse.Namespace) -> int:
     from ..server.state import ServerLimits
 
     reporter = Reporter(enabled=not args.no_progress)
-    limits = ServerLimits(max_streams=args.max_streams, max_upload_bytes=int(args.max_upload_mb * 2**20),
-                          max_audio_seconds=args.max_audio_seconds, idle_timeout_seconds=args.idle_timeout)
+    limits = ServerLimits(max_streams=args.max_streams, max_load=args.max_load,
+                          max_upload_bytes=int(args.max_upload_mb * 2**20), max_audio_seconds=args.max_audio_seconds,
+                          idle_timeout_seconds=args.idle_timeout)
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         reporter.info(f"warning: listening on {args.host} without an API key: anyone who can reach it can use it")
     app = create_app(lambda: load_model(args, reporter), model_name=args.served_model_name or args.model,

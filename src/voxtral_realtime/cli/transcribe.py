@@ -13,7 +13,8 @@ from typing import Any
 from ..audio import load_audio
 from ..errors import VoxtralError
 from ..writers import WRITERS
-from .common import DELAY_HELP, Reporter, add_gguf_options, add_model_options, add_revision_option, delay_ms, load_model
+from .common import (DELAY_HELP, BacklogWarning, Reporter, add_gguf_options, add_model_options, add_revision_option,
+                     delay_ms, load_model)
 
 EPILOG_TRANSCRIBE = """\
 examples:
@@ -105,11 +106,13 @@ def _replay_in_real_time(model: Any, path: Path, delay_ms: int | None, reporter:
     samples = load_audio(path)
     session = model.stream(delay_ms=delay_ms)
     step = model.config.audio.samples_per_token
+    backlog = BacklogWarning(reporter)
     started = time.perf_counter()
     for start in range(0, len(samples), step):
         wait = started + start / model.config.audio.sample_rate - time.perf_counter()
         if wait > 0:
             time.sleep(wait)
+        backlog.check(-wait)  # how long ago this audio would have arrived from a microphone
         print(session.feed(samples[start:start + step]), end="", flush=True)
     print(session.finish(), flush=True)
     result = session.transcription

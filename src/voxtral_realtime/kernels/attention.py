@@ -1,12 +1,7 @@
-"""Decode attention: one new query per stream against that stream's KV ring (docs/performance.md).
-
-SDPA would read every column of the ring (the whole preallocated window) and needs a mask tensor built per step;
-this kernel reads, per stream, only the columns its position can have filled (``min(position + 1, capacity)``),
-checks the sliding window against the cache's position table itself, and serves all query heads of a kv head
-(GQA) from one read of the keys.  With few streams (few programs for 132 SMs) each stream's columns are split
-between several programs whose partial softmax sums the last of them to finish combines ("flash decoding", in one
-kernel).  :func:`decode_attention_from_qkv` takes the fused QKV projection's output: it applies the rotary
-embedding and writes the new key and value into the cache itself.
+"""Decode attention: one new query per stream against that stream's KV ring, reading only the columns its
+position can have filled (``min(position + 1, capacity)``) instead of SDPA's whole masked window; with few
+streams, split between programs and combined by the last one (docs/performance.md, "Decode attention").
+:func:`decode_attention_from_qkv` also applies the rotary embedding and writes the new key and value itself.
 """
 
 from __future__ import annotations
@@ -209,8 +204,8 @@ if triton is not None:
             tl.store(xresidual_ptr + group, residual, mask=g_mask[:, None])
 
 
-#: Programs the split form aims for (about two per SM of an H100): few streams' columns are split until there are
-#: about this many (up to 16 splits)
+#: Programs the split form aims for (about two per SM): few streams' columns are split until there are about this
+#: many (up to 16 splits)
 SPLIT_TARGET_PROGRAMS = 256
 
 

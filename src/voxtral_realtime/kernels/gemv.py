@@ -165,10 +165,10 @@ def _fused_arguments(x: torch.Tensor, n: int, norm: torch.Tensor | None, scale: 
 
 
 def gemv_config(n: int, k: int, *, gated: bool = False) -> MatmulConfig:
-    """The :func:`fused_linear` tiling for a [1, k] x [n, k] product, by rules measured in the decoder step on an
-    H200 (bench/results/tune_step_sweep_h200.txt): two whole rows per program (up to 4096 values at a time, all
-    requested before the wait for the previous kernel), four warps, eight for longer rows; short tiles where N
-    alone gives thousands of programs (the LM head)."""
+    """The :func:`fused_linear` tiling for a [1, k] x [n, k] product, a rule timed in the decoder step
+    (bench/results/README.md, "kernels"): two whole rows per program (up to 4096 values at a time, all requested
+    before the wait for the previous kernel), four warps, eight for longer rows; short tiles where N alone gives
+    thousands of programs (the LM head)."""
     if n >= 32768:
         return MatmulConfig(block_n=largest_divisor(n, (4, 2)), block_k=256, num_warps=2)
     # Triton's interpreter runs the programs one after another in Python: fewer, larger ones for the CPU tests

@@ -54,12 +54,11 @@ if triton is not None:
         """One row of x, quantized to 8 bits per group of 32 (:func:`_quantize_activation_kernel`), times a 4-bit
         weight (layout: :func:`quantized_matmul`), both read as int32 words: word w of a group holds the weights
         4w..4w+3 in its low nibbles and 16+4w..16+4w+3 in its high ones, which meet x's words w and 4 + w in two
-        integer dot products (``dp4a``).  Per group ``scale * (step * sum(q qx) + residual) + offset * sum(x)``; with NORM the
-        row's 1/rms (from the quantizer's partial sums of squares) multiplies the result.  SYMMETRIC (Q4_0): every
-        offset is -8 scale, so offsets are not read (a ninth of the bytes) and the group's term is
-        ``scale * (step * dot + residual - 8 sum(x))``.  A FMA form of this
-        kernel issued about ten instructions per weight and was bound by instruction issue; this one issues
-        about one (bench/sass_count.py)."""
+        integer dot products (``dp4a``).  Per group ``scale * (step * sum(q qx) + residual) + offset * sum(x)``;
+        with NORM the row's 1/rms (from the quantizer's partial sums of squares) multiplies the result.
+        SYMMETRIC (Q4_0): every offset is -8 scale, so offsets are not read (a ninth of the bytes) and the group's
+        term is ``scale * (step * dot + residual - 8 sum(x))``.  Integer dot products rather than FMAs keep
+        instruction issue below the weights' memory time (bench/sass_count.py counts them)."""
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_g = tl.arange(0, GROUPS)
@@ -184,8 +183,8 @@ def fused_q4_linear(x: torch.Tensor | QuantizedRow, qweight: torch.Tensor, scale
 
 def q4_config(n: int, k: int, *, gated: bool = False) -> MatmulConfig:
     """The tiling of :func:`fused_q4_linear` for a [1, k] x [n, k] product (``gated``: the fused step's gate/up
-    product): one warp per program taking two whole rows, loaded before the wait for the previous kernel.  Sets
-    of tilings were timed in the step, the fastest within 1% of each other (tune_step_q4_tilings*_h200.txt)."""
+    product): one warp per program taking two whole rows, loaded before the wait for the previous kernel (the
+    rule timed in the step: bench/results/README.md, "kernels")."""
     return MatmulConfig(block_n=largest_divisor(n, (2,)), block_k=min(4096, 32 * triton.next_power_of_2(k // 32)),
                         num_warps=1)
 
@@ -222,8 +221,8 @@ def _q4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
     return out
 
 
-#: the same for torch.compile, which sees it as one opaque operation (eager calls skip the custom-op dispatch: a
-#: file's encode makes hundreds of these calls and is bound by their CPU time, bench/results/profile_encode_q4_h200)
+#: the same for torch.compile, which sees it as one opaque operation; eager calls skip the custom-op dispatch,
+#: whose CPU time bounds an encode of hundreds of these calls
 _q4_matmul_op = torch.library.custom_op("voxtral::q4_matmul", _q4_matmul, mutates_args=())
 
 
@@ -237,8 +236,8 @@ def quantized_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     """``x`` [..., K] @ w.T (+ ``bias``) with w [N, K] stored in 4 bits: ``qweight`` uint8 [N, K/2] (in each group
     of 32 values, byte b holds value b in its low nibble and value 16 + b in its high one), ``scales``/``offsets``
     [N, K/32] (w = scale * q + offset).  One row: :func:`fused_q4_linear`.  More rows: the weight is dequantized
-    to x's dtype (:func:`q4_dequantize`, in slices of at most DEQUANTIZED_VALUES) for cuBLAS, the faster way at
-    every row count from 16 on (docs/performance.md)."""
+    to x's dtype (:func:`q4_dequantize`, in slices of at most DEQUANTIZED_VALUES) for cuBLAS (docs/performance.md
+    says why)."""
     lead = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1])
     if flat.dtype not in (torch.bfloat16, torch.float16, torch.float32):

@@ -26,12 +26,11 @@ if triton is not None:
     def _quantize_activation_kernel(x_ptr, gain_ptr, scale_ptr, q_ptr, step_ptr, sums_ptr, residual_ptr, squares_ptr,
                                     GROUPS: tl.constexpr, NORM: tl.constexpr, HAS_SCALE: tl.constexpr,
                                     PDL: tl.constexpr):
-        """One row x [K] -> x' = x (* gain (* scale)), then per group of 32 values: ``step`` = max|x'| / 127,
-        ``q`` = round(x' / step) as int8, ``sums`` = sum(x'), ``residual`` = 8 sum(x' - q step) (what rounding
-        lost, times the mean of a 4-bit value: the GEMV's sums so only carry rounding errors times the nibbles'
-        deviation from their mean); with NORM, this program's sum of x^2 into ``squares[program]``.  The norm's
-        1/rms is left to the GEMV: a factor on the whole row changes the steps, never q, so it is applied to the
-        GEMV's sums instead."""
+        """One row x [K] -> x' = x (* gain (* scale)), rounded per group of 32 values by :func:`_round_groups`;
+        the residual (what rounding lost, times a 4-bit value's mean) leaves the GEMV's sums only the rounding
+        errors times the nibbles' deviation from their mean.  With NORM, this program's sum of x^2 goes to
+        ``squares[program]``: the 1/rms, a factor on the whole row, changes the steps, never q, so the GEMV
+        applies it to its sums."""
         pid = tl.program_id(0)
         group = pid * GROUPS + tl.arange(0, GROUPS)
         index = group[:, None] * 32 + tl.arange(0, 32)[None, :]

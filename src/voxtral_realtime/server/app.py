@@ -75,9 +75,12 @@ def create_app(model_or_loader: Model | Callable[[], Model], *, model_name: str 
     (vLLM's ``--served-model-name``: the first is the one responses report; default: the model's source).
     ``max_streams``: concurrent streams on the engine (overrides ``limits.max_streams``); ``decoder_context``: cap
     on each stream's decoder window in tokens (memory, see :meth:`Model.engine`).
-    ``api_key``: when set, every ``/v1`` endpoint and ``/metrics`` require it.
+    ``api_key``: when set, every ``/v1`` endpoint and ``/metrics`` require it.  ``limits.max_load``: live streams
+    are admitted only while the engine's measured load leaves room to compute one more in real time (0: off).
     """
     limits = _with_streams(limits or ServerLimits(), max_streams)
+    if not 0 <= limits.max_load < math.inf:
+        raise UsageError(f"max_load must be a fraction of the engine's time (0: off), got {limits.max_load}")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -207,9 +210,14 @@ def _add_routes(app: FastAPI) -> None:
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
         state = _state(request)
+        load = state.worker.load
+        cost = load.stream_cost()
         body = {"status": "ok" if state.worker.alive else "unhealthy", "model": state.model_name,
                 "active_streams": state.worker.active_streams, "free_stream_slots": state.worker.free_slots,
-                "max_streams": state.limits.max_streams}
+                "max_streams": state.limits.max_streams, "live_streams": state.pool.in_use["live"],
+                "engine_utilization": round(load.utilization(), 4),
+                "stream_cost": None if cost is None else round(cost, 4),
+                "live_stream_capacity": state.live_capacity, "max_load": state.limits.max_load}
         return JSONResponse(body, status_code=200 if state.worker.alive else 503)
 
     @app.get("/metrics")

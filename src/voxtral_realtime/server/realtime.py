@@ -35,6 +35,7 @@ from starlette.websockets import WebSocket, WebSocketState
 
 from .state import (
     REALTIME_SUBPROTOCOL,
+    Busy,
     EngineStream,
     Outbox,
     ServerState,
@@ -285,8 +286,10 @@ class RealtimeSession:
     def _start(self) -> None:
         if not self.state.worker.alive:
             raise ProtocolError("processing_error", "the engine has stopped; the server needs a restart")
-        if not self.state.pool.try_acquire_live():
-            raise ProtocolError("busy", f"all {self.state.pool.total} streams are in use; try again later")
+        try:
+            self.state.acquire_live()
+        except Busy as err:
+            raise ProtocolError("busy", f"{err}; try again later") from None
         self.stream = EngineStream(self.state, _SessionSink(self), self.options, "live")
         if self.early_audio:
             self.stream.append(_samples(self.early_audio))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import threading
 import time
 from collections import deque
@@ -43,8 +44,11 @@ def clip(text: str, limit: int = ECHO_CHARS) -> str:
 class ServerLimits:
     """Everything a client could otherwise use to exhaust the server."""
 
-    #: concurrent streams, live and uploads together (the engine's rows)
+    #: concurrent streams, live and uploads together (the engine's rows): a hard cap, whatever the load
     max_streams: int = 32
+    #: a new live stream is admitted only while the engine's measured load with it stays at most this fraction of
+    #: the engine's time, so that every live stream is computed in real time (:mod:`.load`); 0: off
+    max_load: float = 0.9
     #: of which uploads may hold at most this many, so live captions always find room (None: a quarter)
     max_upload_streams: int | None = None
     #: uploads waiting for a slot; more are refused with 503 busy
@@ -81,7 +85,7 @@ class ServerLimits:
 
 
 class Busy(Exception):
-    """No stream slot is free (live: at once; upload: within the wait)."""
+    """No stream slot is free (live: at once; upload: within the wait), or no compute for one more live stream."""
 
 
 class SlotPool:
@@ -362,6 +366,14 @@ class ServerMetrics:
             lambda: state.pool.waiting)
         Gauge("voxtral_websocket_connections", "Open realtime WebSocket connections", registry=r).set_function(
             lambda: state.connections)
+        Gauge("voxtral_live_streams", "Live (WebSocket) streams holding a slot", registry=r).set_function(
+            lambda: state.pool.in_use["live"])
+        Gauge("voxtral_engine_utilization", "Engine busy time over wall time, exponentially weighted over the last "
+              "few seconds", registry=r).set_function(lambda: state.worker.load.utilization())
+        Gauge("voxtral_stream_cost", "What one more stream adds to the engine's load in real time, a fraction of its "
+              "time (NaN until measured)", registry=r).set_function(lambda: _or_nan(state.worker.load.stream_cost()))
+        Gauge("voxtral_live_stream_capacity", "Live streams the engine is estimated to compute in real time within "
+              "max_load (NaN until measured)", registry=r).set_function(lambda: _or_nan(state.live_capacity))
         Gauge("voxtral_real_time_factor", "Engine time over audio time, last minute (below 1: faster than real "
               "time, summed over all streams)", registry=r).set_function(lambda: state.recent_rtf.value())
         self.step_seconds = Histogram(
@@ -384,6 +396,10 @@ class ServerMetrics:
             self.step_seconds.observe(seconds / steps)
         self.engine_time.inc(seconds)
         self.engine_audio.inc(audio_seconds)
+
+
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value
 
 
 class RecentRatio:
@@ -433,6 +449,26 @@ class ServerState:
     def _on_run(self, seconds: float, steps: int, audio_seconds: float) -> None:
         self.metrics.on_engine_run(seconds, steps, audio_seconds)
         self.recent_rtf.add(seconds, audio_seconds)
+
+    def acquire_live(self) -> None:
+        """A slot for a new live stream, or :class:`Busy` saying why not: every slot is in use, or the engine's
+        measured load leaves no room to compute one more stream in real time."""
+        pool, max_load = self.pool, self.limits.max_load
+        if pool.used >= pool.total:
+            raise Busy(f"all {pool.total} streams are in use")
+        load = self.worker.load
+        if not load.admits(pool.used, pool.in_use["live"], max_load):
+            predicted = load.load_with(pool.used + 1)
+            need = f"would need {predicted:.0%}" if predicted is not None else f"is {load.utilization():.0%} busy"
+            raise Busy(f"the server is at its compute capacity: with one more stream the engine {need} of its time "
+                       f"(limit {max_load:.0%}), and its streams would fall behind real time")
+        pool.try_acquire_live()
+
+    @property
+    def live_capacity(self) -> int | None:
+        """Live streams the engine is estimated to compute in real time within ``max_load`` (with load admission
+        off: within all its time), at most ``max_streams``; None until measured."""
+        return self.worker.load.capacity(self.limits.max_load or 1.0, self.limits.max_streams)
 
     def check_delay(self, delay_ms: object, field: str = "delay_ms") -> int:
         """A delay the model supports, or ValueError naming ``field`` with the reason (range before arithmetic:

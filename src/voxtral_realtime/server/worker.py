@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from ..writers import milliseconds
+from .load import EngineLoad
 
 if TYPE_CHECKING:
     from ..api import Model
@@ -176,11 +177,13 @@ class EngineWorker:
     """
 
     def __init__(self, model: Model, *, max_streams: int, decoder_context: int | None = None,
-                 stats: WorkerStats | None = None) -> None:
+                 stats: WorkerStats | None = None, load: EngineLoad | None = None) -> None:
         self.model = model
         self.max_streams = max_streams
         self.decoder_context = decoder_context
         self.stats = stats or WorkerStats()
+        #: every engine run's time, steps and streams (the server admits live streams by it)
+        self.load = load or EngineLoad(model.config.audio.samples_per_token / model.config.audio.sample_rate)
         self.engine: Engine | None = None
         #: set if the thread died of an unexpected error (the server then reports itself unhealthy)
         self.failure: BaseException | None = None
@@ -338,7 +341,7 @@ class EngineWorker:
 
     def _run_engine(self, pushed_samples: int) -> None:
         assert self.engine is not None
-        steps_before = self.engine.decode_calls
+        steps_before, rows_before = self.engine.decode_calls, self.engine.decode_rows
         started = time.perf_counter()
         try:
             self.engine.run(max_decoder_calls=ROUND_DECODER_CALLS)
@@ -347,8 +350,9 @@ class EngineWorker:
             for stream_id in list(self._streams):
                 self._drop(stream_id, error=f"processing failed: {exc}")
             return
-        self._account(time.perf_counter() - started, self.engine.decode_calls - steps_before,
-                      pushed_samples / self._sample_rate)
+        seconds, steps = time.perf_counter() - started, self.engine.decode_calls - steps_before
+        self.load.record(seconds, steps, self.engine.decode_rows - rows_before)
+        self._account(seconds, steps, pushed_samples / self._sample_rate)
 
     def _account(self, seconds: float, steps: int, audio_seconds: float) -> None:
         stats = self.stats
