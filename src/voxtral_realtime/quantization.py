@@ -20,8 +20,8 @@ products involved are exact in float32, and the one subtraction of Q4_K is round
 (``kernels.quantized_matmul``): ``scales``/``offsets`` f16 [out, in/32], Q4_0 as ``d`` / ``-8d`` (exact), Q4_K as
 ``d*sc`` / ``-dmin*m`` rounded to f16 (relative error <= 2^-11 per sub-block step; the file keeps the exact
 factors).  Without the kernel it dequantizes a slice of rows at a time, so no full-precision copy is ever held.
-On the CPU the loader swaps each for a :class:`CpuInt4Linear` (torch's packed int4 kernel, docs/performance.md,
-"On the CPU").  :class:`Q8Linear` holds Q8_0; :class:`QuantizedEmbedding` is the tied token table and LM head.
+On the CPU each quantized layer becomes its CPU kernel (:func:`cpu_layer`: onnxruntime's, or :class:`CpuInt4Linear`
+on torch's packed int4 kernel; docs/performance.md, "On the CPU").  :class:`Q8Linear` holds Q8_0; :class:`QuantizedEmbedding` is the tied token table and LM head.
 """
 
 from __future__ import annotations
@@ -567,7 +567,7 @@ class QuantizedEmbedding(nn.Module):
     """The tied token table in a block format: :meth:`forward` looks rows up (dequantizing only those rows) and
     :meth:`logits` is the LM head ``h E^T``.
 
-    ``table`` (a :class:`QuantizedLinear`, :class:`Q8Linear` or, on the CPU, :class:`CpuInt4Linear`) is both:
+    ``table`` (a :class:`QuantizedLinear`, :class:`Q8Linear` or, on the CPU, its :func:`cpu_layer`) is both:
     the rows are read from its layout, and it is the LM head.
     """
 
